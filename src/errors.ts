@@ -1,0 +1,226 @@
+/**
+ * Every failure this library reports is a {@link Qcow2StreamError} with a stable `code`.
+ * Callers branch on `code` (or `instanceof` a subclass); messages are for people and may change.
+ *
+ * `instanceof` works across duplicate installs of the package: classes brand-check through a
+ * registered symbol instead of the prototype chain.
+ */
+
+const BRAND = Symbol.for('qcow2-stream.error');
+
+/** The stable codes, one per failure class. Documented in the README's error table. */
+export type ErrorCode =
+  | 'QCOW_ERR'
+  | 'QCOW_ERR_INVALID_ARGUMENT'
+  | 'QCOW_ERR_BAD_MAGIC'
+  | 'QCOW_ERR_UNSUPPORTED_VERSION'
+  | 'QCOW_ERR_UNSUPPORTED_FEATURE'
+  | 'QCOW_ERR_CORRUPT_IMAGE'
+  | 'QCOW_ERR_LIMIT_EXCEEDED'
+  | 'QCOW_ERR_UNEXPECTED_EOF'
+  | 'QCOW_ERR_PATH_POLICY'
+  | 'QCOW_ERR_FILE'
+  | 'QCOW_ERR_INPUT_SIZE'
+  | 'QCOW_ERR_NOT_SEEKABLE'
+  | 'QCOW_ERR_DEDUP_UNSUPPORTED'
+  | 'QCOW_ERR_ABORTED';
+
+/** Context that errors about image structures carry as real properties. */
+export interface StructureContext {
+  /** The on-disk structure, e.g. `header`, `L1 table`, `L2 entry`, `refcount table`. */
+  structure?: string;
+  /** The field within it, e.g. `cluster_bits`. */
+  field?: string;
+  /** Byte offset in the file the structure was read from. */
+  offset?: number;
+}
+
+export interface ErrorOptions extends StructureContext {
+  cause?: unknown;
+  /** A short suggestion printed by the CLI after the message. */
+  hint?: string;
+}
+
+export class Qcow2StreamError extends Error {
+  readonly code: ErrorCode;
+  readonly structure: string | undefined;
+  readonly field: string | undefined;
+  readonly offset: number | undefined;
+  readonly hint: string | undefined;
+
+  constructor(message: string, options: ErrorOptions = {}, code: ErrorCode = 'QCOW_ERR') {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = new.target.name;
+    this.code = code;
+    this.structure = options.structure;
+    this.field = options.field;
+    this.offset = options.offset;
+    this.hint = options.hint;
+  }
+
+  get [BRAND](): ErrorCode {
+    return this.code;
+  }
+
+  static override [Symbol.hasInstance](instance: unknown): boolean {
+    if (typeof instance !== 'object' || instance === null || !(BRAND in instance)) return false;
+    // The base class matches every error of ours; a subclass matches its own code.
+    if (this === Qcow2StreamError) return true;
+    const probe = (this as { readonly CODE?: ErrorCode }).CODE;
+    return probe !== undefined && (instance as Record<symbol, unknown>)[BRAND] === probe;
+  }
+}
+
+/** True for any error raised by this library (including from another copy of it). */
+export function isQcow2StreamError(value: unknown): value is Qcow2StreamError {
+  return value instanceof Qcow2StreamError;
+}
+
+/** A caller passed an option or argument that cannot work (bad cluster size, size too large…). */
+export class InvalidArgumentError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_INVALID_ARGUMENT';
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options, InvalidArgumentError.CODE);
+  }
+}
+
+/** The file does not start with the qcow2 magic. */
+export class BadMagicError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_BAD_MAGIC';
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options, BadMagicError.CODE);
+  }
+}
+
+/** A qcow2 version other than 2 or 3. */
+export class UnsupportedVersionError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_UNSUPPORTED_VERSION';
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options, UnsupportedVersionError.CODE);
+  }
+}
+
+/** The image uses something this library refuses: unknown incompatible bits, encryption… */
+export class UnsupportedFeatureError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_UNSUPPORTED_FEATURE';
+  /** Human names of the features, when known. */
+  readonly features: readonly string[];
+  constructor(message: string, options?: ErrorOptions & { features?: readonly string[] }) {
+    super(message, options, UnsupportedFeatureError.CODE);
+    this.features = options?.features ?? [];
+  }
+}
+
+/** A structure of the image breaks a rule of the format (misaligned, out of range, forbidden). */
+export class CorruptImageError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_CORRUPT_IMAGE';
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options, CorruptImageError.CODE);
+  }
+}
+
+/** A size read from an image (or asked for) is above a documented limit. */
+export class LimitExceededError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_LIMIT_EXCEEDED';
+  readonly limit: number | undefined;
+  readonly actual: number | undefined;
+  constructor(message: string, options?: ErrorOptions & { limit?: number; actual?: number }) {
+    super(message, options, LimitExceededError.CODE);
+    this.limit = options?.limit;
+    this.actual = options?.actual;
+  }
+}
+
+/** A file or stream ended before a structure it must hold. */
+export class UnexpectedEofError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_UNEXPECTED_EOF';
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options, UnexpectedEofError.CODE);
+  }
+}
+
+/** A file name found inside an image (data file, backing file) was refused by the path policy. */
+export class PathPolicyError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_PATH_POLICY';
+  /** The name as stored in the image. */
+  readonly storedName: string;
+  constructor(message: string, storedName: string, options?: ErrorOptions) {
+    super(message, options, PathPolicyError.CODE);
+    this.storedName = storedName;
+  }
+}
+
+/** An operating-system error on a named file; `cause` holds the original error, `errno` its code. */
+export class FileError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_FILE';
+  readonly path: string;
+  readonly errno: string | undefined;
+  constructor(message: string, path: string, options?: ErrorOptions & { errno?: string }) {
+    super(message, options, FileError.CODE);
+    this.path = path;
+    this.errno = options?.errno;
+  }
+}
+
+/** The input was shorter or longer than the size the caller declared. */
+export class InputSizeError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_INPUT_SIZE';
+  readonly expected: number;
+  readonly actual: number;
+  constructor(message: string, expected: number, actual: number, options?: ErrorOptions) {
+    super(message, options, InputSizeError.CODE);
+    this.expected = expected;
+    this.actual = actual;
+  }
+}
+
+/** The operation needs random access to an output or input that is a pipe. */
+export class NotSeekableError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_NOT_SEEKABLE';
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options, NotSeekableError.CODE);
+  }
+}
+
+/** Within-image dedup was asked for where the format cannot share clusters. */
+export class DedupUnsupportedError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_DEDUP_UNSUPPORTED';
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options, DedupUnsupportedError.CODE);
+  }
+}
+
+/** The operation was cancelled through an AbortSignal or a signal to the process. */
+export class AbortedError extends Qcow2StreamError {
+  static readonly CODE = 'QCOW_ERR_ABORTED';
+  constructor(message = 'The operation was aborted', options?: ErrorOptions) {
+    super(message, options, AbortedError.CODE);
+  }
+}
+
+/**
+ * Wraps an error thrown by `node:fs` (which carries `code` like `ENOENT`) in a {@link FileError}
+ * that names what we were doing. Our own errors pass through unchanged.
+ */
+export function fileError(err: unknown, action: string, path: string): Qcow2StreamError {
+  if (err instanceof Qcow2StreamError) return err;
+  const errno = typeof err === 'object' && err !== null && 'code' in err ? String(err.code) : undefined;
+  const reason = errno ? describeErrno(errno) : err instanceof Error ? err.message : String(err);
+  return new FileError(`Cannot ${action} '${path}': ${reason}`, path, errno === undefined ? { cause: err } : { cause: err, errno });
+}
+
+function describeErrno(errno: string): string {
+  switch (errno) {
+    case 'ENOENT': return 'no such file or directory';
+    case 'EACCES': case 'EPERM': return 'permission denied';
+    case 'EISDIR': return 'is a directory';
+    case 'ENOTDIR': return 'a path component is not a directory';
+    case 'ENOSPC': return 'no space left on device';
+    case 'EIO': return 'input/output error';
+    case 'EEXIST': return 'file already exists';
+    case 'EPIPE': return 'the reader closed the pipe';
+    case 'ELOOP': return 'too many levels of symbolic links';
+    case 'EFBIG': return 'file too large';
+    default: return errno;
+  }
+}
