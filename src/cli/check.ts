@@ -1,0 +1,4 @@
+import type { Command } from 'commander';
+
+// Placeholder until the command is built (this session).
+export function registerCheck(_program: Command): void {}

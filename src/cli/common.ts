@@ -1,0 +1,116 @@
+/**
+ * What every command shares: exit codes, size parsing, error printing, JSON output, and the
+ * AbortSignal that Ctrl-C and SIGTERM trigger.
+ */
+
+import { InvalidArgumentError as CommanderInvalidArgument } from 'commander';
+import { AbortedError, isQcow2StreamError } from '../errors.js';
+
+export const ExitCode = {
+  OK: 0,
+  /** Differences (compare) or findings (check). */
+  FINDINGS: 1,
+  ERROR: 2,
+  /** 128 + SIGINT, as shells expect. */
+  INTERRUPTED: 130,
+  TERMINATED: 143,
+} as const;
+
+const UNITS: Record<string, number> = {
+  '': 1,
+  b: 1,
+  k: 2 ** 10,
+  m: 2 ** 20,
+  g: 2 ** 30,
+  t: 2 ** 40,
+  p: 2 ** 50,
+  e: 2 ** 60,
+};
+
+/**
+ * Parses `512`, `64K`, `20G`, `1.5T`, `4KiB`, `2MB` (binary units, like qemu-img).
+ * Throws commander's InvalidArgumentError so the message lands next to the option name.
+ */
+export function parseSize(text: string): number {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?\s*$/i.exec(text);
+  if (!match) throw new CommanderInvalidArgument(`'${text}' is not a size (examples: 512, 64K, 20G, 1.5T)`);
+  const value = Number(match[1]) * (UNITS[(match[2] ?? '').toLowerCase()] ?? 1);
+  if (!Number.isSafeInteger(value)) throw new CommanderInvalidArgument(`'${text}' is not a whole number of bytes below 2^53`);
+  return value;
+}
+
+export function parseInteger(text: string): number {
+  const value = Number(text);
+  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(value)) throw new CommanderInvalidArgument(`'${text}' is not a whole number`);
+  return value;
+}
+
+/** Writes one JSON document to stdout. */
+export function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+}
+
+/** Prints a one-line error (plus a hint line) to stderr; no stack trace unless QCOW2_STREAM_DEBUG=1. */
+export function reportError(err: unknown): number {
+  const debug = process.env['QCOW2_STREAM_DEBUG'] === '1';
+  if (isQcow2StreamError(err)) {
+    process.stderr.write(`qcow2-stream: ${err.message} [${err.code}]\n`);
+    if (err.hint) process.stderr.write(`  hint: ${err.hint}\n`);
+    if (debug) process.stderr.write(`${err.stack ?? ''}\n`);
+    if (err instanceof AbortedError) return interruptExitCode ?? ExitCode.ERROR;
+    return ExitCode.ERROR;
+  }
+  const message = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`qcow2-stream: internal error: ${message}\n`);
+  process.stderr.write(debug && err instanceof Error ? `${err.stack ?? ''}\n` : '  hint: this is a bug; rerun with QCOW2_STREAM_DEBUG=1 and report the stack trace\n');
+  return ExitCode.ERROR;
+}
+
+let interruptExitCode: number | undefined;
+const controller = new AbortController();
+
+/** Aborted on the first SIGINT or SIGTERM; a second signal exits at once. */
+export function processSignal(): AbortSignal {
+  if (!installed) installSignalHandlers();
+  return controller.signal;
+}
+
+let installed = false;
+function installSignalHandlers(): void {
+  installed = true;
+  const onSignal = (name: 'SIGINT' | 'SIGTERM', code: number) => () => {
+    if (controller.signal.aborted) process.exit(code);
+    interruptExitCode = code;
+    controller.abort(new AbortedError(`Interrupted by ${name}`));
+  };
+  process.on('SIGINT', onSignal('SIGINT', ExitCode.INTERRUPTED));
+  process.on('SIGTERM', onSignal('SIGTERM', ExitCode.TERMINATED));
+}
+
+/**
+ * Runs a command body and turns its outcome into an exit code. Bodies return an exit code
+ * (0 or 1) or throw; nothing escapes as a stack trace.
+ */
+export function action<A extends unknown[]>(body: (...args: A) => Promise<number | void>): (...args: A) => Promise<void> {
+  return async (...args: A) => {
+    let code: number;
+    try {
+      code = (await body(...args)) ?? ExitCode.OK;
+    } catch (err) {
+      code = reportError(err);
+    }
+    process.exitCode = code;
+  };
+}
+
+/** Human-readable byte count: 1.5 GiB. */
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${bytes} B` : `${value.toFixed(value < 10 ? 2 : 1)} ${units[unit]}`;
+}

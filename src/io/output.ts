@@ -1,0 +1,277 @@
+/**
+ * An output addressed by byte offset, the sink shared by the data file, the metadata file and
+ * raw export:
+ *
+ * - a regular file takes positional writes in any order; ranges never written stay holes, and
+ *   `finish(length)` sets the final length (a sparse tail costs nothing);
+ * - a stream (pipe, terminal, character device, a Node Writable) takes writes in increasing
+ *   offset order; gaps and the tail are filled with real zeros.
+ *
+ * Files are written under a temporary name in the same directory and renamed by `commit()`,
+ * so a failed run never leaves an output that looks valid; `abort()` removes the temporary.
+ */
+
+import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { write as fsWrite } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import type { Writable } from 'node:stream';
+import { fileError, FileError } from '../errors.js';
+import { kindOf } from './files.js';
+import { zeroBuffer } from './buffers.js';
+
+/** Where an output goes: a path, `'-'` for standard output, or a Node Writable. */
+export type OutputTarget = string | Writable;
+
+export interface OutputOptions {
+  /** What this output is, for messages: `metadata file`, `data file`, `raw image`. */
+  label: string;
+  /** Replace an existing regular file at the path. Default true. */
+  overwrite?: boolean;
+  /** fsync the file (and its directory after the rename) before commit() resolves. Default false. */
+  sync?: boolean;
+}
+
+/** Sequential byte sink underneath a stream output. */
+interface SequentialSink {
+  write(chunk: Uint8Array): Promise<void>;
+  close(): Promise<void>;
+}
+
+const ZERO_CHUNK = 1024 * 1024;
+
+export class OffsetWriter {
+  /** `file`: positional, holes allowed. `stream`: sequential, zeros written out. */
+  readonly kind: 'file' | 'stream';
+  /** The final path ('-' for stdout, undefined for a Writable). */
+  readonly path: string | undefined;
+  readonly label: string;
+  /** Bytes handed to the OS, zeros written to streams included. */
+  bytesWritten = 0;
+  /** Next offset a stream expects; for files, the highest end written so far. */
+  private position = 0;
+  private finished = false;
+  private closed = false;
+
+  private constructor(
+    kind: 'file' | 'stream',
+    path: string | undefined,
+    label: string,
+    private readonly handle: FileHandle | undefined,
+    private readonly tempPath: string | undefined,
+    private readonly sink: SequentialSink | undefined,
+    private readonly sync: boolean,
+  ) {
+    this.kind = kind;
+    this.path = path;
+    this.label = label;
+  }
+
+  /** Opens an output. A regular-file path is written through a temporary name until commit(). */
+  static async create(target: OutputTarget, options: OutputOptions): Promise<OffsetWriter> {
+    const sync = options.sync ?? false;
+    if (typeof target !== 'string') {
+      return new OffsetWriter('stream', undefined, options.label, undefined, undefined, writableSink(target), false);
+    }
+    if (target === '-') {
+      return new OffsetWriter('stream', '-', options.label, undefined, undefined, fdSink(1, 'standard output'), false);
+    }
+    let existing;
+    try {
+      existing = await stat(target);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw fileError(err, 'inspect', target);
+    }
+    if (existing && kindOf(existing) === 'directory') {
+      throw new FileError(`Cannot write the ${options.label} '${target}': it is a directory`, target, { errno: 'EISDIR' });
+    }
+    if (existing && kindOf(existing) !== 'file') {
+      // A FIFO, terminal or device: write to it in place, sequentially.
+      let handle: FileHandle;
+      try {
+        handle = await open(target, 'w');
+      } catch (err) {
+        throw fileError(err, 'open', target);
+      }
+      return new OffsetWriter('stream', target, options.label, handle, undefined, fdSink(handle.fd, target), false);
+    }
+    if (existing && options.overwrite === false) {
+      throw new FileError(`The ${options.label} '${target}' already exists`, target, {
+        errno: 'EEXIST',
+        hint: 'Remove it first, or pass --force to replace it',
+      });
+    }
+    const tempPath = join(dirname(target), `.${basename(target)}.${randomBytes(4).toString('hex')}.partial`);
+    let handle: FileHandle;
+    try {
+      handle = await open(tempPath, 'wx', existing ? existing.mode & 0o777 : 0o644);
+    } catch (err) {
+      throw fileError(err, 'create', target);
+    }
+    return new OffsetWriter('file', target, options.label, handle, tempPath, undefined, sync);
+  }
+
+  /** Writes `data` at `offset`. Streams need offset ≥ every earlier write's end (gaps become zeros). */
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.writev(offset, [data]);
+  }
+
+  /** Writes contiguous chunks starting at `offset` in one call where the OS allows. */
+  async writev(offset: number, chunks: readonly Uint8Array[]): Promise<void> {
+    const length = chunks.reduce((n, c) => n + c.length, 0);
+    if (length === 0) return;
+    if (this.handle && this.kind === 'file') {
+      try {
+        let done = 0;
+        let list = chunks as Uint8Array[];
+        // writev may write less than asked (rare on files); finish the rest.
+        while (done < length) {
+          const { bytesWritten } = await this.handle.writev(list as NodeJS.ArrayBufferView[] as Buffer[], offset + done);
+          done += bytesWritten;
+          if (done < length) list = remainder(chunks, done);
+        }
+      } catch (err) {
+        throw fileError(err, `write the ${this.label}`, this.path ?? '');
+      }
+      this.bytesWritten += length;
+      this.position = Math.max(this.position, offset + length);
+      return;
+    }
+    await this.zeroFillTo(offset);
+    for (const chunk of chunks) await this.sinkWrite(chunk);
+    this.position = offset + length;
+  }
+
+  /** Sets the final length: holes (files) or zeros (streams) up to it. Call once, last. */
+  async finish(length: number): Promise<void> {
+    if (this.finished) return;
+    this.finished = true;
+    if (this.handle && this.kind === 'file') {
+      try {
+        await this.handle.truncate(length);
+      } catch (err) {
+        throw fileError(err, `set the length of the ${this.label}`, this.path ?? '');
+      }
+      this.position = length;
+      return;
+    }
+    await this.zeroFillTo(length);
+  }
+
+  /** Closes the output and moves a file to its final name. */
+  async commit(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      if (this.sync && this.handle) await this.handle.sync();
+      await this.sink?.close();
+      await this.handle?.close();
+      if (this.tempPath && this.path) {
+        await rename(this.tempPath, this.path);
+        if (this.sync) await syncDirectory(dirname(this.path));
+      }
+    } catch (err) {
+      await this.removeTemp();
+      throw fileError(err, `finish the ${this.label}`, this.path ?? '');
+    }
+  }
+
+  /** Closes the output after a failure; a temporary file is removed. Never throws. */
+  async abort(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.sink?.close().catch(() => {});
+    await this.handle?.close().catch(() => {});
+    await this.removeTemp();
+  }
+
+  private async removeTemp(): Promise<void> {
+    if (this.tempPath) await unlink(this.tempPath).catch(() => {});
+  }
+
+  private async zeroFillTo(offset: number): Promise<void> {
+    if (offset < this.position) {
+      throw new RangeError(`${this.label}: a stream output cannot go back from ${this.position} to ${offset}`);
+    }
+    while (this.position < offset) {
+      const n = Math.min(ZERO_CHUNK, offset - this.position);
+      await this.sinkWrite(zeroBuffer(ZERO_CHUNK).subarray(0, n));
+      this.position += n;
+    }
+  }
+
+  private async sinkWrite(chunk: Uint8Array): Promise<void> {
+    if (!this.sink) throw new Error('unreachable: stream output without a sink');
+    await this.sink.write(chunk);
+    this.bytesWritten += chunk.length;
+  }
+}
+
+function remainder(chunks: readonly Uint8Array[], skip: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  for (const chunk of chunks) {
+    if (skip >= chunk.length) {
+      skip -= chunk.length;
+      continue;
+    }
+    out.push(skip > 0 ? chunk.subarray(skip) : chunk);
+    skip = 0;
+  }
+  return out;
+}
+
+/** Sequential writes to a descriptor on the thread pool: a full pipe makes the promise wait. */
+function fdSink(fd: number, name: string): SequentialSink {
+  const writeOnce = (chunk: Uint8Array, offset: number) =>
+    new Promise<number>((resolve, reject) => {
+      fsWrite(fd, chunk, offset, chunk.length - offset, null, (err, written) => (err ? reject(err) : resolve(written)));
+    });
+  return {
+    async write(chunk) {
+      let done = 0;
+      while (done < chunk.length) {
+        try {
+          done += await writeOnce(chunk, done);
+        } catch (err) {
+          throw fileError(err, 'write to', name);
+        }
+      }
+    },
+    async close() {
+      // The descriptor belongs to the caller (stdout) or to the OffsetWriter's handle.
+    },
+  };
+}
+
+/** Writes to a Node Writable with backpressure; an error on the stream fails the next write. */
+function writableSink(stream: Writable): SequentialSink {
+  let failure: unknown;
+  stream.on('error', (err) => {
+    failure ??= err;
+  });
+  return {
+    async write(chunk) {
+      if (failure) throw fileError(failure, 'write to', 'the output stream');
+      if (!stream.write(chunk)) {
+        await Promise.race([once(stream, 'drain'), once(stream, 'close')]);
+        if (failure) throw fileError(failure, 'write to', 'the output stream');
+      }
+    },
+    async close() {
+      if (failure) throw fileError(failure, 'write to', 'the output stream');
+      await new Promise<void>((resolve, reject) => {
+        stream.end((err?: Error | null) => (err ? reject(err) : resolve()));
+      });
+    },
+  };
+}
+
+async function syncDirectory(dir: string): Promise<void> {
+  const handle = await open(dir, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
