@@ -4,7 +4,7 @@
  * Exit codes: 0 ok, 1 differences or findings (compare, check), 2 error, 130/143 interrupted.
  */
 
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { ExitCode } from './common.js';
 import { registerConvert } from './convert.js';
@@ -15,7 +15,17 @@ import { registerMap } from './map.js';
 import { registerCheck } from './check.js';
 import { registerCompare } from './compare.js';
 
-const { version } = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
+/** The package version, from package.json two levels up (src/cli) or three (dist/src/cli). */
+function packageVersion(): string {
+  for (const up of ['../../package.json', '../../../package.json']) {
+    const url = new URL(up, import.meta.url);
+    if (!existsSync(url)) continue;
+    const pkg = JSON.parse(readFileSync(url, 'utf8')) as { name?: string; version?: string };
+    if (pkg.name === 'qcow2-stream' && pkg.version) return pkg.version;
+  }
+  return 'unknown';
+}
+const version = packageVersion();
 
 export function buildProgram(): Command {
   const program = new Command('qcow2-stream')
