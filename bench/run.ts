@@ -1,0 +1,247 @@
+/**
+ * Benchmark runner: our commands side by side with qemu-img, cp and dd, interleaved in rounds
+ * on the same input, reported as ratios measured within each round (the machine is shared and
+ * write timings are bimodal, so absolute times drift; ratios within a round do not).
+ *
+ *   npm run bench                          # 2 GiB mixed image, every case, 5 rounds
+ *   npm run bench -- --size 512M --rounds 3 --cases convert
+ *   npm run bench -- --record              # also writes bench/RESULTS.md
+ *
+ * Needs a build (`npm run build`, done by `npm ci`) and qemu-img on the PATH.
+ */
+
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpus, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { fileURLToPath } from 'node:url';
+import { generateImage, type ImageKind, type ImageStats } from './images.js';
+
+const root = fileURLToPath(new URL('..', import.meta.url));
+const cli = join(root, 'dist/src/cli/main.js');
+
+const { values: args } = parseArgs({
+  options: {
+    size: { type: 'string', default: '2G' },
+    'sparse-size': { type: 'string', default: '64G' },
+    rounds: { type: 'string', default: '5' },
+    cases: { type: 'string', default: '' },
+    dir: { type: 'string', default: join(root, 'bench/out') },
+    record: { type: 'boolean', default: false },
+  },
+});
+
+function parseSize(text: string): number {
+  const m = /^(\d+)([KMGT]?)$/i.exec(text);
+  if (!m) throw new Error(`bad size ${text}`);
+  return Number(m[1]) * 1024 ** ' KMGT'.indexOf((m[2] || ' ').toUpperCase());
+}
+
+interface Case {
+  name: string;
+  /** The image this case reads. */
+  image: ImageKind;
+  /** Which peer case its ratio is against (same round). */
+  peer?: string;
+  /** Outputs to delete before each run. */
+  outputs: string[];
+  /** A shell command line (bash). */
+  command: string;
+  /** Runs once before the rounds (e.g. makes the qcow2 that export reads). */
+  setup?: string;
+}
+
+const dir = args.dir;
+const sizes: Record<ImageKind, number> = { mixed: parseSize(args.size), sparse: parseSize(args['sparse-size']), dedup: parseSize(args.size) };
+const img = (kind: ImageKind) => join(dir, `${kind}.raw`);
+const out = (name: string) => join(dir, `out-${name}`);
+const ours = `node ${cli}`;
+
+function casesFor(kind: ImageKind): Case[] {
+  const raw = img(kind);
+  const k = kind;
+  return [
+    { name: `${k}/dd-read`, image: kind, outputs: [], command: `dd if=${raw} of=/dev/null bs=1M status=none` },
+    { name: `${k}/cp-sparse`, image: kind, outputs: [out(`${k}-cp.raw`)], command: `cp --sparse=always ${raw} ${out(`${k}-cp.raw`)}` },
+    {
+      name: `${k}/qemu-convert-raw-on`,
+      image: kind,
+      outputs: [out(`${k}-q.qcow2`), out(`${k}-q.data`)],
+      command: `qemu-img convert -f raw -O qcow2 -o data_file=${out(`${k}-q.data`)},data_file_raw=on ${raw} ${out(`${k}-q.qcow2`)}`,
+    },
+    {
+      name: `${k}/convert-raw-on`,
+      image: kind,
+      peer: `${k}/qemu-convert-raw-on`,
+      outputs: [out(`${k}-o.qcow2`), out(`${k}-o.data`)],
+      command: `${ours} convert --quiet ${raw} ${out(`${k}-o.qcow2`)} --data-file ${out(`${k}-o.data`)} --force`,
+    },
+    {
+      name: `${k}/qemu-convert-raw-off`,
+      image: kind,
+      outputs: [out(`${k}-qs.qcow2`), out(`${k}-qs.data`)],
+      command: `qemu-img convert -f raw -O qcow2 -o data_file=${out(`${k}-qs.data`)} ${raw} ${out(`${k}-qs.qcow2`)}`,
+    },
+    {
+      name: `${k}/convert-raw-off`,
+      image: kind,
+      peer: `${k}/qemu-convert-raw-off`,
+      outputs: [out(`${k}-os.qcow2`), out(`${k}-os.data`)],
+      command: `${ours} convert --quiet --no-data-file-raw ${raw} ${out(`${k}-os.qcow2`)} --data-file ${out(`${k}-os.data`)} --force`,
+    },
+    {
+      name: `${k}/convert-stdin-stdout`,
+      image: kind,
+      peer: `${k}/qemu-convert-raw-on`,
+      outputs: [out(`${k}-p.qcow2`), out(`${k}-p.data`)],
+      command: `cat ${raw} | ${ours} convert --quiet - - --size ${sizes[kind]} --data-file ${out(`${k}-p.data`)} --force > ${out(`${k}-p.qcow2`)}`,
+    },
+    {
+      name: `${k}/qemu-export`,
+      image: kind,
+      outputs: [out(`${k}-qe.raw`)],
+      setup: `qemu-img convert -f raw -O qcow2 -o data_file=${out(`${k}-src.data`)},data_file_raw=on ${raw} ${out(`${k}-src.qcow2`)}`,
+      command: `cd ${dir} && qemu-img convert -f qcow2 -O raw ${out(`${k}-src.qcow2`)} ${out(`${k}-qe.raw`)}`,
+    },
+    {
+      name: `${k}/export-file`,
+      image: kind,
+      peer: `${k}/qemu-export`,
+      outputs: [out(`${k}-e.raw`)],
+      command: `${ours} export --quiet ${out(`${k}-src.qcow2`)} ${out(`${k}-e.raw`)}`,
+    },
+    {
+      name: `${k}/export-stdout`,
+      image: kind,
+      peer: `${k}/qemu-export`,
+      outputs: [],
+      command: `${ours} export --quiet ${out(`${k}-src.qcow2`)} - | cat > /dev/null`,
+    },
+  ];
+}
+
+interface Sample {
+  seconds: number;
+  rssKiB: number;
+  ok: boolean;
+}
+
+function timed(command: string): Sample {
+  const rssFile = join(dir, '.rss');
+  const start = process.hrtime.bigint();
+  const result = spawnSync('/usr/bin/time', ['-f', '%M', '-o', rssFile, 'bash', '-c', `set -o pipefail; ${command}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+  const rssKiB = existsSync(rssFile) ? Number(readFileSync(rssFile, 'utf8').trim().split('\n').pop()) : NaN;
+  if (result.status !== 0) process.stderr.write(`FAILED (${result.status}): ${command}\n${result.stderr}\n`);
+  return { seconds, rssKiB, ok: result.status === 0 };
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+
+function sh(command: string): void {
+  const r = spawnSync('bash', ['-c', command], { stdio: 'inherit' });
+  if (r.status !== 0) throw new Error(`failed: ${command}`);
+}
+
+function main(): void {
+  if (!existsSync(cli)) sh(`cd ${root} && npm run build --silent`);
+  mkdirSync(dir, { recursive: true });
+  const filter = args.cases ? new RegExp(args.cases) : undefined;
+  const wanted = (['mixed', 'sparse', 'dedup'] as ImageKind[]).flatMap(casesFor).filter((c) => !filter || filter.test(c.name));
+  // Peers are always run with the cases that are measured against them.
+  const names = new Set(wanted.map((c) => c.name));
+  for (const c of wanted) if (c.peer) names.add(c.peer);
+  const cases = (['mixed', 'sparse', 'dedup'] as ImageKind[]).flatMap(casesFor).filter((c) => names.has(c.name));
+  const kinds = [...new Set(cases.map((c) => c.image))];
+  const stats = new Map<ImageKind, ImageStats>();
+  for (const kind of kinds) {
+    const path = img(kind);
+    if (!existsSync(path) || statSync(path).size !== sizes[kind]) {
+      process.stderr.write(`generating ${path} (${sizes[kind]} bytes)…\n`);
+      stats.set(kind, generateImage(path, kind, sizes[kind]));
+    }
+  }
+  for (const c of cases) if (c.setup) sh(c.setup);
+
+  const rounds = Number(args.rounds);
+  const samples = new Map<string, Sample[]>(cases.map((c) => [c.name, []]));
+  for (let round = 0; round < rounds; round++) {
+    // Alternate the order each round to cancel order effects.
+    const order = round % 2 === 0 ? cases : [...cases].reverse();
+    for (const c of order) {
+      for (const o of c.outputs) rmSync(o, { force: true });
+      spawnSync('sync');
+      spawnSync('sleep', ['0.3']);
+      samples.get(c.name)!.push(timed(c.command));
+    }
+    process.stderr.write(`round ${round + 1}/${rounds} done\n`);
+  }
+
+  const rows = cases.map((c) => {
+    const s = samples.get(c.name)!;
+    const times = s.map((x) => x.seconds);
+    const peerSamples = c.peer ? samples.get(c.peer) : undefined;
+    const ratio = peerSamples ? median(s.map((x, i) => peerSamples[i]!.seconds / x.seconds)) : undefined;
+    const cpSamples = samples.get(`${c.image}/cp-sparse`);
+    const vsCp = cpSamples ? median(s.map((x, i) => cpSamples[i]!.seconds / x.seconds)) : undefined;
+    return {
+      name: c.name,
+      median: median(times),
+      min: Math.min(...times),
+      mbps: sizes[c.image] / 1e6 / median(times),
+      ratio,
+      vsCp,
+      rssMiB: Math.max(...s.map((x) => x.rssKiB)) / 1024,
+      failures: s.filter((x) => !x.ok).length,
+      command: c.command,
+    };
+  });
+
+  const header = '| case | median s | min s | MB/s (virtual) | × peer (throughput) | × cp | peak RSS MiB |';
+  const lines = [header, '| --- | ---: | ---: | ---: | ---: | ---: | ---: |'];
+  for (const r of rows) {
+    lines.push(
+      `| ${r.name}${r.failures ? ` (${r.failures} FAILED)` : ''} | ${r.median.toFixed(3)} | ${r.min.toFixed(3)} | ${r.mbps.toFixed(0)} | ${r.ratio === undefined ? '' : r.ratio.toFixed(2)} | ${r.vsCp === undefined ? '' : r.vsCp.toFixed(2)} | ${r.rssMiB.toFixed(0)} |`,
+    );
+  }
+  const table = lines.join('\n');
+  process.stdout.write(`${table}\n`);
+
+  if (args.record) {
+    const qemuVersion = spawnSync('qemu-img', ['--version'], { encoding: 'utf8' }).stdout.split('\n')[0];
+    const doc = [
+      '# Benchmark results',
+      '',
+      `Recorded ${new Date().toISOString()} with \`npm run bench -- ${process.argv.slice(2).join(' ')}\`.`,
+      '',
+      `Machine: ${cpus().length} × ${cpus()[0]?.model ?? 'unknown CPU'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB; Node ${process.version}; ${qemuVersion}.`,
+      `Images: mixed ${sizes.mixed} B, sparse ${sizes.sparse} B, dedup ${sizes.dedup} B (bench/images.ts); ${rounds} interleaved rounds, order alternating.`,
+      '',
+      '"× peer" is the peer\'s time divided by ours, per round, median over rounds: above 1.00 we are faster.',
+      '',
+      table,
+      '',
+      '## What these numbers do not measure',
+      '',
+      '- Nothing is flushed to disk: every command leaves its writes in the page cache (qemu-img convert does not flush by default either). Durable throughput is bounded by the disk.',
+      '- Inputs are warm in the page cache; cold reads from a slow disk would shift every ratio towards 1.',
+      '- Write timings on these VMs are bimodal (see shared/reference/packages-and-io.md §6.4); compare within a round, not across runs.',
+      '- Peak RSS is measured with GNU time over the whole shell command (for pipelines, the largest process).',
+      '',
+      '## Commands',
+      '',
+      ...rows.map((r) => `- ${r.name}: \`${r.command}\``),
+      '',
+    ].join('\n');
+    writeFileSync(join(root, 'bench/RESULTS.md'), doc);
+    process.stderr.write('wrote bench/RESULTS.md\n');
+  }
+  for (const [kind, s] of stats) process.stderr.write(`${kind}: ${JSON.stringify(s)}\n`);
+}
+
+main();
