@@ -1,0 +1,147 @@
+/**
+ * Within-image deduplication.
+ *
+ * A fingerprint match is only a candidate: XXH64 over 2^27 distinct clusters (8 TiB at 64 KiB)
+ * collides with probability ≈ 1 in 2,048, and guest data is untrusted, so every match is
+ * confirmed by comparing bytes before a cluster is shared. A collision therefore costs one
+ * extra read, never data.
+ *
+ * {@link Deduplicator} is the shared decision logic (lookup, confirm, insert, share-count
+ * limit). The {@link dedupBlocks} stage uses it to annotate `duplicateOf` (an earlier guest
+ * cluster) in any pipeline; the internal sink uses it with host clusters as values.
+ */
+
+import { Transform } from 'node:stream';
+import type { Block } from '../src/block.js';
+import { FingerprintIndex, type FingerprintIndexOptions } from './fingerprint-index.js';
+import type { Hasher } from './fingerprint.js';
+
+export interface DedupStats {
+  /** Non-zero clusters looked at. */
+  clusters: number;
+  /** Clusters found equal to an earlier one (confirmed byte for byte). */
+  duplicates: number;
+  /** Fingerprint matches whose bytes differed (hash collisions). */
+  collisions: number;
+  /** Clusters not indexed because the index was full. */
+  notIndexed: number;
+  /** Matches not shared because the share count hit `maxShares` (a new copy was started). */
+  shareLimitHits: number;
+}
+
+export interface DeduplicatorOptions extends FingerprintIndexOptions {
+  hasher: Hasher;
+  /** Reads back the bytes stored under `value` to confirm a fingerprint match. */
+  readBack: (value: number, length: number) => Promise<Uint8Array>;
+  /** How many blocks may share one value (e.g. the refcount limit). Default unlimited. */
+  maxShares?: number;
+}
+
+export type DedupDecision = { kind: 'duplicate'; value: number } | { kind: 'unique' };
+
+export class Deduplicator {
+  readonly index: FingerprintIndex;
+  readonly stats: DedupStats = { clusters: 0, duplicates: 0, collisions: 0, notIndexed: 0, shareLimitHits: 0 };
+  private readonly hasher: Hasher;
+  private readonly readBack: DeduplicatorOptions['readBack'];
+  private readonly maxShares: number;
+
+  constructor(options: DeduplicatorOptions) {
+    this.index = new FingerprintIndex(options);
+    this.hasher = options.hasher;
+    this.readBack = options.readBack;
+    this.maxShares = options.maxShares ?? 0xffffffff;
+  }
+
+  /**
+   * Decides whether `block` (non-zero) duplicates stored content. On 'duplicate' the share
+   * count of that value has been incremented. On 'unique' the caller must store the block and
+   * then call {@link remember} with where it stored it.
+   */
+  async lookup(block: Block): Promise<DedupDecision> {
+    this.stats.clusters++;
+    const fingerprint = (block.fingerprint ??= this.hasher.hash64(block.data));
+    const slot = this.index.find(fingerprint);
+    if (slot < 0) return { kind: 'unique' };
+    const value = this.index.valueAt(slot);
+    const stored = await this.readBack(value, block.data.length);
+    if (!sameBytes(stored, block.data)) {
+      this.stats.collisions++;
+      return { kind: 'unique' };
+    }
+    const count = this.index.countAt(slot);
+    if (count >= this.maxShares) {
+      this.stats.shareLimitHits++;
+      return { kind: 'unique' };
+    }
+    this.index.setAt(slot, value, count + 1);
+    this.stats.duplicates++;
+    return { kind: 'duplicate', value };
+  }
+
+  /**
+   * Records that a unique block is now stored under `value`. When its fingerprint is already
+   * indexed (a collision or a share-limit hit), the newer copy replaces the old one as the
+   * target for later duplicates.
+   */
+  remember(block: Block, value: number): void {
+    const fingerprint = (block.fingerprint ??= this.hasher.hash64(block.data));
+    const slot = this.index.find(fingerprint);
+    if (slot >= 0) {
+      // Keep the older target after a collision (its content is as likely to recur); restart
+      // the count after a share-limit hit so the new copy takes the next duplicates.
+      if (this.index.countAt(slot) >= this.maxShares) this.index.setAt(slot, value, 1);
+      return;
+    }
+    if (!this.index.insert(fingerprint, value)) this.stats.notIndexed++;
+  }
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && Buffer.from(a.buffer, a.byteOffset, a.length).equals(Buffer.from(b.buffer, b.byteOffset, b.length));
+}
+
+/** Within one image a block's own index is where later duplicates find it. */
+async function annotate(dedup: Deduplicator, block: Block): Promise<void> {
+  if (block.zero) return;
+  const decision = await dedup.lookup(block);
+  if (decision.kind === 'duplicate') block.duplicateOf = decision.value;
+  else dedup.remember(block, block.index);
+}
+
+export interface DedupStageOptions extends FingerprintIndexOptions {
+  hasher: Hasher;
+  /** Reads guest cluster `index` (e.g. from a seekable input) to confirm a match. */
+  readCluster: (index: number, length: number) => Promise<Uint8Array>;
+}
+
+/**
+ * Annotates `duplicateOf` on every non-zero block whose bytes equal an earlier block's, and
+ * `fingerprint` on every non-zero block. Returns the stats object, live-updated.
+ */
+export function dedupBlocks(
+  blocks: AsyncIterable<Block>,
+  options: DedupStageOptions,
+): { blocks: AsyncGenerator<Block>; stats: DedupStats } {
+  const dedup = new Deduplicator({ ...options, readBack: options.readCluster });
+  async function* run(): AsyncGenerator<Block> {
+    for await (const block of blocks) {
+      await annotate(dedup, block);
+      yield block;
+    }
+  }
+  return { blocks: run(), stats: dedup.stats };
+}
+
+/** {@link dedupBlocks} as a Node stream of Blocks; `stats` is on the returned stream. */
+export function createDedupStream(options: DedupStageOptions): Transform & { stats: DedupStats } {
+  const dedup = new Deduplicator({ ...options, readBack: options.readCluster });
+  const stream = new Transform({
+    objectMode: true,
+    highWaterMark: 32,
+    transform(block: Block, _encoding, done) {
+      annotate(dedup, block).then(() => done(null, block), (err: unknown) => done(err as Error));
+    },
+  });
+  return Object.assign(stream, { stats: dedup.stats });
+}
