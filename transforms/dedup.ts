@@ -35,6 +35,11 @@ export interface DeduplicatorOptions extends FingerprintIndexOptions {
   readBack: (value: number, length: number) => Promise<Uint8Array>;
   /** How many blocks may share one value (e.g. the refcount limit). Default unlimited. */
   maxShares?: number;
+  /**
+   * Called when a value stops being the dedup target for its content (a new copy replaced it
+   * after the share limit), with the number of blocks that share it: its final count.
+   */
+  onRetire?: (value: number, count: number) => void;
 }
 
 export type DedupDecision = { kind: 'duplicate'; value: number } | { kind: 'unique' };
@@ -45,12 +50,14 @@ export class Deduplicator {
   private readonly hasher: Hasher;
   private readonly readBack: DeduplicatorOptions['readBack'];
   private readonly maxShares: number;
+  private readonly onRetire: ((value: number, count: number) => void) | undefined;
 
   constructor(options: DeduplicatorOptions) {
     this.index = new FingerprintIndex(options);
     this.hasher = options.hasher;
     this.readBack = options.readBack;
     this.maxShares = options.maxShares ?? 0xffffffff;
+    this.onRetire = options.onRetire;
   }
 
   /**
@@ -90,7 +97,11 @@ export class Deduplicator {
     if (slot >= 0) {
       // Keep the older target after a collision (its content is as likely to recur); restart
       // the count after a share-limit hit so the new copy takes the next duplicates.
-      if (this.index.countAt(slot) >= this.maxShares) this.index.setAt(slot, value, 1);
+      const count = this.index.countAt(slot);
+      if (count >= this.maxShares) {
+        this.onRetire?.(this.index.valueAt(slot), count);
+        this.index.setAt(slot, value, 1);
+      }
       return;
     }
     if (!this.index.insert(fingerprint, value)) this.stats.notIndexed++;

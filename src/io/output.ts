@@ -105,7 +105,7 @@ export class OffsetWriter {
     const tempPath = join(dirname(target), `.${basename(target)}.${randomBytes(4).toString('hex')}.partial`);
     let handle: FileHandle;
     try {
-      handle = await open(tempPath, 'wx', existing ? existing.mode & 0o777 : 0o644);
+      handle = await open(tempPath, 'wx+', existing ? existing.mode & 0o777 : 0o644);
     } catch (err) {
       throw fileError(err, 'create', target);
     }
@@ -184,6 +184,27 @@ export class OffsetWriter {
     await this.sink?.close().catch(() => {});
     await this.handle?.close().catch(() => {});
     await this.removeTemp();
+  }
+
+  /**
+   * Reads back bytes already written (regular files only): sinks that share clusters confirm a
+   * fingerprint match against what they stored. Unwritten ranges read as zeros.
+   */
+  async readAt(offset: number, length: number): Promise<Uint8Array> {
+    if (!this.handle || this.kind !== 'file') throw new RangeError(`${this.label}: only a file output can be read back`);
+    const out = new Uint8Array(length);
+    let done = 0;
+    while (done < length) {
+      let bytesRead: number;
+      try {
+        ({ bytesRead } = await this.handle.read(out, done, length - done, offset + done));
+      } catch (err) {
+        throw fileError(err, `read back the ${this.label}`, this.path ?? '');
+      }
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return out;
   }
 
   private async removeTemp(): Promise<void> {

@@ -1,0 +1,350 @@
+/**
+ * The internal sink: a single-file qcow2 (no data file), the one layout where clusters can be
+ * shared, so within-image dedup saves space.
+ *
+ * Layout, written front to back while blocks stream in:
+ *
+ *   cluster 0             header (written last)
+ *   clusters 1…           data clusters in arrival order, each L2 table appended as soon as
+ *                         its guest range is complete (only tables with an entry)
+ *   then                  L1 table, refcount table, refcount blocks
+ *
+ * Memory is one L2 table, the L1 array and the dedup index. A duplicate cluster points at the
+ * first copy; its refcount is the number of references (a new copy starts before the count
+ * would overflow the refcount width) and COPIED is set only where the refcount is 1 — the
+ * first copy's entry is patched at the end once its final count is known.
+ * The output must be a regular file (the header is written last and clusters are read back
+ * to confirm dedup matches).
+ */
+
+import { Writable } from 'node:stream';
+import type { Block } from '../block.js';
+import { InvalidArgumentError, NotSeekableError } from '../errors.js';
+import {
+  buildRefcountTable,
+  checkVirtualSize,
+  encodeHeaderCluster,
+  encodeL1Entry,
+  ENTRY_COPIED_HI,
+  fillRefcountOnes,
+  imageGeometry,
+  maxRefcount,
+  refcountsPerBlock,
+  setRefcount,
+  solveRefcountLayout,
+  viewOf,
+  type MetadataPlan,
+  OFFSET_MASK_HI,
+  OFFSET_MASK_LO,
+} from '../format/index.js';
+import { OffsetWriter } from '../io/output.js';
+import { Deduplicator, type DedupStats } from '../../transforms/dedup.js';
+import type { Hasher } from '../../transforms/fingerprint.js';
+
+export interface InternalImageOptions {
+  /** A regular-file path. */
+  output: string;
+  clusterBits: number;
+  refcountOrder: number;
+  /** Share identical clusters (confirmed byte for byte). */
+  dedup?: { hasher: Hasher; maxEntries?: number } | undefined;
+  /** Make the image an overlay: unallocated clusters read from this backing file. */
+  backing?: { name: string; format: string } | undefined;
+  /** Replace an existing file at `output`. Default true. */
+  overwrite?: boolean;
+}
+
+export interface InternalSummary {
+  /** Guest clusters by what happened to them. */
+  clusters: { total: number; stored: number; zero: number; duplicate: number; unchangedFromBase: number };
+  /** Host clusters in the file: header, data, L2, L1 and refcount structures. */
+  fileClusters: number;
+  bytesWritten: number;
+  dedup?: DedupStats | undefined;
+}
+
+/** Pending appended clusters are written together once this many bytes accumulate. */
+const BATCH_BYTES = 2 * 1024 * 1024;
+
+export class InternalImageWriter {
+  private readonly cs: number;
+  private readonly l2Entries: number;
+  private readonly table: Uint8Array;
+  private readonly tableView: DataView;
+  private tableIndex = 0;
+  private tableUsed = false;
+  /** Host offset of each L2 table written so far (0 = none). */
+  private readonly l1: number[] = [];
+  /** Next free host cluster. */
+  private nextHost = 1;
+  private nextGuest = 0;
+  private pending: Uint8Array[] = [];
+  private pendingBytes = 0;
+  private pendingHost = 0;
+  private readonly dedup: Deduplicator | undefined;
+  /** First copies retired after the share limit, with their final counts. */
+  private readonly retired: Array<[guest: number, count: number]> = [];
+  private readonly counts = { stored: 0, zero: 0, duplicate: 0, unchangedFromBase: 0 };
+
+  private constructor(
+    private readonly output: OffsetWriter,
+    private readonly options: InternalImageOptions,
+  ) {
+    this.cs = 2 ** options.clusterBits;
+    this.l2Entries = this.cs / 8;
+    this.table = new Uint8Array(this.cs);
+    this.tableView = viewOf(this.table);
+    const maxShares = Math.min(maxRefcount(options.refcountOrder), 0xfffffffe);
+    if (options.dedup && maxShares >= 2) {
+      this.dedup = new Deduplicator({
+        hasher: options.dedup.hasher,
+        ...(options.dedup.maxEntries === undefined ? {} : { maxEntries: options.dedup.maxEntries }),
+        maxShares,
+        // Values are guest indexes of first copies: their host offset is in the L2 tables.
+        readBack: async (guest, length) => {
+          await this.flushPending();
+          return this.output.readAt(await this.hostOf(guest), length);
+        },
+        onRetire: (guest, count) => {
+          if (count > 1) this.retired.push([guest, count]);
+        },
+      });
+    }
+  }
+
+  static async create(options: InternalImageOptions): Promise<InternalImageWriter> {
+    const output = await OffsetWriter.create(options.output, { label: 'image', overwrite: options.overwrite ?? true });
+    if (output.kind !== 'file') {
+      await output.abort();
+      throw new NotSeekableError(
+        `An image without a data file needs a regular file as output ('${options.output}' is a stream): its header is written last`,
+        { hint: 'Write to a file, or use the default external data-file layout, which streams to pipes' },
+      );
+    }
+    return new InternalImageWriter(output, options);
+  }
+
+  /** Adds the next block. Blocks come in increasing guest order; skipped clusters stay unallocated. */
+  async write(block: Block): Promise<void> {
+    if (block.index < this.nextGuest) throw new RangeError(`InternalImageWriter: block ${block.index} out of order`);
+    this.nextGuest = block.index + 1;
+    const tableOfBlock = Math.floor(block.index / this.l2Entries);
+    while (this.tableIndex < tableOfBlock) await this.flushTable();
+    const entryPos = (block.index % this.l2Entries) * 8;
+
+    if (block.sameAsBase) {
+      this.counts.unchangedFromBase++;
+      return;
+    }
+    if (block.zero) {
+      this.counts.zero++;
+      // Over a backing file a zero cluster must hide the backing data: a zero-flagged entry.
+      if (this.options.backing) this.setEntry(entryPos, 0, false, true);
+      return;
+    }
+    if (this.dedup) {
+      const decision = await this.dedup.lookup(block);
+      if (decision.kind === 'duplicate') {
+        this.counts.duplicate++;
+        this.setEntry(entryPos, await this.hostOf(decision.value), false, false);
+        return;
+      }
+    }
+    const host = await this.append(block.data);
+    this.counts.stored++;
+    this.setEntry(entryPos, host, true, false);
+    this.dedup?.remember(block, block.index);
+  }
+
+  /** Writes the metadata for the final virtual size and moves the file into place. */
+  async finish(virtualSize: number): Promise<InternalSummary> {
+    checkVirtualSize(virtualSize, this.options.clusterBits);
+    const geometry = imageGeometry(virtualSize, this.options.clusterBits);
+    if (this.nextGuest > geometry.clusters) {
+      throw new InvalidArgumentError(`Blocks were written up to cluster ${this.nextGuest - 1}, past the virtual size ${virtualSize}`);
+    }
+    await this.flushPending();
+    await this.flushTable();
+    await this.patchSharedClusters();
+
+    const order = this.options.refcountOrder;
+    const l1Host = this.nextHost;
+    const l1Clusters = Math.ceil((geometry.l1Size * 8) / this.cs);
+    const refs = solveRefcountLayout(l1Host + l1Clusters, this.options.clusterBits, order);
+    const reftableHost = l1Host + l1Clusters;
+    const plan: MetadataPlan = {
+      geometry,
+      refcountOrder: order,
+      refcountTableOffset: reftableHost * this.cs,
+      refcountTableClusters: refs.tableClusters,
+      refcountBlocksOffset: (reftableHost + refs.tableClusters) * this.cs,
+      refcountBlockClusters: refs.blockClusters,
+      l1Offset: l1Host * this.cs,
+      l1Clusters,
+      l2Offset: 0,
+      l2Tables: 0,
+      metadataClusters: refs.totalClusters,
+      totalClusters: refs.totalClusters,
+    };
+
+    const l1 = new Uint8Array(l1Clusters * this.cs);
+    const l1View = viewOf(l1);
+    this.l1.forEach((offset, i) => {
+      if (offset) encodeL1Entry(l1View, i * 8, offset);
+    });
+    await this.output.write(plan.l1Offset, l1);
+    await this.output.write(plan.refcountTableOffset, buildRefcountTable(plan));
+    await this.writeRefcountBlocks(plan);
+    await this.output.write(
+      0,
+      encodeHeaderCluster({
+        clusterBits: this.options.clusterBits,
+        size: virtualSize,
+        l1Size: geometry.l1Size,
+        l1TableOffset: plan.l1Offset,
+        refcountTableOffset: plan.refcountTableOffset,
+        refcountTableClusters: plan.refcountTableClusters,
+        refcountOrder: order,
+        incompatibleFeatures: 0n,
+        autoclearFeatures: 0n,
+        ...(this.options.backing ? { backingFileName: this.options.backing.name, backingFormat: this.options.backing.format } : {}),
+      }),
+    );
+    await this.output.finish(plan.totalClusters * this.cs);
+    await this.output.commit();
+    return {
+      clusters: { total: geometry.clusters, ...this.counts },
+      fileClusters: plan.totalClusters,
+      bytesWritten: this.output.bytesWritten,
+      dedup: this.dedup?.stats,
+    };
+  }
+
+  async abort(): Promise<void> {
+    await this.output.abort();
+  }
+
+  private setEntry(pos: number, host: number, copied: boolean, zero: boolean): void {
+    this.tableView.setUint32(pos, ((copied ? ENTRY_COPIED_HI : 0) | Math.floor(host / 2 ** 32)) >>> 0);
+    this.tableView.setUint32(pos + 4, ((host >>> 0) | (zero ? 1 : 0)) >>> 0);
+    this.tableUsed = true;
+  }
+
+  /** Queues a data cluster at the next host cluster; returns its host offset. */
+  private async append(data: Uint8Array): Promise<number> {
+    if (this.pendingBytes === 0) this.pendingHost = this.nextHost;
+    const host = this.nextHost * this.cs;
+    this.nextHost++;
+    // A short last cluster still occupies a whole host cluster; the gap stays a hole.
+    this.pending.push(data);
+    this.pendingBytes += this.cs;
+    if (data.length < this.cs) await this.flushPending();
+    else if (this.pendingBytes >= BATCH_BYTES) await this.flushPending();
+    return host;
+  }
+
+  private async flushPending(): Promise<void> {
+    if (this.pending.length === 0) return;
+    const chunks = this.pending;
+    this.pending = [];
+    this.pendingBytes = 0;
+    await this.output.writev(this.pendingHost * this.cs, chunks);
+  }
+
+  private async flushTable(): Promise<void> {
+    if (this.tableUsed) {
+      await this.flushPending();
+      const host = this.nextHost++;
+      await this.output.write(host * this.cs, this.table.slice());
+      this.l1[this.tableIndex] = host * this.cs;
+    } else this.l1[this.tableIndex] = 0;
+    this.table.fill(0);
+    this.tableUsed = false;
+    this.tableIndex++;
+  }
+
+  /** Host offset of a stored guest cluster (from the current table or one already written). */
+  private async hostOf(guest: number): Promise<number> {
+    const table = Math.floor(guest / this.l2Entries);
+    const pos = (guest % this.l2Entries) * 8;
+    if (table === this.tableIndex) return entryOffset(this.tableView, pos);
+    const tableOffset = this.l1[table];
+    if (!tableOffset) throw new RangeError(`InternalImageWriter: guest cluster ${guest} has no L2 table`);
+    return entryOffset(viewOf(await this.output.readAt(tableOffset + pos, 8)), 0);
+  }
+
+  /** First copies referenced more than once, with their final reference counts. */
+  private sharedClusters(): Array<[guest: number, count: number]> {
+    const shared: Array<[number, number]> = [...this.retired];
+    this.dedup?.index.forEach((guest, count) => {
+      if (count > 1) shared.push([guest, count]);
+    });
+    return shared;
+  }
+
+  /** Clears COPIED on the first copy of every shared cluster, table by table. */
+  private async patchSharedClusters(): Promise<void> {
+    const guests = Uint32Array.from(this.sharedClusters(), ([guest]) => guest).sort();
+    for (let i = 0; i < guests.length; ) {
+      const t = Math.floor(guests[i]! / this.l2Entries);
+      const tableOffset = this.l1[t]!;
+      const table = await this.output.readAt(tableOffset, this.cs);
+      const view = viewOf(table);
+      for (; i < guests.length && Math.floor(guests[i]! / this.l2Entries) === t; i++) {
+        const pos = (guests[i]! % this.l2Entries) * 8;
+        view.setUint32(pos, (view.getUint32(pos) & ~ENTRY_COPIED_HI) >>> 0);
+      }
+      await this.output.write(tableOffset, table);
+    }
+  }
+
+  private async writeRefcountBlocks(plan: MetadataPlan): Promise<void> {
+    // (host cluster << 32 | count) for every cluster referenced more than once, sorted by host.
+    const shared = this.sharedClusters();
+    const overrides = new BigUint64Array(shared.length);
+    for (let i = 0; i < shared.length; i++) {
+      const [guest, count] = shared[i]!;
+      overrides[i] = (BigInt((await this.hostOf(guest)) / this.cs) << 32n) | BigInt(count);
+    }
+    const sorted = overrides.sort();
+
+    const perBlock = refcountsPerBlock(this.options.clusterBits, plan.refcountOrder);
+    let next = 0;
+    for (let b = 0; b < plan.refcountBlockClusters; b++) {
+      const block = new Uint8Array(this.cs);
+      const first = b * perBlock;
+      const end = Math.min(plan.totalClusters, first + perBlock);
+      if (end > first) fillRefcountOnes(block, 0, end - first, plan.refcountOrder);
+      for (; next < sorted.length && Number(sorted[next]! >> 32n) < end; next++) {
+        const host = Number(sorted[next]! >> 32n);
+        setRefcount(block, host - first, plan.refcountOrder, Number(sorted[next]! & 0xffffffffn));
+      }
+      await this.output.write(plan.refcountBlocksOffset + b * this.cs, block);
+    }
+  }
+}
+
+function entryOffset(view: DataView, pos: number): number {
+  return (view.getUint32(pos) & OFFSET_MASK_HI) * 2 ** 32 + ((view.getUint32(pos + 4) & OFFSET_MASK_LO) >>> 0);
+}
+
+/** The internal sink as a Writable of Blocks; `end()` writes the metadata for `virtualSize()`. */
+export function createInternalSink(writer: InternalImageWriter, virtualSize: () => number, onFinish?: (summary: InternalSummary) => void): Writable {
+  return new Writable({
+    objectMode: true,
+    highWaterMark: 32,
+    write(block: Block, _encoding, done) {
+      writer.write(block).then(() => done(), done);
+    },
+    final(done) {
+      writer.finish(virtualSize()).then((summary) => {
+        onFinish?.(summary);
+        done();
+      }, done);
+    },
+    destroy(err, done) {
+      if (err) writer.abort().then(() => done(err), () => done(err));
+      else done(null);
+    },
+  });
+}
