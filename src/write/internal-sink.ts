@@ -30,6 +30,7 @@ import {
   imageGeometry,
   maxRefcount,
   refcountsPerBlock,
+  roundUpToSector,
   setRefcount,
   solveRefcountLayout,
   viewOf,
@@ -156,8 +157,12 @@ export class InternalImageWriter {
     this.dedup?.remember(block, block.index);
   }
 
-  /** Writes the metadata for the final virtual size and moves the file into place. */
-  async finish(virtualSize: number): Promise<InternalSummary> {
+  /**
+   * Writes the metadata and moves the file into place. The virtual size is the guest length
+   * rounded up to 512 bytes (qemu rounds a header's size down; the tail must not vanish).
+   */
+  async finish(guestLength: number): Promise<InternalSummary> {
+    const virtualSize = roundUpToSector(guestLength);
     checkVirtualSize(virtualSize, this.options.clusterBits);
     const geometry = imageGeometry(virtualSize, this.options.clusterBits);
     if (this.nextGuest > geometry.clusters) {

@@ -1,0 +1,101 @@
+/**
+ * Incremental ingestion: marks `sameAsBase` on blocks whose bytes equal the base image's at the
+ * same guest offset, so an overlay whose backing file is the base leaves them unallocated.
+ *
+ * Against a base image the comparison is byte for byte. Against a manifest it compares
+ * XXH64 fingerprints (see manifest.ts for the odds and the caveat about crafted input).
+ */
+
+import type { Block } from '../src/block.js';
+import { InvalidArgumentError } from '../src/errors.js';
+import { isAllZero } from '../src/io/buffers.js';
+import type { Hasher } from './fingerprint.js';
+import type { ManifestReader } from './manifest.js';
+
+/** Random access to the base's guest bytes (a reader's image object fits). */
+export interface BaseImage {
+  readonly virtualSize: number;
+  read(offset: number, length: number): Promise<Uint8Array>;
+}
+
+export interface BaseCompareStats {
+  /** Blocks equal to the base at the same offset. */
+  unchanged: number;
+  /** Blocks that differ (new or changed data, or zeros over base data). */
+  changed: number;
+}
+
+/**
+ * Annotates `sameAsBase` by reading the base. Past the base's end the base reads as zeros
+ * (qemu's rule for a shorter backing file).
+ */
+export function compareWithBase(
+  blocks: AsyncIterable<Block>,
+  base: BaseImage,
+  clusterSize: number,
+): { blocks: AsyncGenerator<Block>; stats: BaseCompareStats } {
+  const stats: BaseCompareStats = { unchanged: 0, changed: 0 };
+  async function* run(): AsyncGenerator<Block> {
+    for await (const block of blocks) {
+      const offset = block.index * clusterSize;
+      const inBase = Math.max(0, Math.min(block.data.length, base.virtualSize - offset));
+      let same: boolean;
+      if (inBase === 0) same = block.zero ?? isAllZero(block.data);
+      else {
+        const baseBytes = await base.read(offset, inBase);
+        same =
+          Buffer.from(baseBytes.buffer, baseBytes.byteOffset, inBase).equals(Buffer.from(block.data.buffer, block.data.byteOffset, inBase)) &&
+          isAllZero(block.data.subarray(inBase));
+      }
+      if (same) {
+        block.sameAsBase = true;
+        stats.unchanged++;
+      } else stats.changed++;
+      yield block;
+    }
+  }
+  return { blocks: run(), stats };
+}
+
+/** Annotates `sameAsBase` by comparing fingerprints with a manifest of the base. */
+export function compareWithManifest(
+  blocks: AsyncIterable<Block>,
+  manifest: ManifestReader,
+  hasher: Hasher,
+  clusterBits: number,
+): { blocks: AsyncGenerator<Block>; stats: BaseCompareStats } {
+  if (manifest.header.clusterBits !== clusterBits) {
+    throw new InvalidArgumentError(
+      `The manifest '${manifest.path}' was made with ${2 ** manifest.header.clusterBits}-byte clusters; this image uses ${2 ** clusterBits}`,
+      { hint: `Convert with --cluster-size ${2 ** manifest.header.clusterBits}` },
+    );
+  }
+  const stats: BaseCompareStats = { unchanged: 0, changed: 0 };
+  const zeroHashes = new Map<number, bigint>();
+  const zeroHash = (length: number) => {
+    let hash = zeroHashes.get(length);
+    if (hash === undefined) zeroHashes.set(length, (hash = hasher.hash64(new Uint8Array(length))));
+    return hash;
+  };
+  async function* run(): AsyncGenerator<Block> {
+    for await (const block of blocks) {
+      const expected = await manifest.fingerprintAt(block.index);
+      const fullCluster = block.data.length === 2 ** clusterBits;
+      // A short last cluster only matches when the base had the same length there.
+      const baseLength = Math.min(2 ** clusterBits, manifest.header.virtualSize - block.index * 2 ** clusterBits);
+      let same = false;
+      if (expected !== undefined && (fullCluster || baseLength === block.data.length)) {
+        const actual = block.zero ? zeroHash(block.data.length) : (block.fingerprint ??= hasher.hash64(block.data));
+        same = actual === expected;
+      } else if (expected === undefined) {
+        same = block.zero ?? isAllZero(block.data);
+      }
+      if (same) {
+        block.sameAsBase = true;
+        stats.unchanged++;
+      } else stats.changed++;
+      yield block;
+    }
+  }
+  return { blocks: run(), stats };
+}
