@@ -234,7 +234,8 @@ export function parseHeader(cluster0: Uint8Array): ParsedHeader {
     }
   }
   const available = Math.min(extEnd, cluster0.length);
-  const extensions = fields.version === 3 ? decodeExtensions(cluster0, fields.headerLength, available) : [];
+  // qemu reads extensions after the header in v2 images too (starting at byte 72).
+  const extensions = decodeExtensions(cluster0, fields.headerLength, available);
 
   let dataFileName: string | undefined;
   let backingFormat: string | undefined;
@@ -463,6 +464,12 @@ export function encodeHeaderCluster(spec: HeaderSpec): Uint8Array {
   if (spec.dataFileName !== undefined) extensions.push({ type: EXT_DATA_FILE, data: encodeName(spec.dataFileName) });
   if (spec.featureTable ?? clusterSize > 4096) {
     extensions.push({ type: EXT_FEATURE_TABLE, data: encodeFeatureTable(QEMU_FEATURE_TABLE) });
+  }
+  if (spec.backingFormat !== undefined && encodeName(spec.backingFormat).length > MAX_BACKING_FORMAT_NAME) {
+    throw new InvalidArgumentError(`The backing format name '${spec.backingFormat}' is longer than ${MAX_BACKING_FORMAT_NAME} bytes`);
+  }
+  if ((spec.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n && (spec.incompatibleFeatures & INCOMPAT_DATA_FILE) === 0n) {
+    throw new InvalidArgumentError('The raw-external-data bit needs the external-data-file bit');
   }
   const backingName = spec.backingFileName === undefined ? undefined : encodeName(spec.backingFileName);
   if (backingName && backingName.length > MAX_BACKING_NAME) {

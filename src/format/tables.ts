@@ -141,15 +141,13 @@ export const ALL_SUBCLUSTERS = 0xffffffff;
 export type SubclusterType = 'data' | 'zero' | 'unallocated' | 'invalid';
 
 export function subclusterType(entry: L2Entry, index: number): SubclusterType {
-  const bit = 1 << index;
-  const alloc = (entry.allocMask & bit) !== 0;
-  const zero = (entry.zeroMask & bit) !== 0;
   if (entry.type === 'compressed') return entry.allocMask === 0 && entry.zeroMask === 0 ? 'data' : 'invalid';
-  if (alloc && zero) return 'invalid';
-  if (entry.type === 'unallocated') return alloc ? 'invalid' : zero ? 'zero' : 'unallocated';
-  // normal host entry
-  if (alloc) return 'data';
-  return zero ? 'zero' : 'unallocated';
+  // Like qemu, validity is a property of the whole entry, not of the subcluster asked about.
+  if (entry.type === 'unallocated' && entry.allocMask !== 0) return 'invalid';
+  if ((entry.allocMask & entry.zeroMask) !== 0) return 'invalid';
+  const bit = 1 << index;
+  if ((entry.allocMask & bit) !== 0) return 'data';
+  return (entry.zeroMask & bit) !== 0 ? 'zero' : 'unallocated';
 }
 
 export const SUBCLUSTERS = SUBCLUSTERS_PER_CLUSTER;
