@@ -1,4 +1,66 @@
-import type { Command } from 'commander';
+/**
+ * `qcow2-stream check <image> [--json]`: structural validation like qemu-img check, plus
+ * host == guest offsets with an external data file. Exit 0 clean, 1 problems found, 2 error.
+ */
 
-// Placeholder until the command is built (this session).
-export function registerCheck(_program: Command): void {}
+import type { Command } from 'commander';
+import { action, ExitCode, printJson } from './common.js';
+import { checkImage, type CheckResult } from '../read/check.js';
+
+export function registerCheck(program: Command): void {
+  program
+    .command('check')
+    .description('Check the structure of a qcow2 image (refcounts, COPIED flags, offsets, data-file rules)')
+    .argument('<image>', 'the qcow2 image to check (only this file is read)')
+    .option('--json', 'print JSON (qemu-img check field names, plus the findings)')
+    .action(
+      action(async (imagePath: string, flags: { json?: boolean }) => {
+        const result = await checkImage(imagePath);
+        if (flags.json) printJson(checkJson(result));
+        else process.stdout.write(formatCheck(result));
+        return result.clean ? ExitCode.OK : ExitCode.FINDINGS;
+      }),
+    );
+}
+
+/** The JSON document: qemu-img check's keys, then ours. */
+export function checkJson(r: CheckResult): Record<string, unknown> {
+  return {
+    'image-end-offset': r.imageEndOffset,
+    'total-clusters': r.totalClusters,
+    'check-errors': r.checkErrors,
+    'allocated-clusters': r.allocatedClusters,
+    filename: r.filename,
+    format: r.format,
+    'fragmented-clusters': r.fragmentedClusters,
+    'compressed-clusters': r.compressedClusters,
+    corruptions: r.corruptions,
+    leaks: r.leaks,
+    clean: r.clean,
+    findings: r.findings,
+    ...(r.omittedFindings ? { 'omitted-findings': r.omittedFindings } : {}),
+  };
+}
+
+/** The human report, worded like qemu-img check. */
+export function formatCheck(r: CheckResult): string {
+  const lines: string[] = [];
+  for (const f of r.findings) lines.push(f.severity === 'warning' ? `Warning: ${f.message}` : f.message);
+  if (r.omittedFindings) lines.push(`(${r.omittedFindings} more findings not shown)`);
+  if (lines.length) lines.push('');
+  if (r.corruptions) {
+    lines.push(`${r.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
+  }
+  if (r.leaks) {
+    if (r.corruptions) lines.push('');
+    lines.push(`${r.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
+  }
+  if (r.checkErrors) lines.push(`${r.checkErrors} internal errors have occurred during the check.`);
+  if (r.clean) lines.push('No errors were found on the image.');
+  const pct = (n: number) => (r.totalClusters ? ((n * 100) / r.totalClusters).toFixed(2) : '0.00');
+  const fragmented = r.allocatedClusters ? ((r.fragmentedClusters * 100) / r.allocatedClusters).toFixed(2) : '0.00';
+  const compressed = r.allocatedClusters ? ((r.compressedClusters * 100) / r.allocatedClusters).toFixed(2) : '0.00';
+  lines.push(`${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters)}% allocated, ${fragmented}% fragmented, ${compressed}% compressed clusters`);
+  lines.push(`Image end offset: ${r.imageEndOffset}`);
+  return `${lines.join('\n')}\n`;
+}

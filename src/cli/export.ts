@@ -1,4 +1,83 @@
-import type { Command } from 'commander';
+/**
+ * `qcow2-stream export <image> <output|->`: qcow2 (or raw) → raw bytes. A regular-file output
+ * is sparse (zero ranges become holes) and appears only when complete; `-` writes every byte to
+ * standard output.
+ */
 
-// Placeholder until the command is built (this session).
-export function registerExport(_program: Command): void {}
+import { isatty } from 'node:tty';
+import type { Command } from 'commander';
+import { action, formatBytes, printJson, processSignal } from './common.js';
+import { InvalidArgumentError } from '../errors.js';
+import { openDisk, type ImageFormat } from '../read/image.js';
+import { exportToFile } from '../read/export.js';
+
+interface ExportFlags {
+  format?: ImageFormat;
+  dataFile?: string;
+  backing?: string;
+  backingFormat?: ImageFormat;
+  allowUnsafePaths?: boolean;
+  quiet?: boolean;
+  json?: boolean;
+}
+
+export function registerExport(program: Command): void {
+  program
+    .command('export')
+    .description('Write the guest bytes of an image as a raw image (sparse file, or a stream with -)')
+    .argument('<image>', 'the qcow2 (or raw) image to read')
+    .argument('<output>', "the raw file to write, or '-' for standard output")
+    .option('-f, --format <format>', 'format of <image>: qcow2 or raw (default: probed)', parseFormat)
+    .option('--data-file <path>', "use this external data file instead of the name stored in the image")
+    .option('--backing <path>', 'use this backing image instead of the name stored in the image')
+    .option('--backing-format <format>', 'format of --backing: qcow2 or raw (default: probed)', parseFormat)
+    .option('--allow-unsafe-paths', 'follow data-file and backing names stored in the image even outside its directory')
+    .option('-q, --quiet', 'no progress or summary')
+    .option('--json', 'print a JSON summary (to standard error when the image goes to standard output)')
+    .action(
+      action(async (imagePath: string, output: string, flags: ExportFlags) => {
+        if (output === '-' && isatty(1)) {
+          throw new InvalidArgumentError('Refusing to write a disk image to a terminal', { hint: "Redirect standard output, e.g. '> disk.raw' or '| gzip > disk.raw.gz'" });
+        }
+        const image = await openDisk(imagePath, {
+          ...(flags.format ? { format: flags.format } : {}),
+          ...(flags.dataFile ? { dataFile: flags.dataFile } : {}),
+          ...(flags.backing ? { backing: flags.backing } : {}),
+          ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
+          ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+          onWarning: (message) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
+        });
+        try {
+          const progress = !flags.quiet && !flags.json && process.stderr.isTTY ? progressPrinter() : undefined;
+          const result = await exportToFile(image, output, { signal: processSignal(), ...(progress ? { onProgress: progress } : {}) });
+          if (progress) process.stderr.write('\n');
+          if (flags.json) {
+            const summary = { image: imagePath, output, 'virtual-size': result.bytes, 'bytes-written': result.bytesWritten, warnings: result.warnings };
+            // Standard output may be carrying the image itself.
+            if (output === '-') process.stderr.write(`${JSON.stringify(summary)}\n`);
+            else printJson(summary);
+          } else if (!flags.quiet && output !== '-') {
+            process.stderr.write(`Exported ${formatBytes(result.bytes)} to '${output}' (${formatBytes(result.bytesWritten)} written)\n`);
+          }
+        } finally {
+          await image.close();
+        }
+      }),
+    );
+}
+
+/** Parses -f/--backing-format values. */
+export function parseFormat(value: string): ImageFormat {
+  if (value === 'qcow2' || value === 'raw') return value;
+  throw new InvalidArgumentError(`Unknown image format '${value}' (qcow2 or raw)`);
+}
+
+function progressPrinter(): (done: number, total: number) => void {
+  let last = -1;
+  return (done, total) => {
+    const percent = total === 0 ? 100 : Math.floor((done / total) * 100);
+    if (percent === last) return;
+    last = percent;
+    process.stderr.write(`\r  ${String(percent).padStart(3)}% (${formatBytes(done)} of ${formatBytes(total)})`);
+  };
+}

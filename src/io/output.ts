@@ -251,11 +251,17 @@ function fdSink(fd: number, name: string): SequentialSink {
   return {
     async write(chunk) {
       let done = 0;
+      let waitMs = 1;
       while (done < chunk.length) {
         try {
           done += await writeOnce(chunk, done);
+          waitMs = 1;
         } catch (err) {
-          throw fileError(err, 'write to', name);
+          // A descriptor shared with a non-blocking pipe (Node makes process.stdout's pipe
+          // non-blocking once anything touches it) reports a full pipe as EAGAIN: wait, retry.
+          if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw fileError(err, 'write to', name);
+          await new Promise((resolve) => setTimeout(resolve, waitMs));
+          waitMs = Math.min(waitMs * 2, 50);
         }
       }
     },

@@ -1,0 +1,139 @@
+/**
+ * The path policy: which file a name stored **inside** an image may open.
+ *
+ * A qcow2 header can name two other files: the external data file (header extension
+ * `0x44415441`) and the backing file. Both names are chosen by whoever made the image, so for
+ * anyone who processes images they did not make (an upload service, a backup ingester) the names
+ * are **untrusted input**. Opening them blindly turns "convert this image" into "read any file
+ * the process can read, and hand it back inside the output":
+ *
+ * - CVE-2024-4467 (qemu): `qemu-img info` opened the data file an image named, and data-file names
+ *   were parsed for `json:{…}` and protocol prefixes, so an image could make qemu open arbitrary
+ *   block graphs (nbd, host files read-write).
+ * - OpenStack CVE-2024-32498 (OSSA-2024-001): an uploaded qcow2 whose data file pointed at a host
+ *   path (or a json: graph) made the server's conversion copy host data into the tenant's image.
+ *
+ * The model here:
+ *
+ * 1. A stored name is a **literal local file name**. `json:` is always refused; anything that looks
+ *    like a protocol (`^[a-z][a-z0-9+.-]*:`) is refused unless a plain file of exactly that name
+ *    exists in the image's directory (a file may legitimately be called `backup:1.raw`).
+ * 2. It is resolved against the **image's own directory**. qemu resolves relative *data-file*
+ *    names against its current working directory instead (backing names against the image
+ *    directory); we deliberately use the image directory for both, so the result does not depend on
+ *    where the command happens to run, and the containment rule below has a fixed anchor.
+ * 3. After resolving symbolic links (`realpath`) the target must lie **inside** that directory
+ *    (itself or a subdirectory): absolute paths elsewhere, `..` escapes and symlinks pointing out
+ *    are refused.
+ * 4. The target must be a **regular file**: FIFOs, sockets and devices are refused (a FIFO can
+ *    block forever, a device can be huge or have side effects on read).
+ * 5. Names with a NUL byte, or with U+FFFD (the codec's replacement for invalid UTF-8, so the name
+ *    on disk is not what we would open), are refused.
+ *
+ * Two ways past the policy, both explicit: the caller names the file itself (`dataFile` /
+ * `backing` in the API, `--data-file` / `--backing` on the command line — that file is opened
+ * as given, because the caller chose it), or the caller opts out with `allowUnsafePaths`
+ * (`--allow-unsafe-paths`), which still refuses `json:`, NUL and non-regular files but allows
+ * any local path.
+ *
+ * @module
+ */
+
+import { realpath, stat } from 'node:fs/promises';
+import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
+import { PathPolicyError } from '../errors.js';
+import { kindOf } from './files.js';
+
+/** Which reference inside an image a name came from; used in messages and hints. */
+export type StoredNameKind = 'data file' | 'backing file';
+
+export interface PathPolicyOptions {
+  /**
+   * Allow any local path (absolute, `..`, symlinks leaving the directory). `json:` names, NUL
+   * bytes and non-regular files are refused even then. Default false.
+   */
+  allowUnsafePaths?: boolean;
+}
+
+const PROTOCOL_PREFIX = /^[a-z][a-z0-9+.-]*:/i;
+
+function hintFor(kind: StoredNameKind): string {
+  const flag = kind === 'data file' ? '--data-file' : '--backing';
+  const api = kind === 'data file' ? 'dataFile' : 'backing';
+  return `If you trust this image, pass the ${kind} explicitly with ${flag} PATH (API: ${api}), or opt out of the check with --allow-unsafe-paths (API: allowUnsafePaths)`;
+}
+
+/**
+ * Resolves a name stored in the image at `imagePath` to the path of the file it may open, or
+ * throws a {@link PathPolicyError} (code `QCOW_ERR_PATH_POLICY`) saying why not.
+ *
+ * The returned path is the real path (symlinks resolved), so what is checked is what is opened.
+ */
+export async function resolveStoredName(
+  imagePath: string,
+  storedName: string,
+  kind: StoredNameKind,
+  options: PathPolicyOptions = {},
+): Promise<string> {
+  const refuse = (why: string): never => {
+    throw new PathPolicyError(`Refusing the ${kind} named in '${imagePath}': ${JSON.stringify(storedName)} ${why}`, storedName, {
+      hint: hintFor(kind),
+      structure: 'header',
+      field: kind === 'data file' ? 'data file name' : 'backing file name',
+    });
+  };
+
+  if (storedName.length === 0) refuse('is empty');
+  if (storedName.includes('\0')) refuse('contains a NUL byte');
+  if (storedName.includes('\uFFFD')) refuse('is not valid UTF-8');
+  if (/^json:/i.test(storedName)) refuse('is a json: block-graph description, which is never opened');
+
+  const imageDir = await realDirectory(imagePath);
+  const candidate = resolve(imageDir, storedName);
+  if (PROTOCOL_PREFIX.test(storedName) && !(dirname(candidate) === imageDir && (await isRegularFile(candidate)))) {
+    refuse('looks like a protocol (name:…) rather than a plain file in the image directory');
+  }
+  if (!options.allowUnsafePaths) {
+    if (isAbsolute(storedName) && !isInside(imageDir, candidate)) refuse(`is an absolute path outside the image directory '${imageDir}'`);
+    if (!isInside(imageDir, candidate)) refuse(`escapes the image directory '${imageDir}' with '..'`);
+  }
+
+  let real: string;
+  try {
+    real = await realpath(candidate);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    return refuse(code === 'ENOENT' ? `does not exist (looked for '${candidate}')` : `cannot be resolved (${code ?? String(err)})`);
+  }
+  if (!options.allowUnsafePaths && !isInside(imageDir, real)) {
+    refuse(`leads through a symbolic link to '${real}', outside the image directory '${imageDir}'`);
+  }
+  const stats = await stat(real).catch(() => undefined);
+  if (!stats) return refuse(`cannot be inspected ('${real}')`);
+  const fileKind = kindOf(stats);
+  if (fileKind !== 'file') refuse(`is not a regular file (it is a ${fileKind === 'pipe' ? 'FIFO' : fileKind})`);
+  return real;
+}
+
+/** The real path of the directory holding `imagePath` (so comparisons survive symlinked dirs). */
+async function realDirectory(imagePath: string): Promise<string> {
+  const dir = dirname(resolve(imagePath));
+  try {
+    return await realpath(dir);
+  } catch {
+    return dir;
+  }
+}
+
+function isInside(dir: string, path: string): boolean {
+  const rel = relative(dir, path);
+  return rel === '' || (!rel.startsWith(`..${sep}`) && rel !== '..' && !isAbsolute(rel));
+}
+
+async function isRegularFile(path: string): Promise<boolean> {
+  try {
+    return (await stat(path)).isFile();
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,161 @@
+/**
+ * checkImage against `qemu-img check`: agreement on clean images of every kind, on images
+ * broken on purpose, and one qemu misses (host ≠ guest with a data file).
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFileSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { checkImage, type CheckResult } from '../../src/read/check.js';
+import { needQemu, qemuImg, tempDir } from '../helpers/qemu.js';
+import { mixedExtents, writeRawImage } from '../helpers/images.js';
+import { img, io, locate, readU64, setRefcount16, writeU32, writeU64 } from './fixtures.js';
+
+const COPIED = 1n << 63n;
+
+interface QemuCheck {
+  code: number;
+  corruptions: number;
+  leaks: number;
+  allocated: number;
+  total: number;
+  end: number;
+}
+
+function qemuCheckJson(dir: string, image: string): QemuCheck {
+  const result = qemuImg(['check', '--output=json', image], dir);
+  const json = JSON.parse(result.stdout) as Record<string, number>;
+  return {
+    code: result.code,
+    corruptions: json['corruptions'] ?? 0,
+    leaks: json['leaks'] ?? 0,
+    allocated: json['allocated-clusters'] ?? 0,
+    total: json['total-clusters'] ?? 0,
+    end: json['image-end-offset'] ?? 0,
+  };
+}
+
+function errorMessages(result: CheckResult): string[] {
+  return result.findings.filter((f) => f.severity !== 'warning').map((f) => f.message);
+}
+
+/** Asserts our counts equal qemu's and returns our result. */
+async function agreeWithQemu(dir: string, image: string): Promise<CheckResult> {
+  const ours = await checkImage(join(dir, image));
+  const qemu = qemuCheckJson(dir, image);
+  assert.equal(ours.corruptions, qemu.corruptions, `${image} corruptions: ${errorMessages(ours).join('; ')}`);
+  assert.equal(ours.leaks, qemu.leaks, `${image} leaks`);
+  assert.equal(ours.totalClusters, qemu.total, `${image} total clusters`);
+  assert.equal(ours.allocatedClusters, qemu.allocated, `${image} allocated clusters`);
+  assert.equal(ours.imageEndOffset, qemu.end, `${image} image end offset`);
+  return ours;
+}
+
+test('clean images of every kind check clean, like qemu-img check', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', '-o', 'data_file=d.data', 'ext.qcow2', '4M');
+  io(dir, 'ext.qcow2', 'write -P 0x11 0 1M', 'write -z 512k 64k', 'discard 768k 64k');
+  img(dir, 'create', '-f', 'qcow2', '-o', 'data_file=r.data,data_file_raw=on', 'raw.qcow2', '2M');
+  img(dir, 'create', '-f', 'qcow2', '-o', 'cluster_size=512,refcount_bits=1', 'small.qcow2', '2M');
+  io(dir, 'small.qcow2', 'write -P 0x22 0 300k', 'write -z 1k 1k');
+  img(dir, 'create', '-f', 'qcow2', '-o', 'compat=0.10', 'v2.qcow2', '1M');
+  io(dir, 'v2.qcow2', 'write -P 0x33 0 100k');
+  img(dir, 'create', '-f', 'qcow2', '-o', 'extended_l2=on,refcount_bits=64', 'xl2.qcow2', '1M');
+  io(dir, 'xl2.qcow2', 'write -P 0x44 4k 4k', 'write -z 64k 2k');
+  writeRawImage(join(dir, 'src.raw'), 2 * 1024 * 1024, mixedExtents(2 * 1024 * 1024, 65536, 3));
+  img(dir, 'convert', '-c', '-O', 'qcow2', 'src.raw', 'comp.qcow2');
+  img(dir, 'create', '-f', 'qcow2', 'snap.qcow2', '1M');
+  io(dir, 'snap.qcow2', 'write -P 0x55 0 128k');
+  img(dir, 'snapshot', '-c', 'one', 'snap.qcow2');
+  io(dir, 'snap.qcow2', 'write -P 0x66 64k 128k');
+  for (const image of ['ext.qcow2', 'raw.qcow2', 'small.qcow2', 'v2.qcow2', 'xl2.qcow2', 'comp.qcow2', 'snap.qcow2']) {
+    const ours = await agreeWithQemu(dir, image);
+    assert.ok(ours.clean, `${image}: ${errorMessages(ours).join('; ')}`);
+    assert.equal(qemuCheckJson(dir, image).code, 0);
+  }
+});
+
+test('broken refcounts and COPIED flags are found like qemu-img check finds them', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', '-o', 'data_file=d.data', 'ext.qcow2', '4M');
+  io(dir, 'ext.qcow2', 'write -P 0x11 0 256k');
+  img(dir, 'create', '-f', 'qcow2', 'int.qcow2', '4M');
+  io(dir, 'int.qcow2', 'write -P 0x22 0 256k');
+  const copy = (from: string, to: string) => {
+    copyFileSync(join(dir, from), join(dir, to));
+    return join(dir, to);
+  };
+  const ext = locate(join(dir, 'ext.qcow2'));
+  const l2Cluster = ext.l2TableOffset(0) / ext.header.clusterSize;
+
+  setRefcount16(copy('ext.qcow2', 'rc0.qcow2'), l2Cluster, 0);
+  let r = await agreeWithQemu(dir, 'rc0.qcow2');
+  assert.ok(errorMessages(r).some((m) => m === `ERROR cluster ${l2Cluster} refcount=0 reference=1`));
+  assert.ok(errorMessages(r).some((m) => m.startsWith('ERROR OFLAG_COPIED L2 cluster: l1_index=0')));
+
+  setRefcount16(copy('ext.qcow2', 'rc2.qcow2'), l2Cluster, 2);
+  r = await agreeWithQemu(dir, 'rc2.qcow2');
+  assert.equal(r.leaks, 1);
+  assert.ok(errorMessages(r).includes(`Leaked cluster ${l2Cluster} refcount=2 reference=1`));
+
+  const l1Copied = copy('ext.qcow2', 'l1copied.qcow2');
+  writeU64(l1Copied, ext.l1EntryOffset(0), readU64(l1Copied, ext.l1EntryOffset(0)) & ~COPIED);
+  r = await agreeWithQemu(dir, 'l1copied.qcow2');
+  assert.equal(r.corruptions, 1);
+
+  const l2Copied = copy('ext.qcow2', 'l2copied.qcow2');
+  writeU64(l2Copied, ext.l2EntryOffset(1), readU64(l2Copied, ext.l2EntryOffset(1)) & ~COPIED);
+  r = await agreeWithQemu(dir, 'l2copied.qcow2');
+  assert.ok(errorMessages(r).some((m) => m.startsWith('ERROR OFLAG_COPIED data cluster: l2_entry=0x10000 refcount=1')));
+
+  const int = locate(join(dir, 'int.qcow2'));
+  const dataCluster = Number(readU64(join(dir, 'int.qcow2'), int.l2EntryOffset(0)) & 0x00fffffffffffe00n) / int.header.clusterSize;
+  setRefcount16(copy('int.qcow2', 'data0.qcow2'), dataCluster, 0);
+  await agreeWithQemu(dir, 'data0.qcow2');
+
+  // A refcount on a cluster inside the file that nothing references: a leak.
+  const leak = copy('int.qcow2', 'leak.qcow2');
+  writeFileSync(leak, Buffer.alloc(65536), { flag: 'a' });
+  const lastCluster = statSync(leak).size / int.header.clusterSize - 1;
+  setRefcount16(leak, lastCluster, 1);
+  r = await agreeWithQemu(dir, 'leak.qcow2');
+  assert.equal(r.leaks, 1);
+  assert.equal(qemuCheckJson(dir, 'leak.qcow2').code, 3);
+});
+
+test('host offset ≠ guest offset with a data file: qemu-img check says clean, we report it', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', '-o', 'data_file=d.data', 'hg.qcow2', '4M');
+  io(dir, 'hg.qcow2', 'write -P 0x11 0 256k');
+  const hg = locate(join(dir, 'hg.qcow2'));
+  writeU64(join(dir, 'hg.qcow2'), hg.l2EntryOffset(2), 0x30000n | COPIED);
+  assert.equal(qemuCheckJson(dir, 'hg.qcow2').code, 0, 'qemu-img check misses this (pitfall P5)');
+  const r = await checkImage(join(dir, 'hg.qcow2'));
+  assert.equal(r.clean, false);
+  assert.equal(r.corruptions, 1);
+  assert.match(errorMessages(r)[0] ?? '', /host offset 0x30000 does not match guest offset 0x20000/);
+  assert.equal(r.findings[0]?.offset, hg.l2EntryOffset(2));
+});
+
+test('data-file rules: compressed clusters and snapshots are corruptions, as in qemu-img check', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', '-o', 'data_file=d.data', 'c.qcow2', '4M');
+  io(dir, 'c.qcow2', 'write -P 0x11 0 256k');
+  const c = locate(join(dir, 'c.qcow2'));
+  writeU64(join(dir, 'c.qcow2'), c.l2EntryOffset(5), (1n << 62n) | 0x50000n);
+  let r = await agreeWithQemu(dir, 'c.qcow2');
+  assert.ok(errorMessages(r).some((m) => /compressed cluster 5 with data file/.test(m)));
+  img(dir, 'create', '-f', 'qcow2', '-o', 'data_file=s.data', 's.qcow2', '4M');
+  // One snapshot entry pointing at the active L1 (which qemu's open does not reject).
+  const s = locate(join(dir, 's.qcow2'));
+  writeU32(join(dir, 's.qcow2'), 60, 1);
+  writeU64(join(dir, 's.qcow2'), 64, BigInt(s.header.l1TableOffset));
+  r = await checkImage(join(dir, 's.qcow2'));
+  assert.ok(errorMessages(r).some((m) => /1 snapshots in image with data file/.test(m)));
+  assert.notEqual(qemuCheckJson(dir, 's.qcow2').code, 0);
+});
