@@ -1,0 +1,261 @@
+/**
+ * The metadata emitter: writes the qcow2 file of a data-file image, strictly in increasing
+ * offset order (so the output may be a pipe), in the layout of format/layout.ts:
+ *
+ *   header cluster · refcount table · refcount blocks · L1 · L2 tables in L1 order
+ *
+ * Two ways to produce it:
+ * - **streamed** (the virtual size is known up front, and either raw mode or a sequential
+ *   output): every L2 table is allocated, so everything before the L2 tables depends only on
+ *   the size and is written by `start()`; each L2 table follows as soon as the guest clusters it
+ *   maps have been recorded. Memory: one L2 table.
+ * - **at the end** (size unknown, or sparse mode into a regular file): clusters are recorded in
+ *   an {@link AllocationBitmap} (sparse mode) and the whole file is written by `finish()`; in
+ *   sparse mode only non-empty L2 tables are allocated (compact, like qemu-img convert).
+ *
+ * Raw mode (autoclear bit 1) maps every guest cluster, zeros included, to `guest_off | COPIED`
+ * (guest cluster 0 is `0x8000000000000000`, pitfall P2). Sparse mode maps only clusters that
+ * hold data and leaves the rest 0 (unallocated: reads as zero).
+ */
+
+import {
+  buildL1Table,
+  buildRefcountBlock,
+  buildRefcountTable,
+  checkVirtualSize,
+  encodeHeaderCluster,
+  encodeL2Entry,
+  imageGeometry,
+  planMetadata,
+  viewOf,
+  type Geometry,
+  type MetadataPlan,
+} from '../format/index.js';
+import { InvalidArgumentError } from '../errors.js';
+import type { OffsetWriter } from '../io/output.js';
+import { AllocationBitmap } from './bitmap.js';
+import { featureBits, type ImageSettings } from './settings.js';
+
+export interface MetadataEmitterOptions {
+  settings: ImageSettings;
+  /** The data-file name stored in the header extension. */
+  dataFileName: string;
+  /** The virtual size (a multiple of 512), when known before the data: enables streaming. */
+  virtualSize?: number;
+}
+
+/** What the emitter wrote. */
+export interface MetadataResult {
+  virtualSize: number;
+  /** Clusters of the metadata file (all of them have refcount 1). */
+  metadataClusters: number;
+  /** L2 tables allocated. */
+  l2Tables: number;
+  /** How the metadata was produced. */
+  layout: 'streamed' | 'at-end';
+}
+
+/** Small writes (512-byte L2 tables, refcount blocks) are gathered into writes of this size. */
+const BATCH_BYTES = 64 * 1024;
+
+export class MetadataEmitter {
+  /** True when the metadata streams alongside the data (see the module comment). */
+  readonly streaming: boolean;
+  private readonly settings: ImageSettings;
+  private readonly dataFileName: string;
+  private readonly declaredSize: number | undefined;
+  private readonly bitmap: AllocationBitmap | undefined;
+  /** Streamed layout only. */
+  private readonly plan: MetadataPlan | undefined;
+  /** Next cluster index record() accepts (clusters come in increasing order). */
+  private nextIndex = 0;
+  /** Streamed layout: the next L2 table to write, and the entries of that table so far (sparse). */
+  private nextTable = 0;
+  private openTable: Uint8Array | undefined;
+  /** Sequential write position and the batch not yet written. */
+  private position = 0;
+  private batch: Uint8Array[] = [];
+  private batchBytes = 0;
+  private started = false;
+
+  constructor(
+    private readonly output: OffsetWriter,
+    options: MetadataEmitterOptions,
+  ) {
+    this.settings = options.settings;
+    this.dataFileName = options.dataFileName;
+    this.declaredSize = options.virtualSize;
+    this.streaming = options.virtualSize !== undefined && (options.settings.dataFileRaw || output.kind === 'stream');
+    if (options.virtualSize !== undefined) {
+      if (options.virtualSize % 512 !== 0) throw new InvalidArgumentError(`The virtual size ${options.virtualSize} is not a multiple of 512`);
+      checkVirtualSize(options.virtualSize, options.settings.clusterBits);
+    }
+    if (this.streaming && options.virtualSize !== undefined) {
+      const geometry = imageGeometry(options.virtualSize, options.settings.clusterBits);
+      this.plan = planMetadata({ geometry, refcountOrder: options.settings.refcountOrder, l2Tables: geometry.l1Size });
+    }
+    if (!this.streaming && !options.settings.dataFileRaw) this.bitmap = new AllocationBitmap();
+  }
+
+  /** Streamed layout: writes the header, refcount structures and L1. At-end layout: nothing. */
+  async start(): Promise<void> {
+    if (this.started) return;
+    this.started = true;
+    if (!this.plan) return;
+    await this.writeFrontMatter(this.plan, () => true);
+    // Out at once: a reader at the other end of a pipe can start on the header.
+    await this.flushBatch();
+  }
+
+  /**
+   * Records guest cluster `index` (increasing order; skipped indexes count as zero clusters)
+   * and whether it holds data. Returns a promise only when L2 tables were written.
+   */
+  record(index: number, hasData: boolean): Promise<void> | undefined {
+    if (index < this.nextIndex) throw new RangeError(`Guest cluster ${index} recorded after cluster ${this.nextIndex - 1}: clusters must come in increasing order`);
+    this.nextIndex = index + 1;
+    if (!this.plan) {
+      if (hasData) this.bitmap?.set(index);
+      return undefined;
+    }
+    const geometry = this.plan.geometry;
+    if (index >= geometry.clusters) {
+      throw new RangeError(`Guest cluster ${index} is beyond the virtual size ${geometry.size}`);
+    }
+    const table = Math.floor(index / geometry.l2Entries);
+    if (table > this.nextTable) {
+      return this.writeStreamedTables(table).then(() => this.setEntry(geometry, index, hasData));
+    }
+    this.setEntry(geometry, index, hasData);
+    return undefined;
+  }
+
+  /**
+   * Writes whatever is left (everything, in the at-end layout) for the final virtual size.
+   * The caller then commits the output.
+   */
+  async finish(virtualSize: number): Promise<MetadataResult> {
+    if (virtualSize % 512 !== 0) throw new InvalidArgumentError(`The virtual size ${virtualSize} is not a multiple of 512`);
+    if (this.plan) {
+      if (virtualSize !== this.declaredSize) {
+        throw new RangeError(`The metadata was streamed for ${this.declaredSize} bytes but the image has ${virtualSize}`);
+      }
+      await this.start();
+      await this.writeStreamedTables(this.plan.geometry.l1Size);
+      await this.flushBatch();
+      await this.output.finish(this.position);
+      return { virtualSize, metadataClusters: this.plan.metadataClusters, l2Tables: this.plan.l2Tables, layout: 'streamed' };
+    }
+    checkVirtualSize(virtualSize, this.settings.clusterBits);
+    const geometry = imageGeometry(virtualSize, this.settings.clusterBits);
+    if (this.nextIndex > geometry.clusters) {
+      throw new RangeError(`Guest cluster ${this.nextIndex - 1} is beyond the virtual size ${virtualSize}`);
+    }
+    const present = new Uint8Array(geometry.l1Size);
+    let l2Tables = 0;
+    for (let t = 0; t < geometry.l1Size; t++) {
+      const has = !this.bitmap || this.bitmap.anyInRange(t * geometry.l2Entries, (t + 1) * geometry.l2Entries);
+      if (has) {
+        present[t] = 1;
+        l2Tables++;
+      }
+    }
+    const plan = planMetadata({ geometry, refcountOrder: this.settings.refcountOrder, l2Tables });
+    this.started = true;
+    await this.writeFrontMatter(plan, (t) => present[t] === 1);
+    for (let t = 0; t < geometry.l1Size; t++) {
+      if (present[t] === 1) await this.append(this.bitmap ? this.sparseTableFromBitmap(geometry, t, this.bitmap) : rawTable(geometry, t));
+    }
+    await this.flushBatch();
+    await this.output.finish(this.position);
+    return { virtualSize, metadataClusters: plan.metadataClusters, l2Tables, layout: 'at-end' };
+  }
+
+  private setEntry(geometry: Geometry, index: number, hasData: boolean): void {
+    // Raw tables depend only on their index and are built when written.
+    if (this.settings.dataFileRaw || !hasData) return;
+    this.openTable ??= new Uint8Array(geometry.clusterSize);
+    const entry = index % geometry.l2Entries;
+    encodeL2Entry(viewOf(this.openTable), entry * geometry.l2EntrySize, index * geometry.clusterSize, { copied: true });
+  }
+
+  /** Streamed layout: writes L2 tables [nextTable, end). */
+  private async writeStreamedTables(end: number): Promise<void> {
+    const plan = this.plan;
+    if (!plan) return;
+    if (!this.started) await this.start();
+    for (; this.nextTable < end; this.nextTable++) {
+      let table: Uint8Array;
+      if (this.settings.dataFileRaw) {
+        table = rawTable(plan.geometry, this.nextTable);
+      } else {
+        table = this.openTable ?? new Uint8Array(plan.geometry.clusterSize);
+        this.openTable = undefined;
+      }
+      await this.append(table);
+    }
+  }
+
+  private sparseTableFromBitmap(geometry: Geometry, table: number, bitmap: AllocationBitmap): Uint8Array {
+    const out = new Uint8Array(geometry.clusterSize);
+    const view = viewOf(out);
+    const first = table * geometry.l2Entries;
+    const end = Math.min(geometry.clusters, first + geometry.l2Entries);
+    for (let index = first; index < end; index++) {
+      if (bitmap.get(index)) encodeL2Entry(view, (index - first) * geometry.l2EntrySize, index * geometry.clusterSize, { copied: true });
+    }
+    return out;
+  }
+
+  private async writeFrontMatter(plan: MetadataPlan, hasTable: (l1Index: number) => boolean): Promise<void> {
+    const { geometry } = plan;
+    await this.append(
+      encodeHeaderCluster({
+        clusterBits: geometry.clusterBits,
+        size: geometry.size,
+        l1Size: geometry.l1Size,
+        l1TableOffset: plan.l1Offset,
+        refcountTableOffset: plan.refcountTableOffset,
+        refcountTableClusters: plan.refcountTableClusters,
+        refcountOrder: plan.refcountOrder,
+        ...featureBits(this.settings),
+        dataFileName: this.dataFileName,
+      }),
+    );
+    await this.append(buildRefcountTable(plan));
+    for (let i = 0; i < plan.refcountBlockClusters; i++) await this.append(buildRefcountBlock(plan, i));
+    await this.append(buildL1Table(plan, hasTable));
+    if (this.position + this.batchBytes !== plan.l2Offset) {
+      throw new Error(`unreachable: the L1 table ends at ${this.position + this.batchBytes}, the plan says ${plan.l2Offset}`);
+    }
+  }
+
+  private async append(bytes: Uint8Array): Promise<void> {
+    if (bytes.length === 0) return;
+    this.batch.push(bytes);
+    this.batchBytes += bytes.length;
+    if (this.batchBytes >= BATCH_BYTES) await this.flushBatch();
+  }
+
+  private async flushBatch(): Promise<void> {
+    if (this.batchBytes === 0) return;
+    const chunks = this.batch;
+    const length = this.batchBytes;
+    this.batch = [];
+    this.batchBytes = 0;
+    await this.output.writev(this.position, chunks);
+    this.position += length;
+  }
+}
+
+/** A raw-mode L2 table: every guest cluster it maps is `guest_offset | COPIED`. */
+export function rawTable(geometry: Geometry, table: number): Uint8Array {
+  const out = new Uint8Array(geometry.clusterSize);
+  const view = viewOf(out);
+  const first = table * geometry.l2Entries;
+  const count = Math.min(geometry.l2Entries, geometry.clusters - first);
+  for (let e = 0; e < count; e++) {
+    encodeL2Entry(view, e * geometry.l2EntrySize, (first + e) * geometry.clusterSize, { copied: true });
+  }
+  return out;
+}

@@ -1,0 +1,319 @@
+/**
+ * Block sources that read descriptors directly: large reads (2 MiB) into page-friendly buffers
+ * (allocIoBuffer), each cut into zero-copy cluster views. Each read gets a fresh buffer, so a
+ * Block stays valid for as long as anyone holds it. One read is kept in flight ahead of the
+ * consumer, so reading overlaps the downstream work.
+ *
+ * Regular files are read positionally; pipes, FIFOs and devices sequentially (each buffer is
+ * filled completely before it is cut, so even a pipe's 64 KiB chunks give whole clusters).
+ */
+
+import { createReadStream, fstatSync, openSync } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { Socket } from 'node:net';
+import { isatty } from 'node:tty';
+import type { FileHandle } from 'node:fs/promises';
+import { Readable } from 'node:stream';
+import { BLOCK_STREAM_HIGH_WATER_MARK, type Block } from '../block.js';
+import { fileError, InvalidArgumentError } from '../errors.js';
+import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
+import { allocIoBuffer } from '../io/buffers.js';
+import { kindOf, openForRead, type OpenedFile } from '../io/files.js';
+import { inputSizeMismatch } from './clusterize.js';
+
+/** Bytes per read: a multiple of every cluster size (512 B .. 2 MiB). */
+export const READ_SIZE = 2 * 1024 * 1024;
+
+/** Reads into `buffer[offset, offset+length)`; `position` null reads sequentially. Returns bytes read (0 at EOF). */
+export type ReadFn = (buffer: Uint8Array, offset: number, length: number, position: number | null) => Promise<number>;
+
+/** A readable descriptor as the sources see it. */
+export interface ReadTarget {
+  read: ReadFn;
+  /** Name for messages. */
+  name: string;
+  /** True for regular files: read positionally from offset 0. */
+  positional: boolean;
+}
+
+/**
+ * Read buffers that are reused once every Block cut from them has been released. Only for
+ * chains whose every stage is known to release Blocks exactly once when done with them (as
+ * convert() does through the sink's `onBlockDone`); a buffer whose Blocks are never released
+ * is simply left to the garbage collector, so forgetting a release costs memory, not data.
+ */
+export class BufferPool {
+  private readonly free: Buffer[] = [];
+  /** Blocks still out, per buffer in use. */
+  private readonly outstanding = new Map<ArrayBufferLike, { buffer: Buffer; count: number }>();
+
+  constructor(
+    readonly bufferSize: number = READ_SIZE,
+    private readonly maxFree = 8,
+  ) {}
+
+  /** A buffer for the next read: a recycled one when available. */
+  acquire(): Buffer {
+    return this.free.pop() ?? allocIoBuffer(this.bufferSize);
+  }
+
+  /** Records that `count` Blocks view `buffer`; with 0 it is free again at once. */
+  lease(buffer: Buffer, count: number): void {
+    if (count === 0) this.recycle(buffer);
+    else this.outstanding.set(buffer.buffer, { buffer, count });
+  }
+
+  /** Releases one Block viewing a pooled buffer; other views are ignored. */
+  release(view: Uint8Array): void {
+    const entry = this.outstanding.get(view.buffer);
+    if (!entry) return;
+    if (--entry.count === 0) {
+      this.outstanding.delete(view.buffer);
+      this.recycle(entry.buffer);
+    }
+  }
+
+  private recycle(buffer: Buffer): void {
+    if (this.free.length < this.maxFree) this.free.push(buffer);
+  }
+}
+
+export interface BlockSourceOptions {
+  /** Bytes per cluster. Default 65536. */
+  clusterSize?: number;
+  /**
+   * Bytes to read. For a positional source this is required and the file must hold at least
+   * this many. For a sequential source it is the exact length expected (InputSizeError when
+   * the stream is shorter or longer); undefined reads to EOF.
+   */
+  size?: number;
+  /**
+   * Recycle read buffers through this pool: every Block must then be released
+   * (`pool.release(block.data)`) exactly once when no stage needs its bytes any more.
+   * Default: a fresh buffer per read, which needs no cooperation.
+   */
+  pool?: BufferPool;
+}
+
+/** A ReadTarget over an open FileHandle. */
+export function fileHandleTarget(handle: FileHandle, name: string, positional: boolean): ReadTarget {
+  return {
+    name,
+    positional,
+    read: async (buffer, offset, length, position) => {
+      try {
+        return (await handle.read(buffer, offset, length, position)).bytesRead;
+      } catch (err) {
+        throw fileError(err, 'read', name);
+      }
+    },
+  };
+}
+
+/**
+ * A ReadTarget over a Node Readable (a pipe, socket or device), read sequentially.
+ *
+ * Pipes are read through the event loop (epoll), never with a blocking read() on the thread
+ * pool: a thread blocked on a quiet pipe can never be cancelled, and process exit waits for it
+ * (Ctrl-C would then hang). `close` destroys the stream and wakes a pending read.
+ */
+export function readableTarget(stream: Readable, name: string): ReadTarget & { close(): void } {
+  let failure: unknown;
+  let finished = false;
+  stream.on('error', (err) => {
+    failure ??= err;
+  });
+  stream.on('end', () => (finished = true));
+  stream.on('close', () => (finished = true));
+  const wake = () =>
+    new Promise<void>((resolve) => {
+      const done = () => {
+        stream.off('readable', done).off('end', done).off('error', done).off('close', done);
+        resolve();
+      };
+      stream.on('readable', done).on('end', done).on('error', done).on('close', done);
+    });
+  return {
+    name,
+    positional: false,
+    read: async (buffer, offset, length) => {
+      for (;;) {
+        if (failure) throw fileError(failure, 'read', name);
+        const chunk = stream.read() as Buffer | null;
+        if (chunk !== null) {
+          const n = Math.min(chunk.length, length);
+          buffer.set(chunk.subarray(0, n), offset);
+          if (n < chunk.length) stream.unshift(chunk.subarray(n));
+          return n;
+        }
+        if (finished || stream.readableEnded || stream.destroyed) return 0;
+        await wake();
+      }
+    },
+    close: () => stream.destroy(),
+  };
+}
+
+async function fill(target: ReadTarget, buffer: Uint8Array, length: number, position: number | null): Promise<number> {
+  let done = 0;
+  while (done < length) {
+    const n = await target.read(buffer, done, length - done, position === null ? null : position + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return done;
+}
+
+const ignore = (): void => {};
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * Reads `target` into Blocks of `clusterSize` bytes (the last may be short), numbered from 0.
+ * The caller keeps ownership of the descriptor (closes it after the generator ends).
+ */
+export async function* readBlocks(target: ReadTarget, options: BlockSourceOptions = {}): AsyncGenerator<Block> {
+  const clusterSize = options.clusterSize ?? 2 ** DEFAULT_CLUSTER_BITS;
+  if (!Number.isInteger(Math.log2(clusterSize)) || clusterSize < 512 || clusterSize > READ_SIZE) {
+    throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: it must be a power of two from 512 bytes to 2 MiB`);
+  }
+  const { size, pool } = options;
+  if (pool && pool.bufferSize !== READ_SIZE) throw new InvalidArgumentError(`readBlocks: the pool's buffers must hold ${READ_SIZE} bytes`);
+  if (target.positional && size === undefined) throw new InvalidArgumentError('readBlocks: a positional source needs its size');
+
+  let position = 0;
+  let eof = false;
+  const readNext = async (): Promise<{ buffer: Buffer; length: number }> => {
+    const want = size === undefined ? READ_SIZE : Math.min(READ_SIZE, size - position);
+    if (want === 0) {
+      eof = true;
+      return { buffer: EMPTY, length: 0 };
+    }
+    const buffer = pool ? pool.acquire() : allocIoBuffer(want);
+    const length = await fill(target, buffer, want, target.positional ? position : null);
+    position += length;
+    if (length < want) eof = true;
+    if (size !== undefined && length < want) throw inputSizeMismatch(size, position);
+    return { buffer, length };
+  };
+
+  let index = 0;
+  let pending: Promise<{ buffer: Buffer; length: number }> | undefined = readNext();
+  pending.catch(ignore); // rejections are rethrown where it is awaited
+  try {
+    while (pending) {
+      const { buffer, length } = await pending;
+      pending = undefined;
+      if (!eof) {
+        pending = readNext();
+        pending.catch(ignore);
+      }
+      pool?.lease(buffer, Math.ceil(length / clusterSize));
+      for (let off = 0; off < length; off += clusterSize) {
+        yield { index: index++, data: buffer.subarray(off, Math.min(length, off + clusterSize)) };
+      }
+    }
+    if (size !== undefined && !target.positional) {
+      // A stream must end exactly at the declared size.
+      const probe = Buffer.allocUnsafe(1);
+      if ((await target.read(probe, 0, 1, null)) > 0) throw inputSizeMismatch(size, size + 1, true);
+    }
+  } finally {
+    // The consumer may stop early; let an outstanding read settle before the caller closes the file.
+    await pending?.catch(ignore);
+  }
+}
+
+/** An input opened for reading blocks: the source and what we learned about it. */
+export interface OpenedInput {
+  /** Name for messages ('-' is standard input). */
+  name: string;
+  /** The input's length when known (regular files, or the declared size). */
+  size: number | undefined;
+  /** What the input is: a regular file gets positional reads and a known size. */
+  kind: OpenedFile['kind'];
+  /** The opened file, for identity checks (undefined for a raw descriptor). */
+  file: OpenedFile | undefined;
+  target: ReadTarget;
+  close(): Promise<void>;
+}
+
+/**
+ * Opens a path (or '-' for standard input) as a block input. Regular files are read
+ * positionally with their size; anything else is read sequentially. A declared `size` that
+ * differs from a regular file's size is refused here, before anything is written.
+ */
+export async function openInput(path: string, declaredSize?: number): Promise<OpenedInput> {
+  const name = path === '-' ? 'standard input' : path;
+  let kind: OpenedFile['kind'];
+  try {
+    kind = kindOf(path === '-' ? fstatSync(0) : await stat(path));
+  } catch (err) {
+    throw fileError(err, 'open', path);
+  }
+  if (kind === 'file') {
+    // Reopening /dev/stdin gives `< file` its own handle with a size and positional reads.
+    const file = await openForRead(path === '-' ? '/dev/stdin' : path);
+    if (declaredSize !== undefined && declaredSize !== file.size) {
+      await file.handle.close().catch(ignore);
+      throw inputSizeMismatch(declaredSize, file.size);
+    }
+    return {
+      name,
+      size: file.size,
+      kind,
+      file,
+      target: fileHandleTarget(file.handle, name, true),
+      close: async () => {
+        await file.handle.close().catch(ignore);
+      },
+    };
+  }
+  if (kind === 'directory') throw fileError(Object.assign(new Error('is a directory'), { code: 'EISDIR' }), 'open', path);
+  if (path === '-' && isatty(0)) {
+    throw new InvalidArgumentError('Standard input is a terminal, not a raw image', {
+      hint: 'Pipe an image in (… | qcow2-stream convert - OUT) or name the input file',
+    });
+  }
+  const target = readableTarget(streamFor(path, kind), name);
+  return {
+    name,
+    size: declaredSize,
+    kind,
+    file: undefined,
+    target,
+    close: async () => target.close(),
+  };
+}
+
+/** An event-driven stream over a non-regular input (see {@link readableTarget} for why). */
+function streamFor(path: string, kind: OpenedFile['kind']): Readable {
+  if (path === '-') return process.stdin;
+  if (kind === 'pipe' || kind === 'socket') {
+    // Opening a FIFO waits for its writer, as `cat fifo` does; reads then go through epoll.
+    let fd: number;
+    try {
+      fd = openSync(path, 'r');
+    } catch (err) {
+      throw fileError(err, 'open', path);
+    }
+    return new Socket({ fd, readable: true, writable: false });
+  }
+  // Character devices (/dev/zero…) never leave a read hanging.
+  return createReadStream(path, { highWaterMark: READ_SIZE });
+}
+
+/**
+ * A Readable of Blocks from a file path (or '-' for standard input), for `pipeline(...)`.
+ * The file is opened on the first read and closed at the end or on destroy.
+ */
+export function createFileBlockSource(path: string, options: BlockSourceOptions = {}): Readable {
+  async function* blocks(): AsyncGenerator<Block> {
+    const input = await openInput(path, options.size);
+    try {
+      yield* readBlocks(input.target, input.size === undefined ? { ...options } : { ...options, size: input.size });
+    } finally {
+      await input.close();
+    }
+  }
+  return Readable.from(blocks(), { objectMode: true, highWaterMark: BLOCK_STREAM_HIGH_WATER_MARK });
+}

@@ -1,0 +1,127 @@
+/**
+ * `wrap()`: writes only the qcow2 metadata around an existing raw file, which becomes the data
+ * file as it is. The raw file is opened read-only and never modified or truncated (qemu 7.2's
+ * `create -o data_file=…` truncates it; users lost images to that, pitfall P10).
+ *
+ * Raw mode (default): the metadata depends only on the size, so the file is not even read.
+ * Sparse mode (`dataFileRaw: false`): the file is scanned for all-zero clusters, which are
+ * left unallocated.
+ *
+ * The virtual size is the raw size rounded up to 512. The padding cannot be written (the file
+ * is never modified), and need not be: qemu reads past the end of a data file as zeros.
+ */
+
+import { InvalidArgumentError } from '../errors.js';
+import { checkVirtualSize, roundUpToSector } from '../format/index.js';
+import { isAllZero } from '../io/buffers.js';
+import { openForRead } from '../io/files.js';
+import { OffsetWriter, type OutputTarget } from '../io/output.js';
+import { abortError } from './abort.js';
+import { MetadataEmitter, type MetadataResult } from './metadata.js';
+import { identify, sameFile } from './paths.js';
+import { checkDataFileName, resolveImageSettings, type ImageOptions } from './settings.js';
+import { BufferPool, fileHandleTarget, readBlocks } from './sources.js';
+
+export interface WrapOptions extends ImageOptions {
+  /** The name stored in the header. Default: the raw path exactly as given. */
+  dataFileName?: string;
+  signal?: AbortSignal;
+}
+
+export interface WrapSummary {
+  /** Size of the raw file. */
+  rawBytes: number;
+  /** rawBytes rounded up to 512. */
+  virtualSize: number;
+  clusterSize: number;
+  refcountBits: number;
+  dataFileRaw: boolean;
+  clusters: number;
+  /** Clusters mapped as data: all of them in raw mode, the non-zero ones in sparse mode. */
+  dataClusters: number;
+  zeroClusters: number;
+  /** Bytes of raw file read (0 in raw mode: nothing needs reading). */
+  bytesRead: number;
+  metadataBytesWritten: number;
+  metadataClusters: number;
+  l2Tables: number;
+  dataFileName: string;
+  seconds: number;
+}
+
+/**
+ * Writes qcow2 metadata to `output` that uses the existing raw file `rawPath` as its data file.
+ * Refuses an output that is the raw file itself. The raw file is only ever read.
+ */
+export async function wrap(rawPath: string, output: OutputTarget, options: WrapOptions = {}): Promise<WrapSummary> {
+  const started = performance.now();
+  const settings = resolveImageSettings(options);
+  const dataFileName = options.dataFileName ?? rawPath;
+  checkDataFileName(dataFileName, settings);
+  const { signal } = options;
+
+  const raw = await openForRead(rawPath);
+  try {
+    if (raw.kind !== 'file') {
+      throw new InvalidArgumentError(`'${rawPath}' is not a regular file; wrap needs a raw image file to use as the data file`);
+    }
+    const virtualSize = roundUpToSector(raw.size);
+    checkVirtualSize(virtualSize, settings.clusterBits);
+    if (typeof output === 'string' && output !== '-') {
+      const rawId = await identify(rawPath, await raw.handle.stat());
+      if (sameFile(rawId, await identify(output))) {
+        throw new InvalidArgumentError(`The output '${output}' is the raw file itself; refusing to overwrite it`, {
+          hint: 'Name a different file for the qcow2 metadata',
+        });
+      }
+    }
+    if (signal?.aborted) throw abortError(signal);
+
+    const metadata = await OffsetWriter.create(output, { label: 'metadata file' });
+    try {
+      const emitter = new MetadataEmitter(metadata, { settings, dataFileName, virtualSize });
+      await emitter.start();
+      let dataClusters = 0;
+      let bytesRead = 0;
+      const clusters = Math.ceil(virtualSize / settings.clusterSize);
+      if (settings.dataFileRaw) {
+        dataClusters = clusters;
+      } else {
+        const target = fileHandleTarget(raw.handle, rawPath, true);
+        const pool = new BufferPool();
+        for await (const block of readBlocks(target, { clusterSize: settings.clusterSize, size: raw.size, pool })) {
+          if (signal?.aborted) throw abortError(signal);
+          bytesRead += block.data.length;
+          const hasData = !isAllZero(block.data);
+          pool.release(block.data);
+          if (hasData) dataClusters++;
+          const recorded = emitter.record(block.index, hasData);
+          if (recorded) await recorded;
+        }
+      }
+      const result: MetadataResult = await emitter.finish(virtualSize);
+      await metadata.commit();
+      return {
+        rawBytes: raw.size,
+        virtualSize,
+        clusterSize: settings.clusterSize,
+        refcountBits: 2 ** settings.refcountOrder,
+        dataFileRaw: settings.dataFileRaw,
+        clusters,
+        dataClusters,
+        zeroClusters: clusters - dataClusters,
+        bytesRead,
+        metadataBytesWritten: metadata.bytesWritten,
+        metadataClusters: result.metadataClusters,
+        l2Tables: result.l2Tables,
+        dataFileName,
+        seconds: (performance.now() - started) / 1000,
+      };
+    } catch (err) {
+      await metadata.abort();
+      throw err;
+    }
+  } finally {
+    await raw.handle.close().catch(() => {});
+  }
+}
