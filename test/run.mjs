@@ -21,7 +21,9 @@ files.sort();
 const only = process.argv.slice(2).filter((a) => !a.startsWith('-'));
 const flags = process.argv.slice(2).filter((a) => a.startsWith('-'));
 const selected = only.length ? files.filter((f) => only.some((o) => f.includes(o))) : files;
-const result = spawnSync(process.execPath, ['--import', 'tsx', '--test', ...flags, ...selected], {
+// A per-test timeout so a hung child process fails the run instead of stalling CI.
+const timeout = flags.some((f) => f.startsWith('--test-timeout')) ? [] : ['--test-timeout=300000'];
+const result = spawnSync(process.execPath, ['--import', 'tsx', '--test', ...timeout, ...flags, ...selected], {
   cwd: root,
   stdio: 'inherit',
 });

@@ -99,6 +99,9 @@ export function action<A extends unknown[]>(body: (...args: A) => Promise<number
     } catch (err) {
       code = reportError(err);
     }
+    // After Ctrl-C the outputs are already cleaned up; do not wait for the event loop to drain
+    // (a FIFO still waiting for its writer, a write to a pipe nobody reads).
+    if (code === ExitCode.INTERRUPTED || code === ExitCode.TERMINATED) process.exit(code);
     process.exitCode = code;
   };
 }

@@ -4,7 +4,7 @@
  */
 
 import { open, type FileHandle } from 'node:fs/promises';
-import type { Stats } from 'node:fs';
+import { constants, type Stats } from 'node:fs';
 import { fileError, UnexpectedEofError } from '../errors.js';
 
 export type FileKind = 'file' | 'pipe' | 'socket' | 'char-device' | 'block-device' | 'directory' | 'other';
@@ -32,11 +32,21 @@ export interface OpenedFile {
   size: number;
 }
 
+export interface OpenForReadOptions {
+  /**
+   * Open with O_NONBLOCK, for callers that only accept regular files and block devices (where
+   * the flag changes nothing): opening a FIFO for reading otherwise blocks until some writer
+   * appears, so a FIFO put where an image or data file was expected (or swapped in after the
+   * path policy looked) would hang the process instead of being refused.
+   */
+  nonBlocking?: boolean;
+}
+
 /** Opens a file for reading; a directory or a failure becomes a FileError naming the path. */
-export async function openForRead(path: string): Promise<OpenedFile> {
+export async function openForRead(path: string, options: OpenForReadOptions = {}): Promise<OpenedFile> {
   let handle: FileHandle;
   try {
-    handle = await open(path, 'r');
+    handle = await open(path, options.nonBlocking ? constants.O_RDONLY | constants.O_NONBLOCK : 'r');
   } catch (err) {
     throw fileError(err, 'open', path);
   }

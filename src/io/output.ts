@@ -281,14 +281,19 @@ function writableSink(stream: Writable): SequentialSink {
     async write(chunk) {
       if (failure) throw fileError(failure, 'write to', 'the output stream');
       if (!stream.write(chunk)) {
-        await Promise.race([once(stream, 'drain'), once(stream, 'close')]);
+        try {
+          await Promise.race([once(stream, 'drain'), once(stream, 'close')]);
+        } catch (err) {
+          // once() rejects with the stream's 'error' event: name it like every other failure.
+          throw fileError(failure ?? err, 'write to', 'the output stream');
+        }
         if (failure) throw fileError(failure, 'write to', 'the output stream');
       }
     },
     async close() {
       if (failure) throw fileError(failure, 'write to', 'the output stream');
       await new Promise<void>((resolve, reject) => {
-        stream.end((err?: Error | null) => (err ? reject(err) : resolve()));
+        stream.end((err?: Error | null) => (err ? reject(fileError(err, 'write to', 'the output stream')) : resolve()));
       });
     },
   };

@@ -66,6 +66,12 @@ function firstNonZeroSector(chunk: Buffer): number {
   return 0;
 }
 
-function abortError(signal: AbortSignal): Error {
-  return signal.reason instanceof Error ? signal.reason : new AbortedError();
+/**
+ * Always our AbortedError (the caller's reason, or the DOMException `abort()` makes without one,
+ * is its `cause`), so cancellation is recognisable by code like every other outcome; the same
+ * rule as the write side's.
+ */
+function abortError(signal: AbortSignal): AbortedError {
+  const reason: unknown = signal.reason;
+  return reason instanceof AbortedError ? reason : new AbortedError('The operation was aborted', { cause: reason });
 }

@@ -53,13 +53,22 @@ async function* pieces(image: DiskImage, signal: AbortSignal | undefined): Async
     }
     const end = extent.start + extent.length;
     for (let pos = extent.start; pos < end; pos += EXPORT_CHUNK) {
+      // Checked per chunk, not per extent: a data-file image with the raw bit is one extent
+      // as long as the disk, and cancelling must not wait for all of it.
+      if (signal?.aborted) throw abortError(signal);
       yield { offset: pos, length: Math.min(EXPORT_CHUNK, end - pos), data: true };
     }
   }
 }
 
-function abortError(signal: AbortSignal): Error {
-  return signal.reason instanceof Error ? signal.reason : new AbortedError();
+/**
+ * Always our AbortedError (the caller's reason, or the DOMException `abort()` makes without one,
+ * is its `cause`), so cancellation is recognisable by code like every other outcome; the same
+ * rule as the write side's.
+ */
+function abortError(signal: AbortSignal): AbortedError {
+  const reason: unknown = signal.reason;
+  return reason instanceof AbortedError ? reason : new AbortedError('The operation was aborted', { cause: reason });
 }
 
 /**
@@ -112,7 +121,13 @@ export async function exportToFile(image: DiskImage, target: OutputTarget, optio
         const buffer = reuseBuffers ? (pool[turn++ % pool.length] as Buffer).subarray(0, piece.length) : allocIoBuffer(piece.length);
         await image.readInto(buffer, piece.offset);
         if (inFlight.length >= parallel) await inFlight.shift();
-        inFlight.push(writer.kind === 'file' ? writeSparse(writer, piece.offset, buffer) : writer.write(piece.offset, buffer));
+        const write = writer.kind === 'file' ? writeSparse(writer, piece.offset, buffer) : writer.write(piece.offset, buffer);
+        // A write can fail (ENOSPC, EIO, a closed pipe) while the next chunk is being read and
+        // before anything awaits it; without a handler attached now, Node treats that as an
+        // unhandled rejection and kills the process with a stack trace instead of letting the
+        // catch below remove the partial output. The failure still surfaces where it is awaited.
+        write.catch(() => {});
+        inFlight.push(write);
       }
       // Zero pieces need no write: holes in a file, zeros filled by the writer on a stream.
       done += piece.length;

@@ -602,7 +602,7 @@ function newContext(options: OpenImageOptions): OpenContext {
 
 /** Opens a file for positional reads (regular file or block device) with its size; pipes are refused. */
 export async function openSeekable(path: string, what: string): Promise<OpenedFile> {
-  const file = await openForRead(path);
+  const file = await openForRead(path, { nonBlocking: true });
   if (file.kind !== 'file' && file.kind !== 'block-device') {
     await file.handle.close().catch(() => {});
     throw new NotSeekableError(`The ${what} '${path}' is a ${file.kind}; reading an image needs a regular file or block device`);
@@ -683,6 +683,11 @@ async function openQcow2(
       const dataPath = explicitDataFile ?? (await storedDataFile(header, path, context.options));
       const dataFile = await openSeekable(dataPath, 'data file');
       opened.push(dataFile.handle);
+      if (await sameFile(file, dataFile)) {
+        // Guest data would be read out of the image's own metadata; qemu would too, but no
+        // writer makes such an image (checked on the open descriptors, so links don't hide it).
+        throw new CorruptImageError(`'${path}' names itself as its external data file`, { structure: 'header extension', field: 'data file name' });
+      }
       dataSource = new ByteSource(dataFile.handle, dataPath, dataFile.size, 'data file', context.warn);
     } else if (explicitDataFile !== undefined) {
       throw new InvalidArgumentError(`A data file was given, but '${path}' has no external data file (its data is inside the image)`, {
@@ -707,6 +712,15 @@ async function openQcow2(
   } catch (err) {
     for (const handle of opened) await handle.close().catch(() => {});
     throw err;
+  }
+}
+
+async function sameFile(a: OpenedFile, b: OpenedFile): Promise<boolean> {
+  try {
+    const [sa, sb] = await Promise.all([a.handle.stat(), b.handle.stat()]);
+    return sa.dev === sb.dev && sa.ino === sb.ino;
+  } catch (err) {
+    throw fileError(err, 'inspect', b.path);
   }
 }
 

@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
+import { linkSync, mkdirSync, readFileSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { resolveStoredName } from '../../src/io/path-policy.js';
 import { openImage } from '../../src/read/image.js';
@@ -120,4 +120,47 @@ test('images made by qemu naming files outside their directory are refused; expl
   const unsafe = await openImage(join(dir, 'sub', 'abs.qcow2'), { allowUnsafePaths: true });
   assert.equal((await unsafe.read(0, 1))[0], 0x11);
   await unsafe.close();
+});
+
+test('very long names, devices, /proc links and look-alike prefixes are refused; the opt-out still refuses devices', async (t) => {
+  const dir = tempDir(t);
+  const { image } = layout(dir);
+  await refused(image, 'x'.repeat(300), /cannot be resolved \(ENAMETOOLONG\)/);
+  await refused(image, `${'a/'.repeat(3000)}f`, /cannot be resolved|does not exist/);
+  await refused(image, '/dev/zero', /absolute path outside/);
+  await refused(image, '/dev/zero', /not a regular file \(it is a char-device\)/, true);
+  await refused(image, '/proc/self/fd/0', /absolute path outside/);
+  await refused(image, 'JSON:{"driver":"nbd"}', /json:/, true);
+  await refused(image, 'file:///etc/passwd', /protocol/, true);
+  await refused(image, 'nbd+unix:///export?socket=/tmp/s', /protocol/);
+  await refused(image, '.', /not a regular file \(it is a directory\)/);
+  await refused(image, '..', /escapes the image directory/);
+});
+
+test('names stored in real headers: non-UTF-8 bytes are refused, and an image naming itself as its data file', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  // The bytes on disk are "d\xffta": no file of that name can be opened under the decoded name.
+  img(dir, 'create', '-f', 'qcow2', '-o', 'data_file=d0ta', 'bad.qcow2', '1M');
+  const path = join(dir, 'bad.qcow2');
+  const bytes = readFileSync(path);
+  const at = bytes.indexOf(Buffer.from('d0ta'));
+  bytes[at + 1] = 0xff;
+  writeFileSync(path, bytes);
+  await assert.rejects(openImage(path), (err: unknown) => {
+    assert.ok(isQcow2StreamError(err));
+    assert.equal(err.code, 'QCOW_ERR_PATH_POLICY');
+    assert.match(err.message, /not valid UTF-8/);
+    return true;
+  });
+  // Same-length rename of the data-file name to the image's own name (via a hard link too).
+  img(dir, 'create', '-f', 'qcow2', '-o', 'data_file=self.data', 'self.qcow2', '1M');
+  replaceStoredName(join(dir, 'self.qcow2'), 'self.data', 'self.qcow');
+  linkSync(join(dir, 'self.qcow2'), join(dir, 'self.qcow'));
+  await assert.rejects(openImage(join(dir, 'self.qcow2')), (err: unknown) => {
+    assert.ok(isQcow2StreamError(err));
+    assert.equal(err.code, 'QCOW_ERR_CORRUPT_IMAGE');
+    assert.match(err.message, /names itself as its external data file/);
+    return true;
+  });
 });
