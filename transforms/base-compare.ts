@@ -10,7 +10,7 @@ import type { Block } from '../src/block.js';
 import { InvalidArgumentError } from '../src/errors.js';
 import { isAllZero } from '../src/io/buffers.js';
 import type { Hasher } from './fingerprint.js';
-import type { ManifestReader } from './manifest.js';
+import { guestFingerprint, type ManifestReader } from './manifest.js';
 
 /** Random access to the base's guest bytes (a reader's image object fits). */
 export interface BaseImage {
@@ -80,16 +80,14 @@ export function compareWithManifest(
   async function* run(): AsyncGenerator<Block> {
     for await (const block of blocks) {
       const expected = await manifest.fingerprintAt(block.index);
-      const fullCluster = block.data.length === 2 ** clusterBits;
-      // A short last cluster only matches when the base had the same length there.
-      const baseLength = Math.min(2 ** clusterBits, manifest.header.virtualSize - block.index * 2 ** clusterBits);
-      let same = false;
-      if (expected !== undefined && (fullCluster || baseLength === block.data.length)) {
-        const actual = block.zero ? zeroHash(block.data.length) : (block.fingerprint ??= hasher.hash64(block.data));
-        same = actual === expected;
-      } else if (expected === undefined) {
-        same = block.zero ?? isAllZero(block.data);
-      }
+      const clusterSize = 2 ** clusterBits;
+      const length = Math.ceil(block.data.length / 512) * 512;
+      // A cluster cut short by the end of either image only matches one of the same length.
+      const baseLength = Math.min(clusterSize, manifest.header.virtualSize - block.index * clusterSize);
+      let same: boolean;
+      if (expected === undefined) same = block.zero ?? isAllZero(block.data);
+      else if (baseLength !== length) same = false;
+      else same = (block.zero ? zeroHash(length) : guestFingerprint(block, hasher)) === expected;
       if (same) {
         block.sameAsBase = true;
         stats.unchanged++;

@@ -83,6 +83,23 @@ export function decodeManifestHeader(bytes: Uint8Array, path = 'manifest'): Mani
   return header;
 }
 
+/** A block's length as the guest sees it: the virtual size is the input rounded up to 512. */
+function guestLength(length: number): number {
+  return Math.ceil(length / 512) * 512;
+}
+
+/**
+ * The fingerprint a manifest records for a block: of its bytes as the guest sees them, so a
+ * last cluster cut short by the input is hashed with its zero padding up to the sector.
+ */
+export function guestFingerprint(block: Block, hasher: Hasher): bigint {
+  const length = guestLength(block.data.length);
+  if (length === block.data.length) return (block.fingerprint ??= hasher.hash64(block.data));
+  const padded = new Uint8Array(length);
+  padded.set(block.data);
+  return hasher.hash64(padded);
+}
+
 /**
  * Writes a manifest while blocks stream past. Blocks must arrive in guest order; clusters
  * never seen (a caller that skips blocks) are recorded as zero clusters.
@@ -115,12 +132,12 @@ export class ManifestWriter {
     const clusterSize = 2 ** this.clusterBits;
     while (this.nextIndex < block.index) await this.push(this.zeroFingerprint(clusterSize));
     if (block.index !== this.nextIndex) throw new RangeError(`ManifestWriter: block ${block.index} out of order`);
-    const fingerprint = block.zero ? this.zeroFingerprint(block.data.length) : (block.fingerprint ??= this.hasher.hash64(block.data));
-    await this.push(fingerprint);
+    await this.push(block.zero ? this.zeroFingerprint(guestLength(block.data.length)) : guestFingerprint(block, this.hasher));
   }
 
-  /** Writes the header for the final size and moves the file into place. */
-  async finish(virtualSize: number): Promise<void> {
+  /** Writes the header for the image's size (rounded up to 512, as the virtual size is) and moves the file into place. */
+  async finish(inputLength: number): Promise<void> {
+    const virtualSize = guestLength(inputLength);
     const clusterSize = 2 ** this.clusterBits;
     const count = Math.ceil(virtualSize / clusterSize);
     while (this.nextIndex < count) {

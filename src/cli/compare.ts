@@ -4,7 +4,8 @@
  */
 
 import type { Command } from 'commander';
-import { action, ExitCode, processSignal } from './common.js';
+import { action, ExitCode, printJson, processSignal } from './common.js';
+import { createProgress } from './progress.js';
 import { openDisk, type DiskImage, type ImageFormat } from '../read/image.js';
 import { compareImages } from '../read/compare.js';
 import { parseFormat } from './export.js';
@@ -13,6 +14,8 @@ interface CompareFlags {
   format?: ImageFormat;
   secondFormat?: ImageFormat;
   allowUnsafePaths?: boolean;
+  quiet?: boolean;
+  json?: boolean;
 }
 
 export function registerCompare(program: Command): void {
@@ -24,6 +27,18 @@ export function registerCompare(program: Command): void {
     .option('-f, --format <format>', 'format of <a>: qcow2 or raw (default: probed)', parseFormat)
     .option('-F, --second-format <format>', 'format of <b>: qcow2 or raw (default: probed)', parseFormat)
     .option('--allow-unsafe-paths', 'follow names stored in the images even outside their directories')
+    .option('-q, --quiet', 'print nothing; the exit code tells (0 identical, 1 different)')
+    .option('--json', 'print {"identical", "size-mismatch", "mismatch-offset"} as JSON')
+    .addHelpText(
+      'after',
+      `
+Exit codes: 0 identical, 1 different (the first differing offset is printed), 2 error.
+When the sizes differ, the longer image's excess must read as zeros, as with qemu-img compare.
+
+Examples:
+  qcow2-stream compare disk.raw disk.qcow2
+  qcow2-stream compare -f raw -F qcow2 upload.img converted.qcow2 --json`,
+    )
     .action(
       action(async (pathA: string, pathB: string, flags: CompareFlags) => {
         const common = {
@@ -34,18 +49,26 @@ export function registerCompare(program: Command): void {
         let b: DiskImage | undefined;
         try {
           b = await openDisk(pathB, { ...common, ...(flags.secondFormat ? { format: flags.secondFormat } : {}) });
-          const result = await compareImages(a, b, { signal: processSignal() });
+          const progress = createProgress({ label: 'compare', quiet: Boolean(flags.quiet || flags.json) });
+          let result;
+          try {
+            result = await compareImages(a, b, { signal: processSignal(), onProgress: progress.update });
+          } finally {
+            progress.stop();
+          }
+          const code = result.identical ? ExitCode.OK : ExitCode.FINDINGS;
+          if (flags.json) {
+            printJson({ identical: result.identical, 'size-mismatch': result.sizeMismatch, 'mismatch-offset': result.mismatchOffset ?? null });
+            return code;
+          }
+          if (flags.quiet) return code;
           // Like qemu, the size warning comes only once the common part compared equal.
           const commonSize = Math.min(a.virtualSize, b.virtualSize);
           if (result.sizeMismatch && (result.identical || (result.mismatchOffset ?? 0) >= commonSize)) {
             process.stdout.write('Warning: Image size mismatch!\n');
           }
-          if (result.identical) {
-            process.stdout.write('Images are identical.\n');
-            return ExitCode.OK;
-          }
-          process.stdout.write(`Content mismatch at offset ${result.mismatchOffset ?? 0}!\n`);
-          return ExitCode.FINDINGS;
+          process.stdout.write(result.identical ? 'Images are identical.\n' : `Content mismatch at offset ${result.mismatchOffset ?? 0}!\n`);
+          return code;
         } finally {
           await b?.close();
           await a.close();

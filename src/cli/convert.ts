@@ -3,10 +3,19 @@
  */
 
 import type { Command } from 'commander';
-import { convert, type ConvertProgress, type ConvertSummary } from '../write/convert.js';
+import { convert, type ConvertSummary } from '../write/convert.js';
+import { createProgress } from './progress.js';
 import { action, formatBytes, parseInteger, parseSize, printJson, processSignal } from './common.js';
 
 interface ConvertFlags {
+  internal?: boolean;
+  dedup?: boolean;
+  dedupIndexLimit?: number;
+  base?: string;
+  baseName?: string;
+  baseManifest?: string;
+  manifest?: string;
+  allowUnsafePaths?: boolean;
   dataFile?: string;
   dataFileName?: string;
   size?: number;
@@ -30,6 +39,14 @@ export function registerConvert(program: Command): void {
     .option('--cluster-size <n>', 'cluster size, a power of two from 512 to 2M', parseSize, 65536)
     .option('--refcount-bits <n>', 'refcount width: 1, 2, 4, 8, 16, 32 or 64', parseInteger, 16)
     .option('--no-data-file-raw', 'clear the raw-data-file bit: zero clusters stay unallocated in the metadata')
+    .option('--internal', 'write one self-contained qcow2 file (no data file); OUTPUT must be a regular file')
+    .option('--dedup', 'with --internal: store identical clusters once (matches confirmed byte for byte)')
+    .option('--dedup-index-limit <n>', 'most distinct clusters the dedup index holds (~23 bytes each); past it, new content is not deduplicated', parseInteger)
+    .option('--base <image>', 'an earlier image of this disk: write an overlay backed by it, holding only the clusters that changed')
+    .option('--base-name <name>', 'the backing-file name stored in the overlay (default: --base relative to OUTPUT\'s directory)')
+    .option('--base-manifest <path>', "compare with this manifest of --base instead of reading it (made with --manifest)")
+    .option('--manifest <path>', 'also write the fingerprint of every cluster to this file, for a later --base-manifest')
+    .option('--allow-unsafe-paths', 'follow data-file and backing names stored in --base even outside its directory')
     .option('--force', 'replace an existing data file')
     .option('-q, --quiet', 'print nothing on success')
     .option('--json', 'print a JSON summary (to standard error when the metadata goes to standard output)')
@@ -41,31 +58,45 @@ the header and the tables. Relative data-file names are stored as given; qemu re
 against its working directory, so run qemu from the directory you converted in, or pass an
 absolute --data-file.
 
+Overlays (--base) always clear the raw-data-file bit: the spec forbids it with a backing file.
+Dedup needs --internal: with a data file every cluster must sit at its own guest offset, so no
+two clusters can share storage.
+
 Examples:
   qcow2-stream convert disk.raw disk.qcow2                      # writes disk.data
+  qcow2-stream convert disk.raw disk.qcow2 --internal --dedup   # one file, duplicates stored once
+  qcow2-stream convert day2.raw day2.qcow2 --data-file day2.data --base day1.qcow2 --manifest day2.xxh
   curl -s URL | qcow2-stream convert - disk.qcow2 --size 20G
   qcow2-stream convert disk.raw - --data-file disk.data > disk.qcow2`,
     )
     .action(
       action(async (input: string, output: string, flags: ConvertFlags) => {
-        const progress = progressLine(!flags.quiet && !flags.json);
+        const progress = createProgress({ label: 'convert', quiet: Boolean(flags.quiet || flags.json) });
         let summary: ConvertSummary;
         try {
           summary = await convert({
             input,
             output,
+            layout: flags.internal ? 'internal' : 'external',
             clusterSize: flags.clusterSize ?? 65536,
             refcountBits: flags.refcountBits ?? 16,
-            dataFileRaw: flags.dataFileRaw,
+            // --no-data-file-raw clears the bit; otherwise convert() picks (overlays clear it).
+            ...(flags.dataFileRaw ? {} : { dataFileRaw: false }),
             overwrite: flags.force ?? false,
             signal: processSignal(),
             onProgress: progress.update,
+            ...(flags.dedup ? { dedup: flags.dedupIndexLimit === undefined ? true : { maxEntries: flags.dedupIndexLimit } } : {}),
+            ...(flags.base === undefined ? {} : { base: flags.base }),
+            ...(flags.baseName === undefined ? {} : { baseName: flags.baseName }),
+            ...(flags.baseManifest === undefined ? {} : { baseManifest: flags.baseManifest }),
+            ...(flags.manifest === undefined ? {} : { manifest: flags.manifest }),
+            ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
             ...(flags.dataFile === undefined ? {} : { dataFile: flags.dataFile }),
             ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
             ...(flags.size === undefined ? {} : { size: flags.size }),
           });
         } finally {
-          progress.clear();
+          progress.stop();
         }
         if (flags.json) {
           // Standard output may be carrying the image itself: never mix JSON into it.
@@ -81,31 +112,19 @@ Examples:
 /** Two lines: what was made, and what it cost. */
 export function describeConvert(output: string, s: ConvertSummary): string {
   const target = output === '-' ? 'standard output' : output;
-  const mode = s.dataFileRaw ? 'raw data file' : 'sparse metadata';
+  const shape =
+    s.layout === 'internal'
+      ? 'single file'
+      : `${s.dataFileRaw ? 'raw data file' : 'sparse metadata'}, data file ${s.dataFile ?? s.dataFileName}`;
+  const backing = s.backingFile === undefined ? '' : `, overlay of ${s.backingFile}`;
+  const counts = [
+    `${s.dataClusters} data`,
+    `${s.zeroClusters} zero`,
+    ...(s.duplicateClusters ? [`${s.duplicateClusters} duplicate`] : []),
+    ...(s.unchangedClusters || s.backingFile !== undefined ? [`${s.unchangedClusters} unchanged`] : []),
+  ].join(' / ');
   return (
-    `${target}: ${formatBytes(s.virtualSize)} virtual, ${formatBytes(s.clusterSize)} clusters, ${mode}, data file ${s.dataFile ?? s.dataFileName}\n` +
-    `${s.dataClusters} data / ${s.zeroClusters} zero clusters; wrote ${formatBytes(s.dataBytesWritten)} data + ${formatBytes(s.metadataBytesWritten)} metadata in ${s.seconds.toFixed(2)} s`
+    `${target}: ${formatBytes(s.virtualSize)} virtual, ${formatBytes(s.clusterSize)} clusters, ${shape}${backing}\n` +
+    `${counts} clusters; wrote ${formatBytes(s.dataBytesWritten)} data + ${formatBytes(s.metadataBytesWritten)} metadata in ${s.seconds.toFixed(2)} s`
   );
-}
-
-/** A one-line progress display on a terminal's standard error; silent elsewhere. */
-function progressLine(enabled: boolean): { update: (p: ConvertProgress) => void; clear: () => void } {
-  const active = enabled && process.stderr.isTTY === true;
-  let shown = false;
-  let last = 0;
-  return {
-    update(p) {
-      if (!active) return;
-      const now = Date.now();
-      if (now - last < 200) return;
-      last = now;
-      const total = p.bytesTotal;
-      const percent = total ? ` ${((100 * p.bytesDone) / total).toFixed(0).padStart(3)}%` : '';
-      process.stderr.write(`\r\x1b[Kconverting:${percent} ${formatBytes(p.bytesDone)}${total ? ` / ${formatBytes(total)}` : ''}`);
-      shown = true;
-    },
-    clear() {
-      if (shown) process.stderr.write('\r\x1b[K');
-    },
-  };
 }

@@ -5,6 +5,7 @@
  */
 
 import { isatty } from 'node:tty';
+import { createProgress } from './progress.js';
 import type { Command } from 'commander';
 import { action, formatBytes, printJson, processSignal } from './common.js';
 import { InvalidArgumentError } from '../errors.js';
@@ -48,9 +49,13 @@ export function registerExport(program: Command): void {
           onWarning: (message) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
         });
         try {
-          const progress = !flags.quiet && !flags.json && process.stderr.isTTY ? progressPrinter() : undefined;
-          const result = await exportToFile(image, output, { signal: processSignal(), ...(progress ? { onProgress: progress } : {}) });
-          if (progress) process.stderr.write('\n');
+          const progress = createProgress({ label: 'export', quiet: Boolean(flags.quiet || flags.json) });
+          let result;
+          try {
+            result = await exportToFile(image, output, { signal: processSignal(), onProgress: progress.update });
+          } finally {
+            progress.stop();
+          }
           if (flags.json) {
             const summary = { image: imagePath, output, 'virtual-size': result.bytes, 'bytes-written': result.bytesWritten, warnings: result.warnings };
             // Standard output may be carrying the image itself.
@@ -70,14 +75,4 @@ export function registerExport(program: Command): void {
 export function parseFormat(value: string): ImageFormat {
   if (value === 'qcow2' || value === 'raw') return value;
   throw new InvalidArgumentError(`Unknown image format '${value}' (qcow2 or raw)`);
-}
-
-function progressPrinter(): (done: number, total: number) => void {
-  let last = -1;
-  return (done, total) => {
-    const percent = total === 0 ? 100 : Math.floor((done / total) * 100);
-    if (percent === last) return;
-    last = percent;
-    process.stderr.write(`\r  ${String(percent).padStart(3)}% (${formatBytes(done)} of ${formatBytes(total)})`);
-  };
 }

@@ -7,15 +7,10 @@
 import cliProgress from 'cli-progress';
 import { formatBytes } from './common.js';
 
-/** What the library reports: the shape of every `onProgress` callback. */
-export interface ProgressEvent {
-  bytesDone: number;
-  /** Undefined while the total is unknown (a pipe without --size). */
-  bytesTotal?: number | undefined;
-}
+import type { Progress } from '../progress.js';
 
 export interface ProgressDisplay {
-  update(event: ProgressEvent): void;
+  update(event: Progress): void;
   /** Removes the bar (call on success and on failure). */
   stop(): void;
 }

@@ -20,8 +20,10 @@
  *    exists in the image's directory (a file may legitimately be called `backup:1.raw`).
  * 2. It is resolved against the **image's own directory**. qemu resolves relative *data-file*
  *    names against its current working directory instead (backing names against the image
- *    directory); we deliberately use the image directory for both, so the result does not depend on
- *    where the command happens to run, and the containment rule below has a fixed anchor.
+ *    directory); we use the image directory for both, so the result does not depend on where the
+ *    command runs and the containment rule below has a fixed anchor. Only when a relative
+ *    data-file name does not exist there is qemu's reading (against the working directory) tried,
+ *    and it must satisfy the same containment rule.
  * 3. After resolving symbolic links (`realpath`) the target must lie **inside** that directory
  *    (itself or a subdirectory): absolute paths elsewhere, `..` escapes and symlinks pointing out
  *    are refused.
@@ -98,13 +100,22 @@ export async function resolveStoredName(
     if (!isInside(imageDir, candidate)) refuse(`escapes the image directory '${imageDir}' with '..'`);
   }
 
-  let real: string;
-  try {
-    real = await realpath(candidate);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    return refuse(code === 'ENOENT' ? `does not exist (looked for '${candidate}')` : `cannot be resolved (${code ?? String(err)})`);
+  let found = await realpathOf(candidate);
+  let lookedFor = `'${candidate}'`;
+  if (found.code === 'ENOENT' && kind === 'data file' && !isAbsolute(storedName)) {
+    // qemu resolves a relative data-file name against its working directory, so images made
+    // from another directory store names like 'out/disk.data'. Accept that reading too, but
+    // only where it still lands inside the image directory.
+    const fromCwd = resolve(storedName);
+    if (fromCwd !== candidate && (options.allowUnsafePaths || isInside(imageDir, fromCwd))) {
+      found = await realpathOf(fromCwd);
+      lookedFor += ` and '${fromCwd}'`;
+    }
   }
+  if (found.real === undefined) {
+    return refuse(found.code === 'ENOENT' ? `does not exist (looked for ${lookedFor})` : `cannot be resolved (${found.code})`);
+  }
+  const real = found.real;
   if (!options.allowUnsafePaths && !isInside(imageDir, real)) {
     refuse(`leads through a symbolic link to '${real}', outside the image directory '${imageDir}'`);
   }
@@ -113,6 +124,14 @@ export async function resolveStoredName(
   const fileKind = kindOf(stats);
   if (fileKind !== 'file') refuse(`is not a regular file (it is a ${fileKind === 'pipe' ? 'FIFO' : fileKind})`);
   return real;
+}
+
+async function realpathOf(path: string): Promise<{ real?: string; code?: string }> {
+  try {
+    return { real: await realpath(path) };
+  } catch (err) {
+    return { code: (err as NodeJS.ErrnoException).code ?? String(err) };
+  }
 }
 
 /** The real path of the directory holding `imagePath` (so comparisons survive symlinked dirs). */

@@ -4,6 +4,7 @@
  * The first mismatch is reported at 512-byte granularity, as qemu prints it.
  */
 
+import type { Progress } from '../progress.js';
 import { AbortedError } from '../errors.js';
 import { allocIoBuffer, isAllZero } from '../io/buffers.js';
 import type { DiskImage } from './image.js';
@@ -13,7 +14,7 @@ const SECTOR = 512;
 
 export interface CompareOptions {
   signal?: AbortSignal;
-  onProgress?: (done: number, total: number) => void;
+  onProgress?: (progress: Progress) => void;
 }
 
 export interface CompareResult {
@@ -38,7 +39,7 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
     const chunkB = bufB.subarray(0, n);
     await Promise.all([a.readInto(chunkA, pos), b.readInto(chunkB, pos)]);
     if (!chunkA.equals(chunkB)) return { identical: false, sizeMismatch, mismatchOffset: pos + firstDifferentSector(chunkA, chunkB) };
-    options.onProgress?.(pos + n, total);
+    options.onProgress?.({ bytesDone: pos + n, bytesTotal: total });
   }
   const larger = a.virtualSize > b.virtualSize ? a : b;
   for (let pos = common; pos < total; pos += COMPARE_CHUNK) {
@@ -47,7 +48,7 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
     const chunk = bufA.subarray(0, n);
     await larger.readInto(chunk, pos);
     if (!isAllZero(chunk)) return { identical: false, sizeMismatch, mismatchOffset: pos + firstNonZeroSector(chunk) };
-    options.onProgress?.(pos + n, total);
+    options.onProgress?.({ bytesDone: pos + n, bytesTotal: total });
   }
   return { identical: true, sizeMismatch };
 }

@@ -6,6 +6,7 @@
  * (up to {@link EXPORT_CHUNK}), so memory stays at a few chunks whatever the image size.
  */
 
+import type { Progress } from '../progress.js';
 import { Readable } from 'node:stream';
 import { AbortedError } from '../errors.js';
 import { allocIoBuffer, isAllZero, zeroBuffer } from '../io/buffers.js';
@@ -24,7 +25,7 @@ export interface ExportOptions {
   /** Cancels the export; the output file is removed. */
   signal?: AbortSignal;
   /** Called after each chunk with the guest bytes done so far and the total. */
-  onProgress?: (done: number, total: number) => void;
+  onProgress?: (progress: Progress) => void;
 }
 
 export interface ExportResult {
@@ -88,7 +89,7 @@ export function exportStream(image: DiskImage, options: ExportOptions = {}): Rea
         for (let left = piece.length; left > 0; left -= ZERO_CHUNK) yield zeroBuffer(ZERO_CHUNK).subarray(0, Math.min(ZERO_CHUNK, left));
       }
       done += piece.length;
-      options.onProgress?.(done, image.virtualSize);
+      options.onProgress?.({ bytesDone: done, bytesTotal: image.virtualSize });
     }
   }
   return Readable.from(chunks(), { objectMode: false, highWaterMark: EXPORT_CHUNK });
@@ -131,7 +132,7 @@ export async function exportToFile(image: DiskImage, target: OutputTarget, optio
       }
       // Zero pieces need no write: holes in a file, zeros filled by the writer on a stream.
       done += piece.length;
-      options.onProgress?.(done, image.virtualSize);
+      options.onProgress?.({ bytesDone: done, bytesTotal: image.virtualSize });
     }
     await Promise.all(inFlight.splice(0));
     await writer.finish(image.virtualSize);

@@ -1,40 +1,55 @@
 /**
- * `convert()`: raw bytes in, a qcow2 metadata file plus its raw data file out, in one call.
- * It composes the generator stages directly (source → zero-detect → external sink) with no
- * stream hop per block. Everything is validated before any output is created, and a failure
- * part-way (read or write error, abort, size mismatch) removes what this run created.
+ * `convert()`: raw bytes in, a qcow2 image out, in one call. It composes the generator stages
+ * directly (source → zero-detect → [base compare] → sink) with no stream hop per block.
+ *
+ * Two layouts: `external` (default) writes qcow2 metadata plus a raw data file; `internal`
+ * writes one self-contained qcow2 file, the only layout where `dedup` can share clusters.
+ * `base` makes the result an overlay that stores only the clusters that differ from an earlier
+ * image (incremental backups); `manifest` records every cluster's fingerprint on the way.
+ *
+ * Everything is validated before any output is created, and a failure part-way (read or write
+ * error, abort, size mismatch) removes what this run created.
  */
 
+import { relative, dirname, isAbsolute, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import type { Block } from '../block.js';
-import { InvalidArgumentError } from '../errors.js';
+import type { Progress } from '../progress.js';
+import { DedupUnsupportedError, InvalidArgumentError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import type { OutputTarget } from '../io/output.js';
+import { openDisk, probeFormat, type DiskImage } from '../read/image.js';
 import { zeroDetect } from '../../transforms/zero-detect.js';
+import { compareWithBase, compareWithManifest } from '../../transforms/base-compare.js';
+import type { DedupStats } from '../../transforms/dedup.js';
+import { createHasher } from '../../transforms/fingerprint.js';
+import { ManifestReader, ManifestWriter } from '../../transforms/manifest.js';
 import { abortable, abortError } from './abort.js';
 import { clusterize } from './clusterize.js';
-import { ExternalWriter, type SinkResult } from './external-sink.js';
+import { ExternalWriter } from './external-sink.js';
+import { InternalImageWriter } from './internal-sink.js';
 import { defaultDataFilePath, identify, sameFile, type FileIdentity } from './paths.js';
-import { checkDataFileName, resolveImageSettings, type ImageOptions } from './settings.js';
+import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings } from './settings.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
 
 /** A raw image: a path, '-' for standard input, a Node Readable or any async iterable of bytes. */
 export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 
-export interface ConvertProgress {
-  /** Guest bytes processed so far. */
-  bytesDone: number;
-  /** The input size, when known. */
-  bytesTotal?: number;
-}
+/** Progress of a conversion (the input size is the total, when known). */
+export type ConvertProgress = Progress;
 
 export interface ConvertOptions extends ImageOptions {
   input: ConvertInput;
-  /** The qcow2 metadata file: a path, '-' for standard output, or a Writable. */
+  /** The qcow2 file: a path, '-' for standard output, or a Writable (external layout only). */
   output: OutputTarget;
   /**
-   * The raw data file: a path, or a Writable. Default: the output path with its extension
-   * replaced by `.data`. Required when the output is '-' or a stream.
+   * `external` (default): metadata in `output`, guest data in a raw data file at guest
+   * offsets. `internal`: one qcow2 file with the data inside (needs a regular-file output).
+   */
+  layout?: 'external' | 'internal';
+  /**
+   * The raw data file (external layout): a path, or a Writable. Default: the output path with
+   * its extension replaced by `.data`. Required when the output is '-' or a stream.
    */
   dataFile?: string | Writable;
   /** The name stored in the header. Default: the data-file path exactly as given (like qemu-img). */
@@ -43,70 +58,162 @@ export interface ConvertOptions extends ImageOptions {
   size?: number;
   /** Replace an existing data file. Default false: never clobber a file by surprise. */
   overwrite?: boolean;
+  /**
+   * Store identical clusters once (internal layout only: with a data file every cluster must
+   * sit at its guest offset, so none can be shared). `maxEntries` caps the fingerprint index
+   * (about 23 bytes per unique cluster); past it, new content is simply not deduplicated.
+   */
+  dedup?: boolean | { maxEntries?: number };
+  /**
+   * An earlier image of the same disk (qcow2 or raw). The result becomes an overlay whose
+   * backing file is the base: clusters equal to the base at the same offset stay unallocated.
+   * Forces the raw-data-file bit off (the spec forbids it with a backing file).
+   */
+  base?: string;
+  /** The backing-file name stored in the header. Default: `base` relative to the output's directory. */
+  baseName?: string;
+  /** Compare with this manifest of the base (see transforms/manifest.ts) instead of reading the base. */
+  baseManifest?: string;
+  /** Write a fingerprint manifest of the new image to this path. */
+  manifest?: string;
+  /** Follow names stored inside the base image even outside its directory (see the path policy). */
+  allowUnsafePaths?: boolean;
   signal?: AbortSignal;
   /** Called every 32 MiB of input and at the end. */
   onProgress?: (progress: ConvertProgress) => void;
 }
 
-export interface ConvertSummary extends SinkResult {
-  /** The data file path, when it is a path. */
+export interface ConvertSummary {
+  layout: 'external' | 'internal';
+  /** Guest bytes read (the input size). */
+  inputBytes: number;
+  /** The image's virtual size: inputBytes rounded up to 512. */
+  virtualSize: number;
+  clusterSize: number;
+  refcountBits: number;
+  /** The raw-data-file bit (external layout). */
+  dataFileRaw: boolean;
+  /** Guest clusters of the image. */
+  clusters: number;
+  /** Clusters stored (in the data file, or in the image for the internal layout). */
+  dataClusters: number;
+  /** All-zero clusters (holes, unallocated or zero-flagged). */
+  zeroClusters: number;
+  /** Clusters that share an earlier cluster's storage (dedup). */
+  duplicateClusters: number;
+  /** Clusters equal to the base, left unallocated (overlays). */
+  unchangedClusters: number;
+  /** Bytes of guest data written (to the data file, or inside the image). */
+  dataBytesWritten: number;
+  /** Bytes of metadata written (the metadata file, or the image's metadata clusters). */
+  metadataBytesWritten: number;
+  /** External layout: whether the metadata streamed with the data or was written at the end. */
+  metadataLayout?: 'streamed' | 'at-end';
+  /** The data file path, when it is a path (external layout). */
   dataFile: string | undefined;
-  /** The name stored in the header. */
-  dataFileName: string;
+  /** The data-file name stored in the header (external layout). */
+  dataFileName: string | undefined;
+  /** The backing-file name stored in the header (overlays). */
+  backingFile?: string;
+  /** The manifest written, if any. */
+  manifest?: string;
+  /** Dedup statistics (internal layout with dedup). */
+  dedup?: DedupStats;
   /** Wall-clock seconds. */
   seconds: number;
 }
 
 const PROGRESS_STEP = 32 * 1024 * 1024;
 
+/** What convert() writes blocks into: the external or the internal writer. */
+interface BlockSink {
+  write(block: Block): Promise<void>;
+  abort(): Promise<void>;
+}
+
 /**
- * Converts a raw image into a qcow2 image with an external data file.
- * Throws a Qcow2StreamError (InvalidArgumentError, InputSizeError, FileError, AbortedError…)
- * with no output left behind.
+ * Converts a raw image into qcow2. Throws a Qcow2StreamError (InvalidArgumentError,
+ * DedupUnsupportedError, InputSizeError, FileError, AbortedError…) with no output left behind.
  */
 export async function convert(options: ConvertOptions): Promise<ConvertSummary> {
   const started = performance.now();
-  const settings = resolveImageSettings(options);
+  const layout = options.layout ?? 'external';
   const { output, signal } = options;
+  checkLayoutOptions(options, layout);
+  const settings = resolveImageSettings({
+    ...options,
+    // A backing file and the raw bit exclude each other; the internal layout has no data file.
+    dataFileRaw: layout === 'external' && options.base === undefined && (options.dataFileRaw ?? true),
+  });
   if (options.size !== undefined) {
     if (!Number.isSafeInteger(options.size) || options.size < 0) throw new InvalidArgumentError(`Invalid size ${options.size}`);
     checkVirtualSize(roundUpToSector(options.size), settings.clusterBits);
   }
-  let dataFile = options.dataFile;
-  if (dataFile === undefined) {
-    if (typeof output !== 'string' || output === '-') {
-      throw new InvalidArgumentError('A data-file path is needed when the metadata goes to standard output or a stream', {
-        hint: 'Pass --data-file PATH',
-      });
+  let dataFile: string | Writable | undefined;
+  let dataFileName: string | undefined;
+  if (layout === 'external') {
+    dataFile = options.dataFile;
+    if (dataFile === undefined) {
+      if (typeof output !== 'string' || output === '-') {
+        throw new InvalidArgumentError('A data-file path is needed when the metadata goes to standard output or a stream', {
+          hint: 'Pass --data-file PATH',
+        });
+      }
+      dataFile = defaultDataFilePath(output);
     }
-    dataFile = defaultDataFilePath(output);
+    if (dataFile === '-') throw new InvalidArgumentError('The data file must be a path or a Writable, not standard output');
+    dataFileName = options.dataFileName ?? (typeof dataFile === 'string' ? dataFile : undefined);
+    if (dataFileName === undefined) throw new InvalidArgumentError('dataFileName is required when the data file is a stream');
+    checkDataFileName(dataFileName, settings);
   }
-  if (dataFile === '-') throw new InvalidArgumentError('The data file must be a path or a Writable, not standard output');
-  const dataFileName = options.dataFileName ?? (typeof dataFile === 'string' ? dataFile : undefined);
-  if (dataFileName === undefined) throw new InvalidArgumentError('dataFileName is required when the data file is a stream');
-  checkDataFileName(dataFileName, settings);
+  const backing = options.base === undefined ? undefined : await describeBacking(options.base, options.baseName, output);
   if (signal?.aborted) throw abortError(signal);
 
+  const needsHasher = Boolean(options.dedup) || options.manifest !== undefined || options.baseManifest !== undefined;
+  const hasher = needsHasher ? await createHasher() : undefined;
+  const opened: Array<{ close(): Promise<void> }> = [];
   const input = typeof options.input === 'string' ? await openInput(options.input, options.size) : undefined;
   try {
     const size = input ? input.size : options.size;
     if (size !== undefined) checkVirtualSize(roundUpToSector(size), settings.clusterBits);
     await refuseSameFiles(input, output, dataFile);
+    const baseImage = options.base !== undefined && options.baseManifest === undefined ? await openBase(options) : undefined;
+    if (baseImage) opened.push(baseImage);
+    const baseManifest = options.baseManifest === undefined ? undefined : await ManifestReader.open(options.baseManifest);
+    if (baseManifest) opened.push(baseManifest);
     const pool = input ? new BufferPool() : undefined;
+    // Every stage below is ours and lets go of a Block once the sink is done with it.
+    const onBlockDone = pool ? (block: Block) => pool.release(block.data) : undefined;
 
-    const writer = await ExternalWriter.open({
-      clusterSize: settings.clusterSize,
-      dataFileRaw: settings.dataFileRaw,
-      refcountBits: 2 ** settings.refcountOrder,
-      output,
-      dataFile,
-      dataFileName,
-      overwrite: options.overwrite ?? false,
-      ...(size === undefined ? {} : { size }),
-      // Every stage below is ours and lets go of a Block once the sink is done with it.
-      ...(pool ? { onBlockDone: (block: Block) => pool.release(block.data) } : {}),
-    });
+    let external: ExternalWriter | undefined;
+    let internal: InternalImageWriter | undefined;
+    if (layout === 'external') {
+      external = await ExternalWriter.open({
+        clusterSize: settings.clusterSize,
+        dataFileRaw: settings.dataFileRaw,
+        refcountBits: 2 ** settings.refcountOrder,
+        output,
+        dataFile: dataFile!,
+        dataFileName: dataFileName!,
+        overwrite: options.overwrite ?? false,
+        backing,
+        ...(size === undefined ? {} : { size }),
+        ...(onBlockDone ? { onBlockDone } : {}),
+      });
+    } else {
+      internal = await InternalImageWriter.create({
+        output: output as string,
+        clusterBits: settings.clusterBits,
+        refcountOrder: settings.refcountOrder,
+        dedup: options.dedup ? { hasher: hasher!, ...dedupLimits(options.dedup) } : undefined,
+        backing,
+        onBlockDone,
+      });
+    }
+    const sink: BlockSink = (external ?? internal)!;
+    let manifest: ManifestWriter | undefined;
     try {
+      if (options.manifest !== undefined) manifest = await ManifestWriter.create(options.manifest, hasher!, settings.clusterBits);
       const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
       let blocks: AsyncIterable<Block>;
       if (input) {
@@ -119,33 +226,41 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         blocks = clusterize(bytes, sourceOptions);
         if (signal) blocks = abortable(blocks, signal);
       }
+      blocks = zeroDetect(blocks);
+      if (baseImage) blocks = compareWithBase(blocks, baseImage, settings.clusterSize).blocks;
+      else if (baseManifest) blocks = compareWithManifest(blocks, baseManifest, hasher!, settings.clusterBits).blocks;
+
       let nextReport = PROGRESS_STEP;
-      const report = (bytesDone: number) => options.onProgress?.(size === undefined ? { bytesDone } : { bytesDone, bytesTotal: size });
-      for await (const block of zeroDetect(blocks)) {
+      let bytesDone = 0;
+      const report = () => options.onProgress?.(size === undefined ? { bytesDone } : { bytesDone, bytesTotal: size });
+      for await (const block of blocks) {
         if (signal?.aborted) throw abortError(signal);
-        await writer.write(block);
-        if (options.onProgress) {
-          const done = block.index * settings.clusterSize + block.data.length;
-          if (done >= nextReport) {
-            report(done);
-            nextReport = done + PROGRESS_STEP;
-          }
+        // The manifest reads the bytes first: the sink may recycle them once written.
+        await manifest?.add(block);
+        await sink.write(block);
+        bytesDone = block.index * settings.clusterSize + block.data.length;
+        if (options.onProgress && bytesDone >= nextReport) {
+          report();
+          nextReport = bytesDone + PROGRESS_STEP;
         }
       }
       if (signal?.aborted) throw abortError(signal);
-      const result = await writer.finish();
-      report(result.inputBytes);
+      const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings);
+      await manifest?.finish(summary.virtualSize);
+      report();
       return {
-        ...result,
-        dataFile: typeof dataFile === 'string' ? dataFile : undefined,
-        dataFileName,
+        ...summary,
+        ...(backing ? { backingFile: backing.name } : {}),
+        ...(options.manifest !== undefined ? { manifest: options.manifest } : {}),
         seconds: (performance.now() - started) / 1000,
       };
     } catch (err) {
-      await writer.abort();
+      await sink.abort();
+      await manifest?.abort();
       throw err;
     }
   } finally {
+    for (const resource of opened) await resource.close().catch(() => {});
     // After an abort a read of a quiet pipe may never return, and closing its handle would wait
     // for that read: close in the background instead (the CLI exits right after).
     if (signal?.aborted) void input?.close().catch(() => {});
@@ -153,11 +268,103 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   }
 }
 
+/** Option combinations that cannot work, refused before anything is opened. */
+function checkLayoutOptions(options: ConvertOptions, layout: 'external' | 'internal'): void {
+  if (layout !== 'external' && layout !== 'internal') throw new InvalidArgumentError(`Unknown layout '${String(layout)}': use 'external' or 'internal'`);
+  if (options.dedup && layout === 'external') {
+    throw new DedupUnsupportedError(
+      'Dedup cannot share clusters in an external data file: with a data file every guest cluster must sit at its own guest offset (qcow2 spec, incompatible feature bit 2)',
+      { hint: 'Use --internal --dedup for one qcow2 file with shared clusters, or --base PREV (and --manifest) for incremental backups with a data file' },
+    );
+  }
+  if (layout === 'internal' && (options.dataFile !== undefined || options.dataFileName !== undefined)) {
+    throw new InvalidArgumentError('An internal image has no data file: drop --data-file / --data-file-name, or drop --internal');
+  }
+  if (options.base !== undefined && options.dataFileRaw === true) {
+    throw new InvalidArgumentError('The raw-data-file bit cannot be set on an overlay: with a backing file the data file alone is not the guest image', {
+      hint: 'Drop the raw-data-file option (overlays always clear it)',
+    });
+  }
+  if (options.baseManifest !== undefined && options.base === undefined) {
+    throw new InvalidArgumentError('--base-manifest needs --base: the base image becomes the backing file of the new image');
+  }
+  if (options.baseName !== undefined && options.base === undefined) {
+    throw new InvalidArgumentError('--base-name needs --base');
+  }
+}
+
+function dedupLimits(dedup: true | { maxEntries?: number }): { maxEntries?: number } {
+  return dedup === true || dedup.maxEntries === undefined ? {} : { maxEntries: dedup.maxEntries };
+}
+
+/**
+ * The backing file's stored name and format. qemu resolves a relative backing name against the
+ * overlay's directory, so the default name is the base's path relative to the output's.
+ */
+async function describeBacking(base: string, baseName: string | undefined, output: OutputTarget): Promise<{ name: string; format: string }> {
+  const format = await probeFormat(base);
+  if (baseName !== undefined) return { name: baseName, format };
+  if (isAbsolute(base) || typeof output !== 'string' || output === '-') return { name: base, format };
+  return { name: relative(dirname(resolve(output)), resolve(base)) || base, format };
+}
+
+/** Opens the base for byte comparison; names stored inside it go through the path policy. */
+async function openBase(options: ConvertOptions): Promise<DiskImage> {
+  return openDisk(options.base!, options.allowUnsafePaths ? { allowUnsafePaths: true } : {});
+}
+
+async function finishExternal(writer: ExternalWriter, dataFile: string | Writable | undefined, dataFileName: string | undefined) {
+  const result = await writer.finish();
+  return {
+    layout: 'external' as const,
+    inputBytes: result.inputBytes,
+    virtualSize: result.virtualSize,
+    clusterSize: result.clusterSize,
+    refcountBits: result.refcountBits,
+    dataFileRaw: result.dataFileRaw,
+    clusters: result.clusters,
+    dataClusters: result.dataClusters,
+    zeroClusters: result.zeroClusters - result.unchangedClusters,
+    duplicateClusters: 0,
+    unchangedClusters: result.unchangedClusters,
+    dataBytesWritten: result.dataBytesWritten,
+    metadataBytesWritten: result.metadataBytesWritten,
+    metadataLayout: result.metadataLayout,
+    dataFile: typeof dataFile === 'string' ? dataFile : undefined,
+    dataFileName,
+  };
+}
+
+async function finishInternal(writer: InternalImageWriter, settings: ImageSettings) {
+  const inputBytes = writer.inputBytes;
+  const result = await writer.finish();
+  const virtualSize = roundUpToSector(inputBytes);
+  const metadataClusters = result.fileClusters - result.clusters.stored;
+  return {
+    layout: 'internal' as const,
+    inputBytes,
+    virtualSize,
+    clusterSize: settings.clusterSize,
+    refcountBits: 2 ** settings.refcountOrder,
+    dataFileRaw: false,
+    clusters: result.clusters.total,
+    dataClusters: result.clusters.stored,
+    zeroClusters: result.clusters.total - result.clusters.stored - result.clusters.duplicate - result.clusters.unchangedFromBase,
+    duplicateClusters: result.clusters.duplicate,
+    unchangedClusters: result.clusters.unchangedFromBase,
+    dataBytesWritten: Math.min(inputBytes, result.clusters.stored * settings.clusterSize),
+    metadataBytesWritten: metadataClusters * settings.clusterSize,
+    dataFile: undefined,
+    dataFileName: undefined,
+    ...(result.dedup ? { dedup: result.dedup } : {}),
+  };
+}
+
 /**
  * Refuses a data file or output that is the input itself, and a data file that is the output:
  * either would destroy the user's image. Nothing has been created at this point.
  */
-async function refuseSameFiles(input: OpenedInput | undefined, output: OutputTarget, dataFile: string | Writable): Promise<void> {
+async function refuseSameFiles(input: OpenedInput | undefined, output: OutputTarget, dataFile: string | Writable | undefined): Promise<void> {
   const inputId: FileIdentity | undefined = input?.file ? { stats: await input.file.handle.stat(), path: '' } : undefined;
   if (inputId && input?.file && input.file.path !== '/dev/stdin') inputId.path = (await identify(input.file.path, inputId.stats)).path;
   const dataId = typeof dataFile === 'string' ? await identify(dataFile) : undefined;

@@ -41,6 +41,8 @@ export interface ExternalSinkOptions extends ImageOptions {
   overwrite?: boolean;
   /** Replace an existing metadata file. Default true (like qemu-img). */
   overwriteOutput?: boolean;
+  /** Make the image an overlay of this backing file (see MetadataEmitterOptions.backing). */
+  backing?: { name: string; format: string } | undefined;
   /**
    * Called once per Block when the sink no longer needs its bytes (written, or found zero), so
    * a source can recycle its buffers. Not called for Blocks still pending when a run fails.
@@ -61,8 +63,10 @@ export interface SinkResult {
   clusters: number;
   /** Clusters written to the data file. */
   dataClusters: number;
-  /** Clusters found all-zero (holes in the data file; unallocated in sparse mode). */
+  /** Clusters not written: all-zero (holes; unallocated in sparse mode) or unchanged from the backing file. */
   zeroClusters: number;
+  /** Overlays: clusters equal to the backing file, left unallocated (counted in zeroClusters too). */
+  unchangedClusters: number;
   /** Bytes handed to the OS for the data file (zeros written to a pipe included). */
   dataBytesWritten: number;
   /** Bytes of the metadata file. */
@@ -86,6 +90,7 @@ export class ExternalWriter {
   private end = 0;
   private shortBlockSeen = false;
   private dataClusters = 0;
+  private unchangedClusters = 0;
   /** The run of adjacent data clusters being gathered. */
   private runOffset = 0;
   private runBytes = 0;
@@ -136,6 +141,7 @@ export class ExternalWriter {
     const emitter = new MetadataEmitter(metadata, {
       settings,
       dataFileName,
+      backing: options.backing,
       ...(size === undefined ? {} : { virtualSize: roundUpToSector(size) }),
     });
     const writer = new ExternalWriter(settings, data, metadata, emitter, size, options.onBlockDone);
@@ -169,8 +175,11 @@ export class ExternalWriter {
     this.nextIndex = index + 1;
     this.end = end;
 
-    const hasData = block.zero !== true;
-    const recorded = this.emitter.record(index, hasData);
+    // An overlay leaves clusters equal to its backing file unallocated: nothing to write.
+    const state = block.sameAsBase ? 'unchanged' : block.zero ? 'zero' : 'data';
+    const hasData = state === 'data';
+    if (state === 'unchanged') this.unchangedClusters++;
+    const recorded = this.emitter.record(index, state);
     if (recorded) await recorded;
     if (!hasData) {
       this.onBlockDone?.(block);
@@ -215,6 +224,7 @@ export class ExternalWriter {
         clusters,
         dataClusters: this.dataClusters,
         zeroClusters: clusters - this.dataClusters,
+        unchangedClusters: this.unchangedClusters,
         dataBytesWritten: this.data.bytesWritten,
         metadataBytesWritten: this.metadata.bytesWritten,
         metadataClusters: metadata.metadataClusters,

@@ -53,6 +53,8 @@ export interface InternalImageOptions {
   backing?: { name: string; format: string } | undefined;
   /** Replace an existing file at `output`. Default true. */
   overwrite?: boolean;
+  /** Called once per Block when the writer no longer needs its bytes (buffer recycling). */
+  onBlockDone?: ((block: Block) => void) | undefined;
 }
 
 export interface InternalSummary {
@@ -79,7 +81,9 @@ export class InternalImageWriter {
   /** Next free host cluster. */
   private nextHost = 1;
   private nextGuest = 0;
-  private pending: Uint8Array[] = [];
+  /** One past the last guest byte received. */
+  private end = 0;
+  private pending: Block[] = [];
   private pendingBytes = 0;
   private pendingHost = 0;
   private readonly dedup: Deduplicator | undefined;
@@ -129,39 +133,53 @@ export class InternalImageWriter {
   async write(block: Block): Promise<void> {
     if (block.index < this.nextGuest) throw new RangeError(`InternalImageWriter: block ${block.index} out of order`);
     this.nextGuest = block.index + 1;
+    this.end = block.index * this.cs + block.data.length;
+    const kept = await this.place(block);
+    if (!kept) this.options.onBlockDone?.(block);
+  }
+
+  /** Maps one block; true when its bytes were queued for writing (released after the write). */
+  private async place(block: Block): Promise<boolean> {
     const tableOfBlock = Math.floor(block.index / this.l2Entries);
     while (this.tableIndex < tableOfBlock) await this.flushTable();
     const entryPos = (block.index % this.l2Entries) * 8;
 
     if (block.sameAsBase) {
       this.counts.unchangedFromBase++;
-      return;
+      return false;
     }
     if (block.zero) {
       this.counts.zero++;
       // Over a backing file a zero cluster must hide the backing data: a zero-flagged entry.
       if (this.options.backing) this.setEntry(entryPos, 0, false, true);
-      return;
+      return false;
     }
     if (this.dedup) {
       const decision = await this.dedup.lookup(block);
       if (decision.kind === 'duplicate') {
         this.counts.duplicate++;
         this.setEntry(entryPos, await this.hostOf(decision.value), false, false);
-        return;
+        return false;
       }
     }
-    const host = await this.append(block.data);
+    // Remember before appending: the append may flush, and flushed blocks may be recycled.
+    this.dedup?.remember(block, block.index);
+    const host = await this.append(block);
     this.counts.stored++;
     this.setEntry(entryPos, host, true, false);
-    this.dedup?.remember(block, block.index);
+    return true;
+  }
+
+  /** Guest bytes received so far. */
+  get inputBytes(): number {
+    return this.end;
   }
 
   /**
    * Writes the metadata and moves the file into place. The virtual size is the guest length
    * rounded up to 512 bytes (qemu rounds a header's size down; the tail must not vanish).
    */
-  async finish(guestLength: number): Promise<InternalSummary> {
+  async finish(guestLength: number = this.end): Promise<InternalSummary> {
     const virtualSize = roundUpToSector(guestLength);
     checkVirtualSize(virtualSize, this.options.clusterBits);
     const geometry = imageGeometry(virtualSize, this.options.clusterBits);
@@ -236,24 +254,24 @@ export class InternalImageWriter {
   }
 
   /** Queues a data cluster at the next host cluster; returns its host offset. */
-  private async append(data: Uint8Array): Promise<number> {
+  private async append(block: Block): Promise<number> {
     if (this.pendingBytes === 0) this.pendingHost = this.nextHost;
     const host = this.nextHost * this.cs;
     this.nextHost++;
     // A short last cluster still occupies a whole host cluster; the gap stays a hole.
-    this.pending.push(data);
+    this.pending.push(block);
     this.pendingBytes += this.cs;
-    if (data.length < this.cs) await this.flushPending();
-    else if (this.pendingBytes >= BATCH_BYTES) await this.flushPending();
+    if (block.data.length < this.cs || this.pendingBytes >= BATCH_BYTES) await this.flushPending();
     return host;
   }
 
   private async flushPending(): Promise<void> {
     if (this.pending.length === 0) return;
-    const chunks = this.pending;
+    const blocks = this.pending;
     this.pending = [];
     this.pendingBytes = 0;
-    await this.output.writev(this.pendingHost * this.cs, chunks);
+    await this.output.writev(this.pendingHost * this.cs, blocks.map((b) => b.data));
+    if (this.options.onBlockDone) for (const block of blocks) this.options.onBlockDone(block);
   }
 
   private async flushTable(): Promise<void> {

@@ -40,9 +40,18 @@ export interface MetadataEmitterOptions {
   settings: ImageSettings;
   /** The data-file name stored in the header extension. */
   dataFileName: string;
+  /**
+   * Make the image an overlay of this backing file (sparse mode only: the raw bit and a
+   * backing file exclude each other). Unallocated clusters then read from the backing file,
+   * so clusters recorded as zero get a zero flag instead.
+   */
+  backing?: { name: string; format: string } | undefined;
   /** The virtual size (a multiple of 512), when known before the data: enables streaming. */
   virtualSize?: number;
 }
+
+/** What a guest cluster is, as far as the metadata is concerned. */
+export type ClusterState = 'data' | 'zero' | 'unchanged';
 
 /** What the emitter wrote. */
 export interface MetadataResult {
@@ -65,6 +74,9 @@ export class MetadataEmitter {
   private readonly dataFileName: string;
   private readonly declaredSize: number | undefined;
   private readonly bitmap: AllocationBitmap | undefined;
+  /** Overlays: clusters that must read as zero over the backing file (zero-flagged entries). */
+  private readonly zeroBitmap: AllocationBitmap | undefined;
+  private readonly backing: { name: string; format: string } | undefined;
   /** Streamed layout only. */
   private readonly plan: MetadataPlan | undefined;
   /** Next cluster index record() accepts (clusters come in increasing order). */
@@ -85,6 +97,12 @@ export class MetadataEmitter {
     this.settings = options.settings;
     this.dataFileName = options.dataFileName;
     this.declaredSize = options.virtualSize;
+    this.backing = options.backing;
+    if (this.backing && options.settings.dataFileRaw) {
+      throw new InvalidArgumentError('A backing file cannot be used with the raw-data-file bit (the data file alone would not be the guest image)', {
+        hint: 'Use --no-data-file-raw',
+      });
+    }
     this.streaming = options.virtualSize !== undefined && (options.settings.dataFileRaw || output.kind === 'stream');
     if (options.virtualSize !== undefined) {
       if (options.virtualSize % 512 !== 0) throw new InvalidArgumentError(`The virtual size ${options.virtualSize} is not a multiple of 512`);
@@ -95,6 +113,7 @@ export class MetadataEmitter {
       this.plan = planMetadata({ geometry, refcountOrder: options.settings.refcountOrder, l2Tables: geometry.l1Size });
     }
     if (!this.streaming && !options.settings.dataFileRaw) this.bitmap = new AllocationBitmap();
+    if (!this.streaming && this.backing) this.zeroBitmap = new AllocationBitmap();
   }
 
   /** Streamed layout: writes the header, refcount structures and L1. At-end layout: nothing. */
@@ -108,14 +127,17 @@ export class MetadataEmitter {
   }
 
   /**
-   * Records guest cluster `index` (increasing order; skipped indexes count as zero clusters)
-   * and whether it holds data. Returns a promise only when L2 tables were written.
+   * Records guest cluster `index` (increasing order; skipped indexes are unallocated) and what
+   * it is: `data` (mapped to the data file), `zero` (reads as zero), or `unchanged` (an
+   * overlay's cluster equal to its backing file: left unallocated). Without a backing file
+   * `zero` and `unchanged` are the same. Returns a promise only when L2 tables were written.
    */
-  record(index: number, hasData: boolean): Promise<void> | undefined {
+  record(index: number, state: ClusterState): Promise<void> | undefined {
     if (index < this.nextIndex) throw new RangeError(`Guest cluster ${index} recorded after cluster ${this.nextIndex - 1}: clusters must come in increasing order`);
     this.nextIndex = index + 1;
     if (!this.plan) {
-      if (hasData) this.bitmap?.set(index);
+      if (state === 'data') this.bitmap?.set(index);
+      else if (state === 'zero') this.zeroBitmap?.set(index);
       return undefined;
     }
     const geometry = this.plan.geometry;
@@ -124,9 +146,9 @@ export class MetadataEmitter {
     }
     const table = Math.floor(index / geometry.l2Entries);
     if (table > this.nextTable) {
-      return this.writeStreamedTables(table).then(() => this.setEntry(geometry, index, hasData));
+      return this.writeStreamedTables(table).then(() => this.setEntry(geometry, index, state));
     }
-    this.setEntry(geometry, index, hasData);
+    this.setEntry(geometry, index, state);
     return undefined;
   }
 
@@ -154,7 +176,8 @@ export class MetadataEmitter {
     const present = new Uint8Array(geometry.l1Size);
     let l2Tables = 0;
     for (let t = 0; t < geometry.l1Size; t++) {
-      const has = !this.bitmap || this.bitmap.anyInRange(t * geometry.l2Entries, (t + 1) * geometry.l2Entries);
+      const [first, end] = [t * geometry.l2Entries, (t + 1) * geometry.l2Entries];
+      const has = !this.bitmap || this.bitmap.anyInRange(first, end) || (this.zeroBitmap?.anyInRange(first, end) ?? false);
       if (has) {
         present[t] = 1;
         l2Tables++;
@@ -171,12 +194,13 @@ export class MetadataEmitter {
     return { virtualSize, metadataClusters: plan.metadataClusters, l2Tables, layout: 'at-end' };
   }
 
-  private setEntry(geometry: Geometry, index: number, hasData: boolean): void {
+  private setEntry(geometry: Geometry, index: number, state: ClusterState): void {
     // Raw tables depend only on their index and are built when written.
-    if (this.settings.dataFileRaw || !hasData) return;
+    if (this.settings.dataFileRaw || state === 'unchanged' || (state === 'zero' && !this.backing)) return;
     this.openTable ??= new Uint8Array(geometry.clusterSize);
-    const entry = index % geometry.l2Entries;
-    encodeL2Entry(viewOf(this.openTable), entry * geometry.l2EntrySize, index * geometry.clusterSize, { copied: true });
+    const entry = (index % geometry.l2Entries) * geometry.l2EntrySize;
+    if (state === 'data') encodeL2Entry(viewOf(this.openTable), entry, index * geometry.clusterSize, { copied: true });
+    else encodeL2Entry(viewOf(this.openTable), entry, 0, { zero: true });
   }
 
   /** Streamed layout: writes L2 tables [nextTable, end). */
@@ -202,7 +226,9 @@ export class MetadataEmitter {
     const first = table * geometry.l2Entries;
     const end = Math.min(geometry.clusters, first + geometry.l2Entries);
     for (let index = first; index < end; index++) {
-      if (bitmap.get(index)) encodeL2Entry(view, (index - first) * geometry.l2EntrySize, index * geometry.clusterSize, { copied: true });
+      const entry = (index - first) * geometry.l2EntrySize;
+      if (bitmap.get(index)) encodeL2Entry(view, entry, index * geometry.clusterSize, { copied: true });
+      else if (this.zeroBitmap?.get(index)) encodeL2Entry(view, entry, 0, { zero: true });
     }
     return out;
   }
@@ -220,6 +246,7 @@ export class MetadataEmitter {
         refcountOrder: plan.refcountOrder,
         ...featureBits(this.settings),
         dataFileName: this.dataFileName,
+        ...(this.backing ? { backingFileName: this.backing.name, backingFormat: this.backing.format } : {}),
       }),
     );
     await this.append(buildRefcountTable(plan));

@@ -95,7 +95,7 @@ export async function wrap(rawPath: string, output: OutputTarget, options: WrapO
           const hasData = !isAllZero(block.data);
           pool.release(block.data);
           if (hasData) dataClusters++;
-          const recorded = emitter.record(block.index, hasData);
+          const recorded = emitter.record(block.index, hasData ? 'data' : 'zero');
           if (recorded) await recorded;
         }
       }

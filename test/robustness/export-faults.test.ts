@@ -204,7 +204,7 @@ test('AbortSignal during a file export: stops within a chunk even inside one hug
   await rejectsWith(
     exportToFile(image, join(dir, 'out.raw'), {
       signal: controller.signal,
-      onProgress: (done) => {
+      onProgress: ({ bytesDone: done }) => {
         if (!controller.signal.aborted) {
           doneAtAbort = done;
           controller.abort();

@@ -34,10 +34,10 @@ test('raw mode streams: header, refcounts and L1 first, each L2 table once its r
   await emitter.start();
   const front = sink.bytes().length;
   assert.ok(front > 0 && front % 65536 === 0, 'the leading structures are out after start()');
-  await emitter.record(0, true);
-  await emitter.record(100, false); // zero clusters are mapped too in raw mode
+  await emitter.record(0, 'data');
+  await emitter.record(100, 'zero'); // zero clusters are mapped too in raw mode
   assert.equal(sink.bytes().length, front, 'table 0 is not complete yet');
-  await emitter.record(8192 * 2, true);
+  await emitter.record(8192 * 2, 'data');
   assert.equal(sink.bytes().length, front + 2 * 65536, 'tables 0 and 1 were written when table 2 began');
   const result = await emitter.finish(virtualSize);
   await output.commit();
@@ -73,7 +73,7 @@ test('sparse mode into a regular file: written at the end, only non-empty L2 tab
   assert.equal(emitter.streaming, false);
   await emitter.start();
   const data = new Set([0, 3, 511, 1024, 1280]); // tables 0 and 2; table 1 stays empty
-  for (let i = 0; i < 1281; i++) await emitter.record(i, data.has(i));
+  for (let i = 0; i < 1281; i++) await emitter.record(i, data.has(i) ? 'data' : 'zero');
   const result = await emitter.finish(virtualSize);
   await output.commit();
   assert.equal(result.layout, 'at-end');
@@ -100,8 +100,8 @@ test('sparse mode into a stream with a known size: every L2 table allocated, zer
   const { sink, output, emitter } = await memoryEmitter({ clusterSize: 4096, dataFileRaw: false, virtualSize });
   assert.equal(emitter.streaming, true);
   await emitter.start();
-  await emitter.record(2, true);
-  await emitter.record(1100, true);
+  await emitter.record(2, 'data');
+  await emitter.record(1100, 'data');
   await emitter.finish(virtualSize);
   await output.commit();
   const image = decodeImage(sink.bytes());
@@ -119,7 +119,7 @@ test('unknown size: the metadata is produced at the end from the final size, int
     assert.equal(emitter.streaming, false);
     await emitter.start();
     assert.equal(sink.bytes().length, 0);
-    for (const i of [0, 70, 200]) await emitter.record(i, true);
+    for (const i of [0, 70, 200]) await emitter.record(i, 'data');
     await emitter.finish(201 * 512 - 512 + 512);
     await output.commit();
     const image = decodeImage(sink.bytes());
@@ -149,9 +149,9 @@ test('every cluster size and refcount width gives self-consistent refcounts', as
 test('the emitter refuses clusters out of order and a size other than the declared one', async () => {
   const { emitter } = await memoryEmitter({ clusterSize: 65536, dataFileRaw: true, virtualSize: 1 * MiB });
   await emitter.start();
-  await emitter.record(3, true);
-  assert.throws(() => emitter.record(2, true), RangeError);
-  assert.throws(() => emitter.record(16, true), RangeError, 'beyond the virtual size');
+  await emitter.record(3, 'data');
+  assert.throws(() => emitter.record(2, 'data'), RangeError);
+  assert.throws(() => emitter.record(16, 'data'), RangeError, 'beyond the virtual size');
   await assert.rejects(emitter.finish(2 * MiB), RangeError);
 });
 

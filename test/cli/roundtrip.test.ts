@@ -1,0 +1,108 @@
+/**
+ * End to end through the CLI, as a user would: convert with our tool, read back with our tool,
+ * and let qemu-img agree — for every layout, from a directory other than the image's.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { runCli } from '../helpers/cli.js';
+import { mixedExtents, writeRawImage, randomBytesAt } from '../helpers/images.js';
+import { needQemu, qemuCheck, qemuCompare, tempDir } from '../helpers/qemu.js';
+
+const SIZE = 6 * 1024 * 1024 + 3000; // not a multiple of 512 or of the cluster
+
+function setup(t: Parameters<typeof tempDir>[0]) {
+  const dir = tempDir(t);
+  mkdirSync(join(dir, 'out'));
+  writeRawImage(join(dir, 'disk.raw'), SIZE, mixedExtents(SIZE, 65536, 3));
+  return dir;
+}
+
+/** The raw image as the guest sees it: padded with zeros to a multiple of 512. */
+function guestBytes(path: string): Buffer {
+  const raw = readFileSync(path);
+  return Buffer.concat([raw, Buffer.alloc(Math.ceil(raw.length / 512) * 512 - raw.length)]);
+}
+
+function ok(result: ReturnType<typeof runCli>, what: string): void {
+  assert.equal(result.code, 0, `${what}: ${result.stderr}`);
+}
+
+for (const variant of [
+  { name: 'raw data file', args: [] as string[] },
+  { name: 'sparse data file', args: ['--no-data-file-raw'] },
+  { name: 'internal', args: ['--internal'] },
+  { name: 'internal with dedup, 4 KiB clusters', args: ['--internal', '--dedup', '--cluster-size', '4K'] },
+]) {
+  test(`convert → export → identical, from the parent directory: ${variant.name}`, (t) => {
+    const dir = setup(t);
+    ok(runCli(['convert', 'disk.raw', 'out/disk.qcow2', '-q', ...variant.args], { cwd: dir }), 'convert');
+    ok(runCli(['check', 'out/disk.qcow2'], { cwd: dir }), 'check');
+    ok(runCli(['export', 'out/disk.qcow2', 'back.raw', '-q'], { cwd: dir }), 'export');
+    assert.ok(readFileSync(join(dir, 'back.raw')).equals(guestBytes(join(dir, 'disk.raw'))));
+    ok(runCli(['compare', 'disk.raw', 'out/disk.qcow2'], { cwd: dir }), 'compare');
+    if (!needQemu(t)) return;
+    assert.equal(qemuCheck('out/disk.qcow2', dir).code, 0);
+    assert.equal(qemuCompare('disk.raw', 'out/disk.qcow2', dir).code, 0);
+  });
+}
+
+test('a relative data-file name is read the way qemu reads it only inside the image directory', (t) => {
+  const dir = setup(t);
+  ok(runCli(['convert', 'disk.raw', 'out/disk.qcow2', '-q'], { cwd: dir }), 'convert');
+  // From inside out/ the stored 'out/disk.data' names nothing (qemu fails there too).
+  const inside = runCli(['export', 'disk.qcow2', '../back.raw'], { cwd: join(dir, 'out') });
+  assert.equal(inside.code, 2);
+  assert.match(inside.stderr, /QCOW_ERR_PATH_POLICY/);
+  // An image storing 'elsewhere/secret.data' must not reach a file outside its directory
+  // just because the working directory makes that name resolve.
+  mkdirSync(join(dir, 'elsewhere'));
+  writeFileSync(join(dir, 'elsewhere', 'secret.data'), randomBytesAt(1, 0, 65536));
+  ok(runCli(['convert', 'disk.raw', 'out/trap.qcow2', '--data-file', 'out/trap.data', '--data-file-name', 'elsewhere/secret.data', '-q'], { cwd: dir }), 'convert');
+  const trap = runCli(['export', 'out/trap.qcow2', 'leak.raw'], { cwd: dir });
+  assert.equal(trap.code, 2, trap.stderr);
+  assert.match(trap.stderr, /does not exist/);
+  assert.equal(existsSync(join(dir, 'leak.raw')), false);
+});
+
+test('incremental backups: overlay against the base image and against its manifest', (t) => {
+  const dir = setup(t);
+  ok(runCli(['convert', 'disk.raw', 'day1.qcow2', '--data-file', 'day1.data', '--no-data-file-raw', '--manifest', 'day1.xxh', '-q'], { cwd: dir }), 'day 1');
+  // Day 2: a few clusters change, one becomes zeros.
+  const day2 = guestBytes(join(dir, 'disk.raw'));
+  for (const cluster of [1, 7, 40]) randomBytesAt(9, cluster * 65536, 65536).copy(day2, cluster * 65536);
+  day2.fill(0, 20 * 65536, 21 * 65536);
+  writeFileSync(join(dir, 'day2.raw'), day2);
+  for (const [name, extra] of [
+    ['day2', ['--base', 'day1.qcow2']],
+    ['day2m', ['--base', 'day1.qcow2', '--base-manifest', 'day1.xxh']],
+    ['day2i', ['--base', 'day1.qcow2', '--internal']],
+  ] as const) {
+    const dataArgs = name === 'day2i' ? [] : ['--data-file', `${name}.data`];
+    const result = runCli(['convert', 'day2.raw', `${name}.qcow2`, ...dataArgs, ...extra, '--json'], { cwd: dir });
+    ok(result, name);
+    const summary = JSON.parse(result.stdout) as Record<string, number | string>;
+    assert.equal(summary['dataClusters'], 3, `${name}: only the changed clusters are stored`);
+    assert.equal(summary['backingFile'], 'day1.qcow2');
+    assert.equal(summary['dataFileRaw'], false);
+    ok(runCli(['check', `${name}.qcow2`], { cwd: dir }), `${name} check`);
+    ok(runCli(['compare', 'day2.raw', `${name}.qcow2`], { cwd: dir }), `${name} compare`);
+    if (needQemu(t)) {
+      assert.equal(qemuCheck(`${name}.qcow2`, dir).code, 0);
+      assert.equal(qemuCompare('day2.raw', `${name}.qcow2`, dir).code, 0, name);
+    }
+  }
+});
+
+test('dedup with an external data file fails before writing anything, and says why', (t) => {
+  const dir = setup(t);
+  const result = runCli(['convert', 'disk.raw', 'out/disk.qcow2', '--dedup'], { cwd: dir });
+  assert.equal(result.code, 2);
+  assert.match(result.stderr, /QCOW_ERR_DEDUP_UNSUPPORTED/);
+  assert.match(result.stderr, /guest offset/);
+  assert.match(result.stderr, /--internal --dedup/);
+  assert.doesNotMatch(result.stderr, /\n\s+at /);
+  assert.equal(existsSync(join(dir, 'out', 'disk.qcow2')), false);
+  assert.equal(existsSync(join(dir, 'out', 'disk.data')), false);
+});
