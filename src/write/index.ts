@@ -7,3 +7,4 @@ export { ExternalWriter, ExternalSinkStream, createExternalSink, type ExternalSi
 export { convert, type ConvertInput, type ConvertOptions, type ConvertProgress, type ConvertSummary } from './convert.js';
 export { wrap, type WrapOptions, type WrapSummary } from './wrap.js';
 export { resolveImageSettings, type ImageOptions, type ImageSettings } from './settings.js';
+export { InternalImageWriter, createInternalSink, type InternalImageOptions, type InternalSummary } from './internal-sink.js';

@@ -1,0 +1,28 @@
+/**
+ * qcow2-stream: convert disk images between raw and qcow2 with an external data file, as
+ * streams, in both directions.
+ *
+ * ```ts
+ * import { convert, openImage, exportToFile } from 'qcow2-stream';
+ *
+ * await convert({ input: 'disk.raw', output: 'disk.qcow2' });        // + disk.data
+ * const image = await openImage('disk.qcow2');
+ * await exportToFile(image, 'roundtrip.raw');
+ * await image.close();
+ * ```
+ *
+ * Transforms over Blocks (zero-detect, dedup, fingerprints, manifests, base comparison) are in
+ * `qcow2-stream/transforms`.
+ *
+ * @packageDocumentation
+ */
+
+export * from './errors.js';
+export type { Block } from './block.js';
+export type { Progress } from './progress.js';
+export * from './write/index.js';
+export * from './read/index.js';
+export { OffsetWriter, type OutputTarget, type OutputOptions } from './io/output.js';
+export { resolveStoredName, type PathPolicyOptions, type StoredNameKind } from './io/path-policy.js';
+/** The pure codec (header, tables, refcounts, layout), for tools that build or inspect images. */
+export * as format from './format/index.js';

@@ -1,0 +1,17 @@
+/** The qcow2 → raw reader: open images, read and map them, export, check, compare, inspect. */
+export {
+  openImage,
+  openDisk,
+  probeFormat,
+  type DiskImage,
+  type Extent,
+  type ExtentKind,
+  type ImageFormat,
+  type OpenImageOptions,
+  type OpenDiskOptions,
+} from './image.js';
+export { exportStream, exportToFile, EXPORT_CHUNK, type ExportOptions, type ExportResult } from './export.js';
+export { mapImage, mapEntryOf, formatMapJsonEntry, formatMapHumanRow, MAP_HUMAN_HEADER, type MapEntry } from './map.js';
+export { checkImage, MAX_CHECK_CLUSTERS, MAX_CHECK_SNAPSHOT_L1_ENTRIES, type CheckFinding, type CheckOptions, type CheckResult, type FindingSeverity } from './check.js';
+export { compareImages, type CompareOptions, type CompareResult } from './compare.js';
+export { readImageInfo, type ImageInfo } from './info.js';
