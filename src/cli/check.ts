@@ -4,7 +4,7 @@
  */
 
 import type { Command } from 'commander';
-import { action, ExitCode, printJson } from './common.js';
+import { action, ExitCode, printJson, writeStdout } from './common.js';
 import { checkImage, type CheckResult } from '../read/check.js';
 
 export function registerCheck(program: Command): void {
@@ -17,7 +17,7 @@ export function registerCheck(program: Command): void {
       action(async (imagePath: string, flags: { json?: boolean }) => {
         const result = await checkImage(imagePath);
         if (flags.json) printJson(checkJson(result));
-        else process.stdout.write(formatCheck(result));
+        else writeStdout(formatCheck(result));
         return result.clean ? ExitCode.OK : ExitCode.FINDINGS;
       }),
     );

@@ -45,9 +45,27 @@ export function parseInteger(text: string): number {
   return value;
 }
 
+let stdoutGuarded = false;
+
+/**
+ * Writes text to stdout. A reader that goes away (`qcow2-stream map img | head`) ends the
+ * program quietly, as for any Unix filter, instead of an EPIPE stack trace.
+ */
+export function writeStdout(text: string): void {
+  if (!stdoutGuarded) {
+    stdoutGuarded = true;
+    process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code === 'EPIPE') process.exit(process.exitCode ?? ExitCode.OK);
+      process.stderr.write(`qcow2-stream: cannot write to standard output: ${err.message}\n`);
+      process.exit(ExitCode.ERROR);
+    });
+  }
+  process.stdout.write(text);
+}
+
 /** Writes one JSON document to stdout. */
 export function printJson(value: unknown): void {
-  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+  writeStdout(`${JSON.stringify(value, null, 2)}\n`);
 }
 
 /** Prints a one-line error (plus a hint line) to stderr; no stack trace unless QCOW2_STREAM_DEBUG=1. */

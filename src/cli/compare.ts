@@ -4,7 +4,7 @@
  */
 
 import type { Command } from 'commander';
-import { action, ExitCode, printJson, processSignal } from './common.js';
+import { action, ExitCode, printJson, processSignal, writeStdout } from './common.js';
 import { createProgress } from './progress.js';
 import { openDisk, type DiskImage, type ImageFormat } from '../read/image.js';
 import { compareImages } from '../read/compare.js';
@@ -65,9 +65,9 @@ Examples:
           // Like qemu, the size warning comes only once the common part compared equal.
           const commonSize = Math.min(a.virtualSize, b.virtualSize);
           if (result.sizeMismatch && (result.identical || (result.mismatchOffset ?? 0) >= commonSize)) {
-            process.stdout.write('Warning: Image size mismatch!\n');
+            writeStdout('Warning: Image size mismatch!\n');
           }
-          process.stdout.write(result.identical ? 'Images are identical.\n' : `Content mismatch at offset ${result.mismatchOffset ?? 0}!\n`);
+          writeStdout(result.identical ? 'Images are identical.\n' : `Content mismatch at offset ${result.mismatchOffset ?? 0}!\n`);
           return code;
         } finally {
           await b?.close();

@@ -4,7 +4,7 @@
  */
 
 import type { Command } from 'commander';
-import { action, formatBytes, printJson } from './common.js';
+import { action, formatBytes, printJson, writeStdout } from './common.js';
 import { readImageInfo, type ImageInfo } from '../read/info.js';
 import { parseFormat } from './export.js';
 import type { ImageFormat } from '../read/image.js';
@@ -20,7 +20,7 @@ export function registerInfo(program: Command): void {
       action(async (imagePath: string, flags: { json?: boolean; format?: ImageFormat }) => {
         const info = await readImageInfo(imagePath, flags.format);
         if (flags.json) printJson(info);
-        else process.stdout.write(formatInfo(info));
+        else writeStdout(formatInfo(info));
       }),
     );
 }

@@ -6,7 +6,7 @@
 
 import { existsSync, readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
-import { ExitCode } from './common.js';
+import { ExitCode, writeStdout } from './common.js';
 import { registerConvert } from './convert.js';
 import { registerWrap } from './wrap.js';
 import { registerExport } from './export.js';
@@ -33,7 +33,10 @@ export function buildProgram(): Command {
     .version(version, '-V, --version')
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride()
-    .configureOutput({ outputError: (text, write) => write(`qcow2-stream: ${text.replace(/^error: /, '')}`) });
+    .configureOutput({
+      writeOut: writeStdout,
+      outputError: (text, write) => write(`qcow2-stream: ${text.replace(/^error: /, '')}`),
+    });
   for (const register of [registerConvert, registerWrap, registerExport, registerInfo, registerMap, registerCheck, registerCompare]) {
     register(program);
   }

@@ -4,7 +4,7 @@
  */
 
 import type { Command } from 'commander';
-import { action } from './common.js';
+import { action, writeStdout } from './common.js';
 import { openDisk, type ImageFormat } from '../read/image.js';
 import { formatMapHumanRow, formatMapJsonEntry, MAP_HUMAN_HEADER, mapImage } from '../read/map.js';
 import { parseFormat } from './export.js';
@@ -40,7 +40,7 @@ export function registerMap(program: Command): void {
           // Entries are printed as they come: a map of a huge image never sits in memory.
           const out: string[] = [];
           const flush = () => {
-            if (out.length) process.stdout.write(out.join(''));
+            if (out.length) writeStdout(out.join(''));
             out.length = 0;
           };
           if (flags.json) {

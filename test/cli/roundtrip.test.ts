@@ -106,3 +106,11 @@ test('dedup with an external data file fails before writing anything, and says w
   assert.equal(existsSync(join(dir, 'out', 'disk.qcow2')), false);
   assert.equal(existsSync(join(dir, 'out', 'disk.data')), false);
 });
+
+test('a reader that goes away early ends the program quietly (no EPIPE stack trace)', async () => {
+  const { spawnSync } = await import('node:child_process');
+  const { CLI_PATH } = await import('../helpers/cli.js');
+  const tsx = import.meta.resolve('tsx');
+  const result = spawnSync('sh', ['-c', `"${process.execPath}" --import "${tsx}" "${CLI_PATH}" convert --help | head -c 10 > /dev/null; exit 0`], { encoding: 'utf8' });
+  assert.doesNotMatch(result.stderr, /EPIPE|\n\s+at /);
+});
