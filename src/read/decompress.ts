@@ -66,29 +66,36 @@ class OutputFull extends Error {}
 
 function decompressZstd(compressed: Uint8Array, out: Uint8Array, hostOffset: number): void {
   const frames = zstdFrames(compressed, hostOffset);
-  let filled = 0;
   if (nativeZstd) {
-    let result: Buffer;
+    let result: Buffer | undefined;
     try {
       result = nativeZstd(frames, { maxOutputLength: out.length });
     } catch (err) {
-      throw corrupt(`invalid zstd data (${(err as Error).message})`, hostOffset, err);
+      // The bytes read can hold the next cluster's frame too (the descriptor's size rounds up
+      // to sectors), so "more output than a cluster" is normal: qemu stops once the cluster is
+      // full. The native call cannot stop there; the streaming decoder below can.
+      if ((err as NodeJS.ErrnoException).code !== 'ERR_BUFFER_TOO_LARGE') {
+        throw corrupt(`invalid zstd data (${(err as Error).message})`, hostOffset, err);
+      }
     }
-    out.set(result.subarray(0, out.length));
-    filled = Math.min(result.length, out.length);
-  } else {
-    const stream = new ZstdStream((chunk) => {
-      const n = Math.min(chunk.length, out.length - filled);
-      out.set(chunk.subarray(0, n), filled);
-      filled += n;
-      // qemu stops decompressing once the cluster is full; so do we.
-      if (filled === out.length) throw new OutputFull();
-    });
-    try {
-      stream.push(frames, true);
-    } catch (err) {
-      if (!(err instanceof OutputFull)) throw corrupt(`invalid zstd data (${(err as Error).message})`, hostOffset, err);
+    if (result) {
+      if (result.length !== out.length) throw corrupt(`the zstd data ends after ${result.length} of ${out.length} bytes`, hostOffset);
+      out.set(result);
+      return;
     }
+  }
+  let filled = 0;
+  const stream = new ZstdStream((chunk) => {
+    const n = Math.min(chunk.length, out.length - filled);
+    out.set(chunk.subarray(0, n), filled);
+    filled += n;
+    // qemu stops decompressing once the cluster is full; so do we.
+    if (filled === out.length) throw new OutputFull();
+  });
+  try {
+    stream.push(frames, true);
+  } catch (err) {
+    if (!(err instanceof OutputFull)) throw corrupt(`invalid zstd data (${(err as Error).message})`, hostOffset, err);
   }
   if (filled !== out.length) throw corrupt(`the zstd data ends after ${filled} of ${out.length} bytes`, hostOffset);
 }
