@@ -11,7 +11,7 @@
  * error, abort, size mismatch) removes what this run created.
  */
 
-import { relative, dirname, isAbsolute, resolve } from 'node:path';
+import { relative, dirname, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import type { Block } from '../block.js';
 import type { Progress } from '../progress.js';
@@ -304,7 +304,8 @@ function dedupLimits(dedup: true | { maxEntries?: number }): { maxEntries?: numb
 async function describeBacking(base: string, baseName: string | undefined, output: OutputTarget): Promise<{ name: string; format: string }> {
   const format = await probeFormat(base);
   if (baseName !== undefined) return { name: baseName, format };
-  if (isAbsolute(base) || typeof output !== 'string' || output === '-') return { name: base, format };
+  // Relative even when both paths are absolute: the pair keeps working when the folder moves.
+  if (typeof output !== 'string' || output === '-') return { name: base, format };
   return { name: relative(dirname(resolve(output)), resolve(base)) || base, format };
 }
 
