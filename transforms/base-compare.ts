@@ -34,27 +34,16 @@ export function compareWithBase(
   base: BaseImage,
   clusterSize: number,
 ): { blocks: AsyncGenerator<Block>; stats: BaseCompareStats } {
-  const stats: BaseCompareStats = { unchanged: 0, changed: 0 };
-  async function* run(): AsyncGenerator<Block> {
-    for await (const block of blocks) {
-      const offset = block.index * clusterSize;
-      const inBase = Math.max(0, Math.min(block.data.length, base.virtualSize - offset));
-      let same: boolean;
-      if (inBase === 0) same = block.zero ?? isAllZero(block.data);
-      else {
-        const baseBytes = await base.read(offset, inBase);
-        same =
-          Buffer.from(baseBytes.buffer, baseBytes.byteOffset, inBase).equals(Buffer.from(block.data.buffer, block.data.byteOffset, inBase)) &&
-          isAllZero(block.data.subarray(inBase));
-      }
-      if (same) {
-        block.sameAsBase = true;
-        stats.unchanged++;
-      } else stats.changed++;
-      yield block;
-    }
-  }
-  return { blocks: run(), stats };
+  return markUnchanged(blocks, async (block) => {
+    const offset = block.index * clusterSize;
+    const inBase = Math.max(0, Math.min(block.data.length, base.virtualSize - offset));
+    if (inBase === 0) return block.zero ?? isAllZero(block.data);
+    const baseBytes = await base.read(offset, inBase);
+    return (
+      Buffer.from(baseBytes.buffer, baseBytes.byteOffset, inBase).equals(Buffer.from(block.data.buffer, block.data.byteOffset, inBase)) &&
+      isAllZero(block.data.subarray(inBase))
+    );
+  });
 }
 
 /** Annotates `sameAsBase` by comparing fingerprints with a manifest of the base. */
@@ -70,25 +59,33 @@ export function compareWithManifest(
       { hint: `Convert with --cluster-size ${2 ** manifest.header.clusterBits}` },
     );
   }
-  const stats: BaseCompareStats = { unchanged: 0, changed: 0 };
   const zeroHashes = new Map<number, bigint>();
   const zeroHash = (length: number) => {
     let hash = zeroHashes.get(length);
     if (hash === undefined) zeroHashes.set(length, (hash = hasher.hash64(new Uint8Array(length))));
     return hash;
   };
+  const clusterSize = 2 ** clusterBits;
+  return markUnchanged(blocks, async (block) => {
+    const expected = await manifest.fingerprintAt(block.index);
+    if (expected === undefined) return block.zero ?? isAllZero(block.data);
+    const length = Math.ceil(block.data.length / 512) * 512;
+    // A cluster cut short by the end of either image only matches one of the same length.
+    const baseLength = Math.min(clusterSize, manifest.header.virtualSize - block.index * clusterSize);
+    if (baseLength !== length) return false;
+    return (block.zero ? zeroHash(length) : guestFingerprint(block, hasher)) === expected;
+  });
+}
+
+/** Sets `sameAsBase` where `isSame` says so, and counts. */
+function markUnchanged(
+  blocks: AsyncIterable<Block>,
+  isSame: (block: Block) => Promise<boolean>,
+): { blocks: AsyncGenerator<Block>; stats: BaseCompareStats } {
+  const stats: BaseCompareStats = { unchanged: 0, changed: 0 };
   async function* run(): AsyncGenerator<Block> {
     for await (const block of blocks) {
-      const expected = await manifest.fingerprintAt(block.index);
-      const clusterSize = 2 ** clusterBits;
-      const length = Math.ceil(block.data.length / 512) * 512;
-      // A cluster cut short by the end of either image only matches one of the same length.
-      const baseLength = Math.min(clusterSize, manifest.header.virtualSize - block.index * clusterSize);
-      let same: boolean;
-      if (expected === undefined) same = block.zero ?? isAllZero(block.data);
-      else if (baseLength !== length) same = false;
-      else same = (block.zero ? zeroHash(length) : guestFingerprint(block, hasher)) === expected;
-      if (same) {
+      if (await isSame(block)) {
         block.sameAsBase = true;
         stats.unchanged++;
       } else stats.changed++;
