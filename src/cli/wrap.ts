@@ -4,6 +4,7 @@
  */
 
 import type { Command } from 'commander';
+import { createProgress } from './progress.js';
 import { wrap, type WrapSummary } from '../write/wrap.js';
 import { action, formatBytes, parseInteger, parseSize, printJson, processSignal } from './common.js';
 
@@ -40,13 +41,21 @@ Example:
     )
     .action(
       action(async (raw: string, output: string, flags: WrapFlags) => {
-        const summary = await wrap(raw, output, {
-          clusterSize: flags.clusterSize ?? 65536,
-          refcountBits: flags.refcountBits ?? 16,
-          dataFileRaw: flags.dataFileRaw,
-          signal: processSignal(),
-          ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
-        });
+        // Only the sparse mode reads the raw file; the raw mode is instant.
+        const progress = createProgress({ label: 'wrap (scanning)', quiet: Boolean(flags.quiet || flags.json || flags.dataFileRaw) });
+        let summary: WrapSummary;
+        try {
+          summary = await wrap(raw, output, {
+            clusterSize: flags.clusterSize ?? 65536,
+            refcountBits: flags.refcountBits ?? 16,
+            dataFileRaw: flags.dataFileRaw,
+            signal: processSignal(),
+            onProgress: progress.update,
+            ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
+          });
+        } finally {
+          progress.stop();
+        }
         if (flags.json) {
           if (output === '-') process.stderr.write(`${JSON.stringify(summary, null, 2)}\n`);
           else printJson(summary);

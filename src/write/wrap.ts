@@ -12,6 +12,7 @@
  */
 
 import { InvalidArgumentError } from '../errors.js';
+import type { Progress } from '../progress.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { isAllZero } from '../io/buffers.js';
 import { openForRead } from '../io/files.js';
@@ -22,10 +23,14 @@ import { identify, sameFile } from './paths.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions } from './settings.js';
 import { BufferPool, fileHandleTarget, readBlocks } from './sources.js';
 
+const PROGRESS_STEP = 32 * 1024 * 1024;
+
 export interface WrapOptions extends ImageOptions {
   /** The name stored in the header. Default: the raw path exactly as given. */
   dataFileName?: string;
   signal?: AbortSignal;
+  /** Called every 32 MiB while a sparse-mode wrap scans the raw file, and at the end. */
+  onProgress?: (progress: Progress) => void;
 }
 
 export interface WrapSummary {
@@ -89,9 +94,14 @@ export async function wrap(rawPath: string, output: OutputTarget, options: WrapO
       } else {
         const target = fileHandleTarget(raw.handle, rawPath, true);
         const pool = new BufferPool();
+        let nextReport = PROGRESS_STEP;
         for await (const block of readBlocks(target, { clusterSize: settings.clusterSize, size: raw.size, pool })) {
           if (signal?.aborted) throw abortError(signal);
           bytesRead += block.data.length;
+          if (bytesRead >= nextReport) {
+            options.onProgress?.({ bytesDone: bytesRead, bytesTotal: raw.size });
+            nextReport = bytesRead + PROGRESS_STEP;
+          }
           const hasData = !isAllZero(block.data);
           pool.release(block.data);
           if (hasData) dataClusters++;
@@ -100,6 +110,7 @@ export async function wrap(rawPath: string, output: OutputTarget, options: WrapO
         }
       }
       const result: MetadataResult = await emitter.finish(virtualSize);
+      options.onProgress?.({ bytesDone: raw.size, bytesTotal: raw.size });
       await metadata.commit();
       return {
         rawBytes: raw.size,
