@@ -8,7 +8,7 @@
  * filled completely before it is cut, so even a pipe's 64 KiB chunks give whole clusters).
  */
 
-import { createReadStream, fstatSync, openSync } from 'node:fs';
+import { closeSync, constants, createReadStream, fstatSync, openSync, read as fsRead } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { isatty } from 'node:tty';
@@ -274,7 +274,8 @@ export async function openInput(path: string, declaredSize?: number): Promise<Op
       hint: 'Pipe an image in (… | qcow2-stream convert - OUT) or name the input file',
     });
   }
-  const target = readableTarget(streamFor(path, kind), name);
+  const fd = path === '-' && kind === 'pipe' ? openNonBlocking('/dev/stdin') : undefined;
+  const target = fd === undefined ? readableTarget(streamFor(path, kind), name) : nonBlockingTarget(fd, name);
   return {
     name,
     size: declaredSize,
@@ -282,6 +283,56 @@ export async function openInput(path: string, declaredSize?: number): Promise<Op
     file: undefined,
     target,
     close: async () => target.close(),
+  };
+}
+
+/**
+ * A pipe on standard input reopened with O_NONBLOCK: a new open file description of the same
+ * pipe, so the flag is ours alone. Reads then never block a thread-pool thread (a quiet pipe
+ * answers EAGAIN at once), yet go straight into our large pooled buffers — no per-chunk
+ * Buffers as a stream would allocate. Undefined where the reopen is impossible.
+ */
+function openNonBlocking(path: string): number | undefined {
+  try {
+    return openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  } catch {
+    return undefined;
+  }
+}
+
+/** A ReadTarget over a non-blocking descriptor: EAGAIN waits a moment and retries. */
+function nonBlockingTarget(fd: number, name: string): ReadTarget & { close(): void } {
+  const readOnce = (buffer: Uint8Array, offset: number, length: number) =>
+    new Promise<number>((resolve, reject) => {
+      fsRead(fd, buffer, offset, length, null, (err, bytesRead) => (err ? reject(err) : resolve(bytesRead)));
+    });
+  let closed = false;
+  // Closing while a read is in the thread pool could hand the descriptor number to another
+  // file before that read runs: close only once it has come back.
+  let inflight: Promise<unknown> = Promise.resolve();
+  return {
+    name,
+    positional: false,
+    read: async (buffer, offset, length) => {
+      // An empty pipe usually refills within microseconds: retry on the next turn of the event
+      // loop first, then back off to timers so a stalled writer costs no CPU.
+      for (let attempt = 0; ; attempt++) {
+        if (closed) return 0;
+        const reading = readOnce(buffer, offset, length);
+        inflight = reading.catch(() => {});
+        try {
+          return await reading;
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw fileError(err, 'read', name);
+          await new Promise((resolve) => (attempt < 8 ? setImmediate(resolve) : setTimeout(resolve, Math.min(2 ** (attempt - 8), 20))));
+        }
+      }
+    },
+    close: () => {
+      if (closed) return;
+      closed = true;
+      void inflight.then(() => closeSync(fd));
+    },
   };
 }
 
