@@ -4,9 +4,11 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
 import { join } from 'node:path';
-import { runCli } from '../helpers/cli.js';
+import { CLI_PATH, runCli } from '../helpers/cli.js';
 import { mixedExtents, writeRawImage, randomBytesAt } from '../helpers/images.js';
 import { needQemu, qemuCheck, qemuCompare, tempDir } from '../helpers/qemu.js';
 
@@ -108,18 +110,12 @@ test('dedup with an external data file fails before writing anything, and says w
 });
 
 test('a reader that goes away early ends the program quietly (no EPIPE stack trace)', async () => {
-  const { spawnSync } = await import('node:child_process');
-  const { CLI_PATH } = await import('../helpers/cli.js');
   const tsx = import.meta.resolve('tsx');
   const result = spawnSync('sh', ['-c', `"${process.execPath}" --import "${tsx}" "${CLI_PATH}" convert --help | head -c 10 > /dev/null; exit 0`], { encoding: 'utf8' });
   assert.doesNotMatch(result.stderr, /EPIPE|\n\s+at /);
 });
 
 test('a shell pipe into convert (stdin reopened non-blocking) gives the same image, and Ctrl-C on a quiet pipe exits', async (t) => {
-  const { spawn, spawnSync } = await import('node:child_process');
-  const { once } = await import('node:events');
-  const { readdirSync } = await import('node:fs');
-  const { CLI_PATH } = await import('../helpers/cli.js');
   const dir = setup(t);
   const tsx = import.meta.resolve('tsx');
   const cli = `"${process.execPath}" --import "${tsx}" "${CLI_PATH}"`;
@@ -128,7 +124,6 @@ test('a shell pipe into convert (stdin reopened non-blocking) gives the same ima
   ok(runCli(['compare', 'disk.raw', 'p.qcow2'], { cwd: dir }), 'compare');
   // A writer that goes quiet: the pipe stays open and empty; SIGINT must still end the run.
   // (A FIFO opened read-write here is stdin's pipe: we hold it open and write only 60 KiB.)
-  const { closeSync, openSync, writeSync } = await import('node:fs');
   const fifo = join(dir, 'stdin.fifo');
   assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
   const fd = openSync(fifo, 'r+');
@@ -136,7 +131,7 @@ test('a shell pipe into convert (stdin reopened non-blocking) gives the same ima
   writeSync(fd, Buffer.alloc(60 * 1024, 7));
   const child = spawn(process.execPath, ['--import', tsx, CLI_PATH, 'convert', '-', 'q.qcow2', '--data-file', 'q.data'], { cwd: dir, stdio: [fd, 'ignore', 'pipe'] });
   let stderr = '';
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
   for (let i = 0; i < 200 && !readdirSync(dir).some((f) => f.endsWith('.partial')); i++) await new Promise((r) => setTimeout(r, 25));
   child.kill('SIGINT');
   const [code] = (await once(child, 'exit')) as [number | null];
