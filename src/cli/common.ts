@@ -68,6 +68,24 @@ export function printJson(value: unknown): void {
   writeStdout(`${JSON.stringify(value, null, 2)}\n`);
 }
 
+/**
+ * Prints a command's summary: JSON with --json (to stderr when stdout carries the image itself,
+ * so the two never mix), else the human description on stderr unless --quiet.
+ */
+export function reportSummary(
+  summary: unknown,
+  flags: { json?: boolean | undefined; quiet?: boolean | undefined },
+  stdoutCarriesImage: boolean,
+  describe: () => string,
+): void {
+  if (flags.json) {
+    if (stdoutCarriesImage) process.stderr.write(`${JSON.stringify(summary, null, 2)}\n`);
+    else printJson(summary);
+  } else if (!flags.quiet) {
+    process.stderr.write(`${describe()}\n`);
+  }
+}
+
 /** Prints a one-line error (plus a hint line) to stderr; no stack trace unless QCOW2_STREAM_DEBUG=1. */
 export function reportError(err: unknown): number {
   const debug = process.env['QCOW2_STREAM_DEBUG'] === '1';

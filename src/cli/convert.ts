@@ -5,7 +5,7 @@
 import type { Command } from 'commander';
 import { convert, type ConvertSummary } from '../write/convert.js';
 import { createProgress } from './progress.js';
-import { action, formatBytes, parseInteger, parseSize, printJson, processSignal } from './common.js';
+import { action, formatBytes, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
 
 interface ConvertFlags {
   internal?: boolean;
@@ -98,13 +98,7 @@ Examples:
         } finally {
           progress.stop();
         }
-        if (flags.json) {
-          // Standard output may be carrying the image itself: never mix JSON into it.
-          if (output === '-') process.stderr.write(`${JSON.stringify(summary, null, 2)}\n`);
-          else printJson(summary);
-        } else if (!flags.quiet) {
-          process.stderr.write(`${describeConvert(output, summary)}\n`);
-        }
+        reportSummary(summary, flags, output === '-', () => describeConvert(output, summary));
       }),
     );
 }

@@ -6,7 +6,7 @@
 import type { Command } from 'commander';
 import { createProgress } from './progress.js';
 import { wrap, type WrapSummary } from '../write/wrap.js';
-import { action, formatBytes, parseInteger, parseSize, printJson, processSignal } from './common.js';
+import { action, formatBytes, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
 
 interface WrapFlags {
   dataFileName?: string;
@@ -56,12 +56,7 @@ Example:
         } finally {
           progress.stop();
         }
-        if (flags.json) {
-          if (output === '-') process.stderr.write(`${JSON.stringify(summary, null, 2)}\n`);
-          else printJson(summary);
-        } else if (!flags.quiet) {
-          process.stderr.write(`${describeWrap(output, summary)}\n`);
-        }
+        reportSummary(summary, flags, output === '-', () => describeWrap(output, summary));
       }),
     );
 }
