@@ -98,6 +98,20 @@ function casesFor(kind: ImageKind): Case[] {
       command: `cat ${raw} | ${ours} convert --quiet - - --size ${sizes[kind]} --data-file ${out(`${k}-p.data`)} --force > ${out(`${k}-p.qcow2`)}`,
     },
     {
+      name: `${k}/convert-internal`,
+      image: kind,
+      outputs: [out(`${k}-i.qcow2`)],
+      command: `${ours} convert --quiet --internal ${raw} ${out(`${k}-i.qcow2`)}`,
+    },
+    {
+      // Dedup's cost is measured against our own plain internal convert (the issue's budget: ≤ 35%).
+      name: `${k}/convert-internal-dedup`,
+      image: kind,
+      peer: `${k}/convert-internal`,
+      outputs: [out(`${k}-d.qcow2`)],
+      command: `${ours} convert --quiet --internal --dedup ${raw} ${out(`${k}-d.qcow2`)}`,
+    },
+    {
       name: `${k}/qemu-export`,
       image: kind,
       outputs: [out(`${k}-qe.raw`)],

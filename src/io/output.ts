@@ -12,7 +12,7 @@
  */
 
 import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
-import { write as fsWrite } from 'node:fs';
+import { readSync, write as fsWrite } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
@@ -198,6 +198,27 @@ export class OffsetWriter {
       let bytesRead: number;
       try {
         ({ bytesRead } = await this.handle.read(out, done, length - done, offset + done));
+      } catch (err) {
+        throw fileError(err, `read back the ${this.label}`, this.path ?? '');
+      }
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return out;
+  }
+
+  /**
+   * {@link readAt} without the thread-pool round trip, for hot paths reading back what was just
+   * written (still in the page cache, so the read does not wait on the disk).
+   */
+  readAtSync(offset: number, length: number): Uint8Array {
+    if (!this.handle || this.kind !== 'file') throw new RangeError(`${this.label}: only a file output can be read back`);
+    const out = new Uint8Array(length);
+    let done = 0;
+    while (done < length) {
+      let bytesRead: number;
+      try {
+        bytesRead = readSync(this.handle.fd, out, done, length - done, offset + done);
       } catch (err) {
         throw fileError(err, `read back the ${this.label}`, this.path ?? '');
       }

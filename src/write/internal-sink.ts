@@ -106,10 +106,7 @@ export class InternalImageWriter {
         ...(options.dedup.maxEntries === undefined ? {} : { maxEntries: options.dedup.maxEntries }),
         maxShares,
         // Values are guest indexes of first copies: their host offset is in the L2 tables.
-        readBack: async (guest, length) => {
-          await this.flushPending();
-          return this.output.readAt(await this.hostOf(guest), length);
-        },
+        readBack: async (guest, length) => this.storedBytes(await this.hostOf(guest), length),
         onRetire: (guest, count) => {
           if (count > 1) this.retired.push([guest, count]);
         },
@@ -253,6 +250,16 @@ export class InternalImageWriter {
     this.tableUsed = true;
   }
 
+  /**
+   * The bytes stored at a host offset: from the batch not yet written when it is there (a
+   * flush per dedup match would break write batching), else read back from the file.
+   */
+  private async storedBytes(host: number, length: number): Promise<Uint8Array> {
+    const queued = this.pending[host / this.cs - this.pendingHost];
+    if (this.pending.length > 0 && queued) return queued.data.subarray(0, length);
+    return this.output.readAtSync(host, length);
+  }
+
   /** Queues a data cluster at the next host cluster; returns its host offset. */
   private async append(block: Block): Promise<number> {
     if (this.pendingBytes === 0) this.pendingHost = this.nextHost;
@@ -293,7 +300,7 @@ export class InternalImageWriter {
     if (table === this.tableIndex) return entryOffset(this.tableView, pos);
     const tableOffset = this.l1[table];
     if (!tableOffset) throw new RangeError(`InternalImageWriter: guest cluster ${guest} has no L2 table`);
-    return entryOffset(viewOf(await this.output.readAt(tableOffset + pos, 8)), 0);
+    return entryOffset(viewOf(this.output.readAtSync(tableOffset + pos, 8)), 0);
   }
 
   /** First copies referenced more than once, with their final reference counts. */
