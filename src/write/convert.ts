@@ -29,7 +29,7 @@ import { clusterize } from './clusterize.js';
 import { ExternalWriter } from './external-sink.js';
 import { InternalImageWriter } from './internal-sink.js';
 import { defaultDataFilePath, identify, sameFile, type FileIdentity } from './paths.js';
-import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings } from './settings.js';
+import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
 
 /** A raw image: a path, '-' for standard input, a Node Readable or any async iterable of bytes. */
@@ -83,22 +83,11 @@ export interface ConvertOptions extends ImageOptions {
   onProgress?: (progress: ConvertProgress) => void;
 }
 
-export interface ConvertSummary {
+/** `dataClusters` counts clusters stored in the data file, or in the image (internal layout). */
+export interface ConvertSummary extends ImageShape {
   layout: 'external' | 'internal';
   /** Guest bytes read (the input size). */
   inputBytes: number;
-  /** The image's virtual size: inputBytes rounded up to 512. */
-  virtualSize: number;
-  clusterSize: number;
-  refcountBits: number;
-  /** The raw-data-file bit (external layout). */
-  dataFileRaw: boolean;
-  /** Guest clusters of the image. */
-  clusters: number;
-  /** Clusters stored (in the data file, or in the image for the internal layout). */
-  dataClusters: number;
-  /** All-zero clusters (holes, unallocated or zero-flagged). */
-  zeroClusters: number;
   /** Clusters that share an earlier cluster's storage (dedup). */
   duplicateClusters: number;
   /** Clusters equal to the base, left unallocated (overlays). */

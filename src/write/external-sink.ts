@@ -22,7 +22,7 @@ import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { OffsetWriter, type OutputTarget } from '../io/output.js';
 import { inputSizeMismatch } from './clusterize.js';
 import { MetadataEmitter, type MetadataResult } from './metadata.js';
-import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings } from './settings.js';
+import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 
 export interface ExternalSinkOptions extends ImageOptions {
   /** Where the qcow2 metadata goes: a path, '-' for standard output, or a Writable. */
@@ -51,20 +51,9 @@ export interface ExternalSinkOptions extends ImageOptions {
 }
 
 /** What the sink wrote. */
-export interface SinkResult {
+export interface SinkResult extends ImageShape {
   /** Guest bytes received (the input size). */
   inputBytes: number;
-  /** The image's virtual size: inputBytes rounded up to 512. */
-  virtualSize: number;
-  clusterSize: number;
-  refcountBits: number;
-  dataFileRaw: boolean;
-  /** Guest clusters of the image. */
-  clusters: number;
-  /** Clusters written to the data file. */
-  dataClusters: number;
-  /** Clusters not written: all-zero (holes; unallocated in sparse mode) or unchanged from the backing file. */
-  zeroClusters: number;
   /** Overlays: clusters equal to the backing file, left unallocated (counted in zeroClusters too). */
   unchangedClusters: number;
   /** Bytes handed to the OS for the data file (zeros written to a pipe included). */

@@ -8,3 +8,4 @@ export { convert, type ConvertInput, type ConvertOptions, type ConvertProgress, 
 export { wrap, type WrapOptions, type WrapSummary } from './wrap.js';
 export { resolveImageSettings, type ImageOptions, type ImageSettings } from './settings.js';
 export { InternalImageWriter, createInternalSink, type InternalImageOptions, type InternalSummary } from './internal-sink.js';
+export { type ImageShape } from './settings.js';

@@ -28,6 +28,22 @@ export interface ImageOptions {
   dataFileRaw?: boolean;
 }
 
+/** What every writer reports about the image it made (convert, wrap and the sinks extend it). */
+export interface ImageShape {
+  /** The image's virtual size: the input rounded up to 512. */
+  virtualSize: number;
+  clusterSize: number;
+  refcountBits: number;
+  /** The raw-data-file bit. */
+  dataFileRaw: boolean;
+  /** Guest clusters of the image. */
+  clusters: number;
+  /** Clusters mapped to stored data. */
+  dataClusters: number;
+  /** Clusters not stored (all-zero; for the sink, also those unchanged from a backing file). */
+  zeroClusters: number;
+}
+
 /** Validated image parameters. */
 export interface ImageSettings {
   clusterBits: number;

@@ -20,7 +20,7 @@ import { OffsetWriter, type OutputTarget } from '../io/output.js';
 import { abortError } from './abort.js';
 import { MetadataEmitter, type MetadataResult } from './metadata.js';
 import { identify, sameFile } from './paths.js';
-import { checkDataFileName, resolveImageSettings, type ImageOptions } from './settings.js';
+import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageShape } from './settings.js';
 import { BufferPool, fileHandleTarget, readBlocks } from './sources.js';
 
 const PROGRESS_STEP = 32 * 1024 * 1024;
@@ -33,18 +33,10 @@ export interface WrapOptions extends ImageOptions {
   onProgress?: (progress: Progress) => void;
 }
 
-export interface WrapSummary {
+/** `dataClusters`: all clusters in raw mode, the non-zero ones in sparse mode. */
+export interface WrapSummary extends ImageShape {
   /** Size of the raw file. */
   rawBytes: number;
-  /** rawBytes rounded up to 512. */
-  virtualSize: number;
-  clusterSize: number;
-  refcountBits: number;
-  dataFileRaw: boolean;
-  clusters: number;
-  /** Clusters mapped as data: all of them in raw mode, the non-zero ones in sparse mode. */
-  dataClusters: number;
-  zeroClusters: number;
   /** Bytes of raw file read (0 in raw mode: nothing needs reading). */
   bytesRead: number;
   metadataBytesWritten: number;
