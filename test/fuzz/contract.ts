@@ -15,7 +15,8 @@
  * and a stream export yields exactly the virtual size.
  */
 
-import { readdirSync, readlinkSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
+import { openDescriptors } from '../helpers/descriptors.js';
 import { join } from 'node:path';
 import { isQcow2StreamError } from '../../src/errors.js';
 import { openDisk, type DiskImage } from '../../src/read/image.js';
@@ -59,17 +60,6 @@ export interface CaseOutcome {
   peakBytes: number;
 }
 
-export function openDescriptors(): string[] {
-  const out: string[] = [];
-  for (const fd of readdirSync('/proc/self/fd')) {
-    try {
-      out.push(`${fd} -> ${readlinkSync(`/proc/self/fd/${fd}`)}`);
-    } catch {
-      // the descriptor readdir itself used, closed by now
-    }
-  }
-  return out;
-}
 
 function withTimeout<T>(stage: string, work: Promise<T>): Promise<T> {
   let timer: NodeJS.Timeout | undefined;

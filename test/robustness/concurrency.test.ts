@@ -14,7 +14,7 @@ import { exportToFile } from '../../src/read/export.js';
 import { needQemu, tempDir } from '../helpers/qemu.js';
 import { mixedExtents, writeRawImage } from '../helpers/images.js';
 import { img, io, qemuRaw } from '../read/fixtures.js';
-import { leakedSince, openDescriptors } from './faults.js';
+import { leakedSince, openDescriptors } from '../helpers/descriptors.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 24 * MiB;

@@ -16,7 +16,8 @@ import { EXPORT_CHUNK, exportStream, exportToFile } from '../../src/read/export.
 import { isQcow2StreamError, type ErrorCode } from '../../src/errors.js';
 import { needQemu, tempDir } from '../helpers/qemu.js';
 import { img, io, qemuRaw } from '../read/fixtures.js';
-import { countReads, errnoError, failOn, leakedSince, openDescriptors } from './faults.js';
+import { countReads, errnoError, failOn } from './faults.js';
+import { leakedSince, openDescriptors } from '../helpers/descriptors.js';
 
 const MiB = 1024 * 1024;
 

@@ -5,7 +5,7 @@
  * descriptor's /proc/self/fd link), leaving every other file of the process alone.
  */
 
-import { readdirSync, readlinkSync, writeFileSync, rmSync } from 'node:fs';
+import { readlinkSync, writeFileSync, rmSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -71,20 +71,4 @@ export async function countReads(t: TestContext, target: (path: string) => boole
   return failOn(t, 'read', target, Number.POSITIVE_INFINITY, errnoError('EIO', 'read'));
 }
 
-/** The descriptors open in this process, as `fd -> path`. */
-export function openDescriptors(): string[] {
-  const out: string[] = [];
-  for (const fd of readdirSync('/proc/self/fd')) {
-    try {
-      out.push(`${fd} -> ${readlinkSync(`/proc/self/fd/${fd}`)}`);
-    } catch {
-      // readdir's own descriptor, gone by now
-    }
-  }
-  return out;
-}
 
-/** Asserts-friendly: the descriptors opened since `before` that are still open. */
-export function leakedSince(before: readonly string[]): string[] {
-  return openDescriptors().filter((d) => !before.includes(d));
-}
