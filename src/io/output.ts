@@ -188,28 +188,9 @@ export class OffsetWriter {
 
   /**
    * Reads back bytes already written (regular files only): sinks that share clusters confirm a
-   * fingerprint match against what they stored. Unwritten ranges read as zeros.
-   */
-  async readAt(offset: number, length: number): Promise<Uint8Array> {
-    if (!this.handle || this.kind !== 'file') throw new RangeError(`${this.label}: only a file output can be read back`);
-    const out = new Uint8Array(length);
-    let done = 0;
-    while (done < length) {
-      let bytesRead: number;
-      try {
-        ({ bytesRead } = await this.handle.read(out, done, length - done, offset + done));
-      } catch (err) {
-        throw fileError(err, `read back the ${this.label}`, this.path ?? '');
-      }
-      if (bytesRead === 0) break;
-      done += bytesRead;
-    }
-    return out;
-  }
-
-  /**
-   * {@link readAt} without the thread-pool round trip, for hot paths reading back what was just
-   * written (still in the page cache, so the read does not wait on the disk).
+   * fingerprint match against what they stored, and patch tables they wrote. Synchronous: what
+   * was just written is in the page cache, and a thread-pool round trip per read cost more than
+   * the read. Unwritten ranges read as zeros.
    */
   readAtSync(offset: number, length: number): Uint8Array {
     if (!this.handle || this.kind !== 'file') throw new RangeError(`${this.label}: only a file output can be read back`);

@@ -318,7 +318,7 @@ export class InternalImageWriter {
     for (let i = 0; i < guests.length; ) {
       const t = Math.floor(guests[i]! / this.l2Entries);
       const tableOffset = this.l1[t]!;
-      const table = await this.output.readAt(tableOffset, this.cs);
+      const table = this.output.readAtSync(tableOffset, this.cs);
       const view = viewOf(table);
       for (; i < guests.length && Math.floor(guests[i]! / this.l2Entries) === t; i++) {
         const pos = (guests[i]! % this.l2Entries) * 8;
