@@ -22,8 +22,10 @@ let shared: Promise<Hasher> | undefined;
 export function createHasher(): Promise<Hasher> {
   shared ??= xxhash().then((api) => ({
     algorithm: 'xxh64' as const,
-    // create64().update().digest() measured 15–40% faster than h64Raw on 64 KiB blocks.
-    hash64: (bytes: Uint8Array) => api.create64().update(bytes).digest(),
+    // h64Raw copies the bytes to offset 0 of wasm memory; create64().update() copies them to
+    // offset 88, and from our page-skewed I/O buffers that copy ran at ~1.7 GB/s against
+    // ~5.8 GB/s for h64Raw (64 KiB views, measured here). Same XXH64, seed 0.
+    hash64: (bytes: Uint8Array) => api.h64Raw(bytes),
   }));
   return shared;
 }
