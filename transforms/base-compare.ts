@@ -6,7 +6,7 @@
  * XXH64 fingerprints (see manifest.ts for the odds and the caveat about crafted input).
  */
 
-import type { Block } from '../src/block.js';
+import { expandZeroRuns, type Block } from '../src/block.js';
 import { InvalidArgumentError } from '../src/errors.js';
 import { isAllZero } from '../src/io/buffers.js';
 import type { Hasher } from './fingerprint.js';
@@ -14,10 +14,13 @@ import { guestFingerprint, type ManifestReader } from './manifest.js';
 
 /** Random access to the base's guest bytes (a reader's image object fits). */
 export interface BaseImage {
+  /** The base's virtual size in bytes; beyond it the base reads as zeros. */
   readonly virtualSize: number;
+  /** Reads `length` guest bytes at `offset` (within the virtual size). */
   read(offset: number, length: number): Promise<Uint8Array>;
 }
 
+/** What a base comparison found. */
 export interface BaseCompareStats {
   /** Blocks equal to the base at the same offset. */
   unchanged: number;
@@ -33,7 +36,12 @@ export function compareWithBase(
   blocks: AsyncIterable<Block>,
   base: BaseImage,
   clusterSize: number,
-): { blocks: AsyncGenerator<Block>; stats: BaseCompareStats } {
+): {
+  /** The blocks, annotated. */
+  blocks: AsyncGenerator<Block>;
+  /** Counts so far, updated as the blocks flow. */
+  stats: BaseCompareStats;
+} {
   return markUnchanged(blocks, async (block) => {
     const offset = block.index * clusterSize;
     const inBase = Math.max(0, Math.min(block.data.length, base.virtualSize - offset));
@@ -52,7 +60,12 @@ export function compareWithManifest(
   manifest: ManifestReader,
   hasher: Hasher,
   clusterBits: number,
-): { blocks: AsyncGenerator<Block>; stats: BaseCompareStats } {
+): {
+  /** The blocks, annotated. */
+  blocks: AsyncGenerator<Block>;
+  /** Counts so far, updated as the blocks flow. */
+  stats: BaseCompareStats;
+} {
   if (manifest.header.clusterBits !== clusterBits) {
     throw new InvalidArgumentError(
       `The manifest '${manifest.path}' was made with ${2 ** manifest.header.clusterBits}-byte clusters; this image uses ${2 ** clusterBits}`,
@@ -77,14 +90,17 @@ export function compareWithManifest(
   });
 }
 
-/** Sets `sameAsBase` where `isSame` says so, and counts. */
+/**
+ * Sets `sameAsBase` where `isSame` says so, and counts. Zero runs are expanded: each of their
+ * clusters is compared on its own (the base may hold data anywhere under a hole of ours).
+ */
 function markUnchanged(
   blocks: AsyncIterable<Block>,
   isSame: (block: Block) => Promise<boolean>,
 ): { blocks: AsyncGenerator<Block>; stats: BaseCompareStats } {
   const stats: BaseCompareStats = { unchanged: 0, changed: 0 };
   async function* run(): AsyncGenerator<Block> {
-    for await (const block of blocks) {
+    for await (const block of expandZeroRuns(blocks)) {
       if (await isSame(block)) {
         block.sameAsBase = true;
         stats.unchanged++;

@@ -16,6 +16,7 @@ import type { Block } from '../src/block.js';
 import { FingerprintIndex, type FingerprintIndexOptions } from './fingerprint-index.js';
 import type { Hasher } from './fingerprint.js';
 
+/** What a deduplicator saw and decided. */
 export interface DedupStats {
   /** Non-zero clusters looked at. */
   clusters: number;
@@ -29,9 +30,14 @@ export interface DedupStats {
   shareLimitHits: number;
 }
 
+/** Options of a {@link Deduplicator}; the index options size its {@link FingerprintIndex}. */
 export interface DeduplicatorOptions extends FingerprintIndexOptions {
+  /** Fingerprints blocks (XXH64, from `createHasher()`). */
   hasher: Hasher;
-  /** Reads back the bytes stored under `value` to confirm a fingerprint match. */
+  /**
+   * Reads back the bytes stored under `value` to confirm a fingerprint match. They are compared
+   * at once, so a reused scratch buffer is fine.
+   */
   readBack: (value: number, length: number) => Promise<Uint8Array>;
   /** How many blocks may share one value (e.g. the refcount limit). Default unlimited. */
   maxShares?: number;
@@ -42,10 +48,27 @@ export interface DeduplicatorOptions extends FingerprintIndexOptions {
   onRetire?: (value: number, count: number) => void;
 }
 
-export type DedupDecision = { kind: 'duplicate'; value: number } | { kind: 'unique' };
+/** What {@link Deduplicator.lookup} found: an earlier copy to share, or new content. */
+export type DedupDecision =
+  | {
+      /** The block equals an earlier one (confirmed byte for byte). */
+      kind: 'duplicate';
+      /** The value the earlier copy was remembered under. */
+      value: number;
+    }
+  | {
+      /** New content (or not shareable): store the block and {@link Deduplicator.remember} it. */
+      kind: 'unique';
+    };
 
+/**
+ * The dedup decision shared by the internal sink and the dedup stage: fingerprint a block, look
+ * it up, confirm a match byte for byte (`readBack`), and keep share counts under `maxShares`.
+ */
 export class Deduplicator {
+  /** The fingerprint → value index. */
   readonly index: FingerprintIndex;
+  /** What was seen and decided so far. */
   readonly stats: DedupStats = { clusters: 0, duplicates: 0, collisions: 0, notIndexed: 0, shareLimitHits: 0 };
   private readonly hasher: Hasher;
   private readonly readBack: DeduplicatorOptions['readBack'];
@@ -120,7 +143,9 @@ async function annotate(dedup: Deduplicator, block: Block): Promise<void> {
   else dedup.remember(block, block.index);
 }
 
+/** Options of the dedup stage ({@link dedupBlocks}, {@link createDedupStream}). */
 export interface DedupStageOptions extends FingerprintIndexOptions {
+  /** Fingerprints blocks (XXH64, from `createHasher()`). */
   hasher: Hasher;
   /** Reads guest cluster `index` (e.g. from a seekable input) to confirm a match. */
   readCluster: (index: number, length: number) => Promise<Uint8Array>;
@@ -133,7 +158,12 @@ export interface DedupStageOptions extends FingerprintIndexOptions {
 export function dedupBlocks(
   blocks: AsyncIterable<Block>,
   options: DedupStageOptions,
-): { blocks: AsyncGenerator<Block>; stats: DedupStats } {
+): {
+  /** The blocks, annotated. */
+  blocks: AsyncGenerator<Block>;
+  /** Counts so far, updated as the blocks flow. */
+  stats: DedupStats;
+} {
   const dedup = new Deduplicator({ ...options, readBack: options.readCluster });
   async function* run(): AsyncGenerator<Block> {
     for await (const block of blocks) {
@@ -145,7 +175,10 @@ export function dedupBlocks(
 }
 
 /** {@link dedupBlocks} as a Node stream of Blocks; `stats` is on the returned stream. */
-export function createDedupStream(options: DedupStageOptions): Transform & { stats: DedupStats } {
+export function createDedupStream(options: DedupStageOptions): Transform & {
+  /** Counts so far, updated as the blocks flow. */
+  stats: DedupStats;
+} {
   const dedup = new Deduplicator({ ...options, readBack: options.readCluster });
   const stream = new Transform({
     objectMode: true,

@@ -31,21 +31,31 @@ import { readFully } from '../src/io/files.js';
 import { zeroBuffer } from '../src/io/buffers.js';
 import type { Hasher } from './fingerprint.js';
 
+/** The 8 bytes a manifest starts with. */
 export const MANIFEST_MAGIC = 'Q2SMFST\0';
+/** The manifest format version this library writes and reads. */
 export const MANIFEST_VERSION = 1;
 export const MANIFEST_HASH_XXH64 = 1;
+/** Bytes of the manifest header; the fingerprints start here. */
 export const MANIFEST_HEADER_LENGTH = 64;
 const ENTRY = 8;
 const FLUSH_ENTRIES = 8192;
 
+/** A manifest's header fields (the magic and header length are implied). */
 export interface ManifestHeader {
+  /** Format version ({@link MANIFEST_VERSION}). */
   version: number;
+  /** The fingerprint function: 1 = XXH64 with seed 0. */
   hashKind: number;
+  /** log2 of the cluster size the fingerprints were taken at. */
   clusterBits: number;
+  /** The image's virtual size in bytes. */
   virtualSize: number;
+  /** Fingerprints in the file: ceil(virtualSize / cluster size). */
   clusterCount: number;
 }
 
+/** Encodes the 64-byte manifest header. */
 export function encodeManifestHeader(header: ManifestHeader): Uint8Array {
   const out = new Uint8Array(MANIFEST_HEADER_LENGTH);
   const view = new DataView(out.buffer);
@@ -59,6 +69,10 @@ export function encodeManifestHeader(header: ManifestHeader): Uint8Array {
   return out;
 }
 
+/**
+ * Decodes and checks a manifest header; a wrong magic, version or hash kind is a CorruptImageError
+ * naming `path`.
+ */
 export function decodeManifestHeader(bytes: Uint8Array, path = 'manifest'): ManifestHeader {
   const structure = 'manifest header';
   if (bytes.length < MANIFEST_HEADER_LENGTH) throw new UnexpectedEofError(`'${path}' is too short for a manifest header`, { structure });
@@ -118,8 +132,12 @@ export class ManifestWriter {
     private readonly clusterBits: number,
   ) {}
 
-  static async create(path: string, hasher: Hasher, clusterBits: number): Promise<ManifestWriter> {
-    const output = await OffsetWriter.create(path, { label: 'manifest' });
+  /**
+   * Creates the manifest at `path` (a regular file, under a temporary name until `finish`,
+   * fsynced with its directory unless `sync` is false).
+   */
+  static async create(path: string, hasher: Hasher, clusterBits: number, options: { sync?: boolean } = {}): Promise<ManifestWriter> {
+    const output = await OffsetWriter.create(path, { label: 'manifest', sync: options.sync ?? true });
     if (output.kind !== 'file') {
       await output.abort();
       throw new InvalidArgumentError(`The manifest '${path}' must be a regular file (its header is written last)`);
@@ -127,12 +145,16 @@ export class ManifestWriter {
     return new ManifestWriter(output, hasher, clusterBits);
   }
 
-  /** Records a block (zero blocks are hashed once per length, not per cluster). */
+  /**
+   * Records a block (zero blocks are hashed once per length, not per cluster; a zero run adds
+   * `count` zero fingerprints without hashing anything).
+   */
   async add(block: Block): Promise<void> {
     const clusterSize = 2 ** this.clusterBits;
-    while (this.nextIndex < block.index) await this.push(this.zeroFingerprint(clusterSize));
+    if (this.nextIndex < block.index) await this.pushRepeated(this.zeroFingerprint(clusterSize), block.index - this.nextIndex);
     if (block.index !== this.nextIndex) throw new RangeError(`ManifestWriter: block ${block.index} out of order`);
-    await this.push(block.zero ? this.zeroFingerprint(guestLength(block.data.length)) : guestFingerprint(block, this.hasher));
+    if (block.count !== undefined) await this.pushRepeated(this.zeroFingerprint(clusterSize), block.count);
+    else await this.push(block.zero ? this.zeroFingerprint(guestLength(block.data.length)) : guestFingerprint(block, this.hasher));
   }
 
   /** Writes the header for the image's size (rounded up to 512, as the virtual size is) and moves the file into place. */
@@ -140,10 +162,8 @@ export class ManifestWriter {
     const virtualSize = guestLength(inputLength);
     const clusterSize = 2 ** this.clusterBits;
     const count = Math.ceil(virtualSize / clusterSize);
-    while (this.nextIndex < count) {
-      const last = this.nextIndex === count - 1 ? virtualSize - this.nextIndex * clusterSize : clusterSize;
-      await this.push(this.zeroFingerprint(last));
-    }
+    if (this.nextIndex < count - 1) await this.pushRepeated(this.zeroFingerprint(clusterSize), count - 1 - this.nextIndex);
+    if (this.nextIndex === count - 1) await this.push(this.zeroFingerprint(virtualSize - this.nextIndex * clusterSize));
     await this.flush();
     await this.output.write(0, encodeManifestHeader({
       version: MANIFEST_VERSION,
@@ -156,6 +176,7 @@ export class ManifestWriter {
     await this.output.commit();
   }
 
+  /** Removes the temporary file after a failure. */
   async abort(): Promise<void> {
     await this.output.abort();
   }
@@ -174,6 +195,23 @@ export class ManifestWriter {
     this.pending++;
     this.nextIndex++;
     if (this.pending === FLUSH_ENTRIES) await this.flush();
+  }
+
+  /** Appends `count` copies of one fingerprint (zero runs, skipped clusters) without a call per entry. */
+  private async pushRepeated(fingerprint: bigint, count: number): Promise<void> {
+    while (count > 0) {
+      const n = Math.min(count, FLUSH_ENTRIES - this.pending);
+      const first = this.pending * ENTRY;
+      this.view.setBigUint64(first, fingerprint);
+      // Double the filled span each step: log2(n) copies instead of n BigInt writes.
+      for (let filled = 1; filled < n; filled *= 2) {
+        this.entries.copyWithin(first + filled * ENTRY, first, first + Math.min(filled, n - filled) * ENTRY);
+      }
+      this.pending += n;
+      this.nextIndex += n;
+      count -= n;
+      if (this.pending === FLUSH_ENTRIES) await this.flush();
+    }
   }
 
   private async flush(): Promise<void> {
@@ -210,10 +248,13 @@ export class ManifestReader {
 
   private constructor(
     private readonly handle: FileHandle,
+    /** The manifest's path, for messages. */
     readonly path: string,
+    /** The manifest's header. */
     readonly header: ManifestHeader,
   ) {}
 
+  /** Opens a manifest and checks its header and length. */
   static async open(path: string): Promise<ManifestReader> {
     let handle: FileHandle;
     try {
@@ -248,6 +289,7 @@ export class ManifestReader {
     return this.chunkView.getBigUint64((index - start) * ENTRY);
   }
 
+  /** Closes the file. */
   async close(): Promise<void> {
     await this.handle.close();
   }

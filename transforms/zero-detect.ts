@@ -1,6 +1,7 @@
 /**
  * Zero detection: marks each Block whose bytes are all zero (`block.zero`). Sinks leave such
- * clusters as holes (raw mode) or unallocated (sparse mode). The check runs at memcmp speed.
+ * clusters as holes (raw mode) or unallocated (sparse mode). The check runs at memcmp speed;
+ * a zero run (Block.count, a hole the source never read) is zero by construction and not checked.
  */
 
 import { Transform } from 'node:stream';
@@ -10,7 +11,7 @@ import { isAllZero } from '../src/io/buffers.js';
 /** Sets `block.zero` on every Block and passes it on (the same object, annotated). */
 export async function* zeroDetect(blocks: AsyncIterable<Block> | Iterable<Block>): AsyncGenerator<Block> {
   for await (const block of blocks) {
-    block.zero = isAllZero(block.data);
+    block.zero = block.count !== undefined || isAllZero(block.data);
     yield block;
   }
 }
@@ -21,7 +22,7 @@ export function createZeroDetectStream(): Transform {
     objectMode: true,
     highWaterMark: BLOCK_STREAM_HIGH_WATER_MARK,
     transform(block: Block, _encoding, callback) {
-      block.zero = isAllZero(block.data);
+      block.zero = block.count !== undefined || isAllZero(block.data);
       callback(null, block);
     },
   });

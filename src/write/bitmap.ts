@@ -6,6 +6,7 @@
 
 import { isAllZero } from '../io/buffers.js';
 
+/** One bit per guest cluster, set when the cluster holds data; grows as clusters are recorded. */
 export class AllocationBitmap {
   private bits: Uint8Array;
   /** One past the highest cluster index ever set. */
@@ -23,6 +24,23 @@ export class AllocationBitmap {
     if (index >= this.end) this.end = index + 1;
   }
 
+  /** Marks clusters [start, end): edge bits one by one, the whole bytes between with one fill. */
+  setRange(start: number, end: number): void {
+    if (start >= end) return;
+    const lastByte = Math.floor((end - 1) / 8);
+    if (lastByte >= this.bits.length) this.grow(lastByte + 1);
+    let i = start;
+    for (; i < end && i % 8 !== 0; i++) this.bits[i >>> 3]! |= 1 << (i & 7);
+    const wholeEnd = end - (end % 8);
+    if (wholeEnd > i) {
+      this.bits.fill(0xff, i / 8, wholeEnd / 8);
+      i = wholeEnd;
+    }
+    for (; i < end; i++) this.bits[i >>> 3]! |= 1 << (i & 7);
+    if (end > this.end) this.end = end;
+  }
+
+  /** True when cluster `index` was marked as holding data. */
   get(index: number): boolean {
     const byte = index >>> 3;
     return byte < this.bits.length && ((this.bits[byte]! >>> (index & 7)) & 1) === 1;

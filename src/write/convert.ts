@@ -13,21 +13,19 @@
 
 import { relative, dirname, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
-import type { Block } from '../block.js';
+import { blockEnd, type Block } from '../block.js';
 import type { Progress } from '../progress.js';
 import { DedupUnsupportedError, InvalidArgumentError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import type { OutputTarget } from '../io/output.js';
-import { openDisk, probeFormat, type DiskImage } from '../read/image.js';
+import type { DiskImage } from '../read/image.js';
 import { zeroDetect } from '../../transforms/zero-detect.js';
-import { compareWithBase, compareWithManifest } from '../../transforms/base-compare.js';
 import type { DedupStats } from '../../transforms/dedup.js';
-import { createHasher } from '../../transforms/fingerprint.js';
-import { ManifestReader, ManifestWriter } from '../../transforms/manifest.js';
+import type { ManifestWriter } from '../../transforms/manifest.js';
 import { abortable, abortError } from './abort.js';
 import { clusterize } from './clusterize.js';
 import { ExternalWriter } from './external-sink.js';
-import { InternalImageWriter } from './internal-sink.js';
+import type { InternalImageWriter } from './internal-sink.js';
 import { defaultDataFilePath, identify, sameFile, type FileIdentity } from './paths.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
@@ -39,6 +37,7 @@ export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 export type ConvertProgress = Progress;
 
 export interface ConvertOptions extends ImageOptions {
+  /** The raw image: a path, '-' for standard input, a Node Readable or any async iterable of bytes. */
   input: ConvertInput;
   /** The qcow2 file: a path, '-' for standard output, or a Writable (external layout only). */
   output: OutputTarget;
@@ -59,11 +58,22 @@ export interface ConvertOptions extends ImageOptions {
   /** Replace an existing data file. Default false: never clobber a file by surprise. */
   overwrite?: boolean;
   /**
+   * fsync every file written (data file, metadata, image, and their directory after the
+   * rename) before resolving, so a returned summary means the image survives a crash.
+   * Default true; false trades that for speed. Streams have nothing to fsync.
+   */
+  sync?: boolean;
+  /**
    * Store identical clusters once (internal layout only: with a data file every cluster must
    * sit at its guest offset, so none can be shared). `maxEntries` caps the fingerprint index
    * (about 23 bytes per unique cluster); past it, new content is simply not deduplicated.
    */
-  dedup?: boolean | { maxEntries?: number };
+  dedup?:
+    | boolean
+    | {
+        /** Most distinct clusters indexed (default 2^26); past it, new content is not deduplicated. */
+        maxEntries?: number;
+      };
   /**
    * An earlier image of the same disk (qcow2 or raw). The result becomes an overlay whose
    * backing file is the base: clusters equal to the base at the same offset stay unallocated.
@@ -78,13 +88,17 @@ export interface ConvertOptions extends ImageOptions {
   manifest?: string;
   /** Follow names stored inside the base image even outside its directory (see the path policy). */
   allowUnsafePaths?: boolean;
+  /** Cancels the conversion: it rejects with an AbortedError and removes what it created. */
   signal?: AbortSignal;
-  /** Called every 32 MiB of input and at the end. */
+  /** Called each time another `progressInterval` bytes of input are done, and once at the end. */
   onProgress?: (progress: ConvertProgress) => void;
+  /** Bytes of input between two `onProgress` calls: a positive whole number. Default 32 MiB. */
+  progressInterval?: number;
 }
 
 /** `dataClusters` counts clusters stored in the data file, or in the image (internal layout). */
 export interface ConvertSummary extends ImageShape {
+  /** The layout written (see {@link ConvertOptions.layout}). */
   layout: 'external' | 'internal';
   /** Guest bytes read (the input size). */
   inputBytes: number;
@@ -112,6 +126,7 @@ export interface ConvertSummary extends ImageShape {
   seconds: number;
 }
 
+/** The default `progressInterval`. */
 const PROGRESS_STEP = 32 * 1024 * 1024;
 
 /** What convert() writes blocks into: the external or the internal writer. */
@@ -159,7 +174,9 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   if (signal?.aborted) throw abortError(signal);
 
   const needsHasher = Boolean(options.dedup) || options.manifest !== undefined || options.baseManifest !== undefined;
-  const hasher = needsHasher ? await createHasher() : undefined;
+  // What only some conversions use (the reader, hashing, manifests, the internal layout) is
+  // loaded when used: a plain conversion starts faster without it.
+  const hasher = needsHasher ? await (await import('../../transforms/fingerprint.js')).createHasher() : undefined;
   const opened: Array<{ close(): Promise<void> }> = [];
   const input = typeof options.input === 'string' ? await openInput(options.input, options.size) : undefined;
   try {
@@ -168,7 +185,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     await refuseSameFiles(input, output, dataFile);
     const baseImage = options.base !== undefined && options.baseManifest === undefined ? await openBase(options) : undefined;
     if (baseImage) opened.push(baseImage);
-    const baseManifest = options.baseManifest === undefined ? undefined : await ManifestReader.open(options.baseManifest);
+    const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
     const pool = input ? new BufferPool() : undefined;
     // Every stage below is ours and lets go of a Block once the sink is done with it.
@@ -185,16 +202,19 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         dataFile: dataFile!,
         dataFileName: dataFileName!,
         overwrite: options.overwrite ?? false,
+        sync: options.sync ?? true,
         backing,
         ...(size === undefined ? {} : { size }),
         ...(onBlockDone ? { onBlockDone } : {}),
       });
     } else {
+      const { InternalImageWriter } = await import('./internal-sink.js');
       internal = await InternalImageWriter.create({
         output: output as string,
         clusterBits: settings.clusterBits,
         refcountOrder: settings.refcountOrder,
         dedup: options.dedup ? { hasher: hasher!, ...dedupLimits(options.dedup) } : undefined,
+        sync: options.sync ?? true,
         backing,
         onBlockDone,
       });
@@ -202,11 +222,12 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     const sink: BlockSink = (external ?? internal)!;
     let manifest: ManifestWriter | undefined;
     try {
-      if (options.manifest !== undefined) manifest = await ManifestWriter.create(options.manifest, hasher!, settings.clusterBits);
+      if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync: options.sync ?? true });
       const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
       let blocks: AsyncIterable<Block>;
       if (input) {
-        blocks = readBlocks(input.target, { ...sourceOptions, ...(pool ? { pool } : {}) });
+        // Holes come as zero runs, never read: every stage below handles runs.
+        blocks = readBlocks(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
         // A pipe can block for ever: race each read against the abort signal. (File reads
         // return promptly; the per-block check below is enough for them.)
         if (signal && !input.target.positional) blocks = abortable(blocks, signal);
@@ -216,10 +237,14 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         if (signal) blocks = abortable(blocks, signal);
       }
       blocks = zeroDetect(blocks);
-      if (baseImage) blocks = compareWithBase(blocks, baseImage, settings.clusterSize).blocks;
-      else if (baseManifest) blocks = compareWithManifest(blocks, baseManifest, hasher!, settings.clusterBits).blocks;
+      if (baseImage || baseManifest) {
+        const { compareWithBase, compareWithManifest } = await import('../../transforms/base-compare.js');
+        if (baseImage) blocks = compareWithBase(blocks, baseImage, settings.clusterSize).blocks;
+        else blocks = compareWithManifest(blocks, baseManifest!, hasher!, settings.clusterBits).blocks;
+      }
 
-      let nextReport = PROGRESS_STEP;
+      const progressInterval = options.progressInterval ?? PROGRESS_STEP;
+      let nextReport = progressInterval;
       let bytesDone = 0;
       const report = () => options.onProgress?.(size === undefined ? { bytesDone } : { bytesDone, bytesTotal: size });
       for await (const block of blocks) {
@@ -227,10 +252,11 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         // The manifest reads the bytes first: the sink may recycle them once written.
         await manifest?.add(block);
         await sink.write(block);
-        bytesDone = block.index * settings.clusterSize + block.data.length;
-        if (options.onProgress && bytesDone >= nextReport) {
+        bytesDone = blockEnd(block, settings.clusterSize);
+        // The last block's report is left to the one after finishing (no duplicate at 100%).
+        if (options.onProgress && bytesDone >= nextReport && bytesDone !== size) {
           report();
-          nextReport = bytesDone + PROGRESS_STEP;
+          nextReport = bytesDone + progressInterval;
         }
       }
       if (signal?.aborted) throw abortError(signal);
@@ -260,6 +286,10 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
 /** Option combinations that cannot work, refused before anything is opened. */
 function checkLayoutOptions(options: ConvertOptions, layout: 'external' | 'internal'): void {
   if (layout !== 'external' && layout !== 'internal') throw new InvalidArgumentError(`Unknown layout '${String(layout)}': use 'external' or 'internal'`);
+  const { progressInterval } = options;
+  if (progressInterval !== undefined && (!Number.isSafeInteger(progressInterval) || progressInterval <= 0)) {
+    throw new InvalidArgumentError(`Invalid progressInterval ${progressInterval}: it must be a positive whole number of bytes`);
+  }
   if (options.dedup && layout === 'external') {
     throw new DedupUnsupportedError(
       'Dedup cannot share clusters in an external data file: with a data file every guest cluster must sit at its own guest offset (qcow2 spec, incompatible feature bit 2)',
@@ -291,7 +321,7 @@ function dedupLimits(dedup: true | { maxEntries?: number }): { maxEntries?: numb
  * overlay's directory, so the default name is the base's path relative to the output's.
  */
 async function describeBacking(base: string, baseName: string | undefined, output: OutputTarget): Promise<{ name: string; format: string }> {
-  const format = await probeFormat(base);
+  const format = await (await import('../read/image.js')).probeFormat(base);
   if (baseName !== undefined) return { name: baseName, format };
   // Relative even when both paths are absolute: the pair keeps working when the folder moves.
   if (typeof output !== 'string' || output === '-') return { name: base, format };
@@ -300,6 +330,7 @@ async function describeBacking(base: string, baseName: string | undefined, outpu
 
 /** Opens the base for byte comparison; names stored inside it go through the path policy. */
 async function openBase(options: ConvertOptions): Promise<DiskImage> {
+  const { openDisk } = await import('../read/image.js');
   return openDisk(options.base!, options.allowUnsafePaths ? { allowUnsafePaths: true } : {});
 }
 

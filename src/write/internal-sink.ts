@@ -38,37 +38,76 @@ import {
   OFFSET_MASK_HI,
   OFFSET_MASK_LO,
 } from '../format/index.js';
+import { allocIoBuffer } from '../io/buffers.js';
 import { OffsetWriter } from '../io/output.js';
 import { Deduplicator, type DedupStats } from '../../transforms/dedup.js';
 import type { Hasher } from '../../transforms/fingerprint.js';
 
+/** Options of {@link InternalImageWriter.create}. */
 export interface InternalImageOptions {
   /** A regular-file path. */
   output: string;
+  /** log2 of the cluster size. */
   clusterBits: number;
+  /** log2 of the refcount width in bits. */
   refcountOrder: number;
   /** Share identical clusters (confirmed byte for byte). */
-  dedup?: { hasher: Hasher; maxEntries?: number } | undefined;
+  dedup?:
+    | {
+        /** The XXH64 hasher (from `createHasher()`). */
+        hasher: Hasher;
+        /** Most distinct clusters indexed; past it, new content is not deduplicated. */
+        maxEntries?: number;
+      }
+    | undefined;
   /** Make the image an overlay: unallocated clusters read from this backing file. */
-  backing?: { name: string; format: string } | undefined;
+  backing?:
+    | {
+        /** The backing-file name stored in the header. */
+        name: string;
+        /** Its format, stored in the backing-format extension (`qcow2`, `raw`). */
+        format: string;
+      }
+    | undefined;
   /** Replace an existing file at `output`. Default true. */
   overwrite?: boolean;
+  /** fsync the image (and its directory) before finish() resolves. Default true. */
+  sync?: boolean;
   /** Called once per Block when the writer no longer needs its bytes (buffer recycling). */
   onBlockDone?: ((block: Block) => void) | undefined;
 }
 
+/** What {@link InternalImageWriter.finish} wrote. */
 export interface InternalSummary {
   /** Guest clusters by what happened to them. */
-  clusters: { total: number; stored: number; zero: number; duplicate: number; unchangedFromBase: number };
+  clusters: {
+    /** Guest clusters of the image. */
+    total: number;
+    /** Stored in the image (first copies included). */
+    stored: number;
+    /** All zeros: not stored. */
+    zero: number;
+    /** Sharing an earlier cluster's storage (dedup). */
+    duplicate: number;
+    /** Equal to the backing file: left unallocated (overlays). */
+    unchangedFromBase: number;
+  };
   /** Host clusters in the file: header, data, L2, L1 and refcount structures. */
   fileClusters: number;
+  /** Bytes written to the image file. */
   bytesWritten: number;
+  /** Dedup statistics, when dedup was on. */
   dedup?: DedupStats | undefined;
 }
 
 /** Pending appended clusters are written together once this many bytes accumulate. */
 const BATCH_BYTES = 2 * 1024 * 1024;
 
+/**
+ * A single-file qcow2 writer (no data file): data clusters and L2 tables are appended as Blocks
+ * arrive; L1, refcounts and the header are written by `finish`. The only layout where dedup can
+ * share clusters. `write` each Block in index order, then `finish`, or `abort` on failure.
+ */
 export class InternalImageWriter {
   private readonly cs: number;
   private readonly l2Entries: number;
@@ -87,6 +126,7 @@ export class InternalImageWriter {
   private pendingBytes = 0;
   private pendingHost = 0;
   private readonly dedup: Deduplicator | undefined;
+  private readBackBuffer: Buffer | undefined;
   /** First copies retired after the share limit, with their final counts. */
   private readonly retired: Array<[guest: number, count: number]> = [];
   private readonly counts = { stored: 0, zero: 0, duplicate: 0, unchangedFromBase: 0 };
@@ -114,8 +154,9 @@ export class InternalImageWriter {
     }
   }
 
+  /** Opens the output (a regular file, under a temporary name until finish); a pipe is a NotSeekableError. */
   static async create(options: InternalImageOptions): Promise<InternalImageWriter> {
-    const output = await OffsetWriter.create(options.output, { label: 'image', overwrite: options.overwrite ?? true });
+    const output = await OffsetWriter.create(options.output, { label: 'image', overwrite: options.overwrite ?? true, sync: options.sync ?? true });
     if (output.kind !== 'file') {
       await output.abort();
       throw new NotSeekableError(
@@ -129,10 +170,30 @@ export class InternalImageWriter {
   /** Adds the next block. Blocks come in increasing guest order; skipped clusters stay unallocated. */
   async write(block: Block): Promise<void> {
     if (block.index < this.nextGuest) throw new RangeError(`InternalImageWriter: block ${block.index} out of order`);
-    this.nextGuest = block.index + 1;
-    this.end = block.index * this.cs + block.data.length;
-    const kept = await this.place(block);
+    const clusters = block.count ?? 1;
+    this.nextGuest = block.index + clusters;
+    this.end = (block.index + clusters - 1) * this.cs + block.data.length;
+    const kept = block.count === undefined ? await this.place(block) : await this.placeZeroRun(block, clusters);
     if (!kept) this.options.onBlockDone?.(block);
+  }
+
+  /**
+   * Maps a zero run (Block.count): left unallocated, which costs nothing (later blocks and
+   * finish() move past its L2 tables), or zero-flagged entry by entry over a backing file.
+   */
+  private async placeZeroRun(block: Block, clusters: number): Promise<false> {
+    if (block.sameAsBase) {
+      this.counts.unchangedFromBase += clusters;
+      return false;
+    }
+    this.counts.zero += clusters;
+    if (!this.options.backing) return false;
+    for (let index = block.index; index < block.index + clusters; index++) {
+      const table = Math.floor(index / this.l2Entries);
+      while (this.tableIndex < table) await this.flushTable();
+      this.setEntry((index % this.l2Entries) * 8, 0, false, true);
+    }
+    return false;
   }
 
   /** Maps one block; true when its bytes were queued for writing (released after the write). */
@@ -240,6 +301,7 @@ export class InternalImageWriter {
     };
   }
 
+  /** Removes the temporary file after a failure. */
   async abort(): Promise<void> {
     await this.output.abort();
   }
@@ -257,7 +319,9 @@ export class InternalImageWriter {
   private async storedBytes(host: number, length: number): Promise<Uint8Array> {
     const queued = this.pending[host / this.cs - this.pendingHost];
     if (this.pending.length > 0 && queued) return queued.data.subarray(0, length);
-    return this.output.readAtSync(host, length);
+    this.readBackBuffer ??= allocIoBuffer(this.cs);
+    // The Deduplicator compares before it asks again, so one scratch buffer serves every read.
+    return this.output.readAtSync(host, length, this.readBackBuffer);
   }
 
   /** Queues a data cluster at the next host cluster; returns its host offset. */

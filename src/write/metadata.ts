@@ -36,7 +36,9 @@ import type { OffsetWriter } from '../io/output.js';
 import { AllocationBitmap } from './bitmap.js';
 import { featureBits, type ImageSettings } from './settings.js';
 
+/** Options of a {@link MetadataEmitter}. */
 export interface MetadataEmitterOptions {
+  /** Cluster size, refcount width and raw bit, validated. */
   settings: ImageSettings;
   /** The data-file name stored in the header extension. */
   dataFileName: string;
@@ -45,7 +47,14 @@ export interface MetadataEmitterOptions {
    * backing file exclude each other). Unallocated clusters then read from the backing file,
    * so clusters recorded as zero get a zero flag instead.
    */
-  backing?: { name: string; format: string } | undefined;
+  backing?:
+    | {
+        /** The backing-file name stored in the header. */
+        name: string;
+        /** Its format, stored in the backing-format extension (`qcow2`, `raw`). */
+        format: string;
+      }
+    | undefined;
   /** The virtual size (a multiple of 512), when known before the data: enables streaming. */
   virtualSize?: number;
 }
@@ -55,6 +64,7 @@ export type ClusterState = 'data' | 'zero' | 'unchanged';
 
 /** What the emitter wrote. */
 export interface MetadataResult {
+  /** The virtual size written in the header. */
   virtualSize: number;
   /** Clusters of the metadata file (all of them have refcount 1). */
   metadataClusters: number;
@@ -67,6 +77,11 @@ export interface MetadataResult {
 /** Small writes (512-byte L2 tables, refcount blocks) are gathered into writes of this size. */
 const BATCH_BYTES = 64 * 1024;
 
+/**
+ * Writes the metadata of a data-file image: header, refcount table and blocks, L1 and L2
+ * tables. With a known size in raw mode (or into a pipe) it streams them while the data flows;
+ * otherwise it records each cluster's state and writes everything in `finish`.
+ */
 export class MetadataEmitter {
   /** True when the metadata streams alongside the data (see the module comment). */
   readonly streaming: boolean;
@@ -153,6 +168,36 @@ export class MetadataEmitter {
   }
 
   /**
+   * Records guest clusters [first, first + count), all in one state: what a zero run needs.
+   * Same contract as {@link record}, at the cost of one call per L2 table passed rather than
+   * per cluster wherever the entries need no writing (raw mode, and zeros without a backing file).
+   */
+  recordRun(first: number, count: number, state: ClusterState): Promise<void> | undefined {
+    if (!Number.isSafeInteger(count) || count < 1) throw new RangeError(`Invalid run of ${count} clusters`);
+    if (first < this.nextIndex) throw new RangeError(`Guest cluster ${first} recorded after cluster ${this.nextIndex - 1}: clusters must come in increasing order`);
+    const end = first + count;
+    if (!this.plan) {
+      this.nextIndex = end;
+      if (state === 'data') this.bitmap?.setRange(first, end);
+      else if (state === 'zero') this.zeroBitmap?.setRange(first, end);
+      return undefined;
+    }
+    const geometry = this.plan.geometry;
+    if (end > geometry.clusters) throw new RangeError(`Guest cluster ${end - 1} is beyond the virtual size ${geometry.size}`);
+    if (this.entryNeeded(state)) return this.recordEach(first, end, state);
+    this.nextIndex = end;
+    const lastTable = Math.floor((end - 1) / geometry.l2Entries);
+    return lastTable > this.nextTable ? this.writeStreamedTables(lastTable) : undefined;
+  }
+
+  private async recordEach(first: number, end: number, state: ClusterState): Promise<void> {
+    for (let index = first; index < end; index++) {
+      const recorded = this.record(index, state);
+      if (recorded) await recorded;
+    }
+  }
+
+  /**
    * Writes whatever is left (everything, in the at-end layout) for the final virtual size.
    * The caller then commits the output.
    */
@@ -194,9 +239,14 @@ export class MetadataEmitter {
     return { virtualSize, metadataClusters: plan.metadataClusters, l2Tables, layout: 'at-end' };
   }
 
+  /** Whether a streamed L2 entry must be written for this state (otherwise it stays as built). */
+  private entryNeeded(state: ClusterState): boolean {
+    // Raw tables depend only on their index and are built when written; unallocated is all zero.
+    return !(this.settings.dataFileRaw || state === 'unchanged' || (state === 'zero' && !this.backing));
+  }
+
   private setEntry(geometry: Geometry, index: number, state: ClusterState): void {
-    // Raw tables depend only on their index and are built when written.
-    if (this.settings.dataFileRaw || state === 'unchanged' || (state === 'zero' && !this.backing)) return;
+    if (!this.entryNeeded(state)) return;
     this.openTable ??= new Uint8Array(geometry.clusterSize);
     const entry = (index % geometry.l2Entries) * geometry.l2EntrySize;
     if (state === 'data') encodeL2Entry(viewOf(this.openTable), entry, index * geometry.clusterSize, { copied: true });

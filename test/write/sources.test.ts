@@ -61,7 +61,8 @@ test('readBlocks on a pipe-like source gives the same Blocks and enforces a decl
 });
 
 test('a BufferPool reuses a read buffer only after all its Blocks are released', async () => {
-  const input = randomBytesAt(9, 0, READ_SIZE * 4);
+  // 8 reads: with reads queued ahead of the consumer, the first few each need a buffer of their own.
+  const input = randomBytesAt(9, 0, READ_SIZE * 8);
   const pool = new BufferPool();
   const held: Block[] = [];
   const seen = new Set<ArrayBufferLike>();
@@ -74,7 +75,7 @@ test('a BufferPool reuses a read buffer only after all its Blocks are released',
   }
   // The first buffer was never fully released, so its held Blocks still show the input.
   for (const b of held) assert.deepEqual(Buffer.from(b.data), input.subarray(b.index * 65536, (b.index + 1) * 65536));
-  assert.ok(seen.size < 4, `buffers were recycled (${seen.size} distinct for 4 reads)`);
+  assert.ok(seen.size < 8, `buffers were recycled (${seen.size} distinct for 8 reads)`);
 });
 
 test('createFileBlockSource streams a file as Blocks', async (t) => {
