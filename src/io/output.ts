@@ -9,9 +9,11 @@
  *
  * Files are written under a temporary name in the same directory and renamed by `commit()`,
  * so a failed run never leaves an output that looks valid; `abort()` removes the temporary.
+ * By default `commit()` is durable: the file is fsynced before the rename and its directory
+ * after it, so once commit() resolves the output survives a crash or power loss.
  */
 
-import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { link, open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { readSync, write as fsWrite } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -24,12 +26,21 @@ import { zeroBuffer } from './buffers.js';
 /** Where an output goes: a path, `'-'` for standard output, or a Node Writable. */
 export type OutputTarget = string | Writable;
 
+/** Options of {@link OffsetWriter.create}. */
 export interface OutputOptions {
   /** What this output is, for messages: `metadata file`, `data file`, `raw image`. */
   label: string;
-  /** Replace an existing regular file at the path. Default true. */
+  /**
+   * Replace an existing regular file at the path. Default true. With false, a file that
+   * appears at the path while the output is being written is not replaced either: commit()
+   * fails with EEXIST.
+   */
   overwrite?: boolean;
-  /** fsync the file (and its directory after the rename) before commit() resolves. Default false. */
+  /**
+   * Regular files: fsync the file before its rename and its directory after, so commit()
+   * resolves only once the output is on stable storage. Default true. Streams have nothing
+   * to fsync.
+   */
   sync?: boolean;
 }
 
@@ -41,11 +52,18 @@ interface SequentialSink {
 
 const ZERO_CHUNK = 1024 * 1024;
 
+/**
+ * The one output abstraction: positional writes in any order on a regular file (gaps stay
+ * holes, `finish(length)` sets the size), or in-order writes on a pipe, stdout or Writable
+ * (gaps are filled with zeros). A file is created under a temporary name
+ * (`.name.XXXX.partial`), moved into place by `commit()` and removed by `abort()`.
+ */
 export class OffsetWriter {
   /** `file`: positional, holes allowed. `stream`: sequential, zeros written out. */
   readonly kind: 'file' | 'stream';
   /** The final path ('-' for stdout, undefined for a Writable). */
   readonly path: string | undefined;
+  /** What this output is, for messages (`data file`, `metadata file`…). */
   readonly label: string;
   /** Bytes handed to the OS, zeros written to streams included. */
   bytesWritten = 0;
@@ -62,6 +80,7 @@ export class OffsetWriter {
     private readonly tempPath: string | undefined,
     private readonly sink: SequentialSink | undefined,
     private readonly sync: boolean,
+    private readonly replace: boolean,
   ) {
     this.kind = kind;
     this.path = path;
@@ -70,12 +89,11 @@ export class OffsetWriter {
 
   /** Opens an output. A regular-file path is written through a temporary name until commit(). */
   static async create(target: OutputTarget, options: OutputOptions): Promise<OffsetWriter> {
-    const sync = options.sync ?? false;
     if (typeof target !== 'string') {
-      return new OffsetWriter('stream', undefined, options.label, undefined, undefined, writableSink(target), false);
+      return new OffsetWriter('stream', undefined, options.label, undefined, undefined, writableSink(target), false, true);
     }
     if (target === '-') {
-      return new OffsetWriter('stream', '-', options.label, undefined, undefined, fdSink(1, 'standard output'), false);
+      return new OffsetWriter('stream', '-', options.label, undefined, undefined, fdSink(1, 'standard output'), false, true);
     }
     let existing;
     try {
@@ -94,7 +112,7 @@ export class OffsetWriter {
       } catch (err) {
         throw fileError(err, 'open', target);
       }
-      return new OffsetWriter('stream', target, options.label, handle, undefined, fdSink(handle.fd, target), false);
+      return new OffsetWriter('stream', target, options.label, handle, undefined, fdSink(handle.fd, target), false, true);
     }
     if (existing && options.overwrite === false) {
       throw new FileError(`The ${options.label} '${target}' already exists`, target, {
@@ -109,7 +127,7 @@ export class OffsetWriter {
     } catch (err) {
       throw fileError(err, 'create', target);
     }
-    return new OffsetWriter('file', target, options.label, handle, tempPath, undefined, sync);
+    return new OffsetWriter('file', target, options.label, handle, tempPath, undefined, options.sync ?? true, options.overwrite ?? true);
   }
 
   /** Writes `data` at `offset`. Streams need offset ≥ every earlier write's end (gaps become zeros). */
@@ -159,22 +177,59 @@ export class OffsetWriter {
     await this.zeroFillTo(length);
   }
 
-  /** Closes the output and moves a file to its final name. */
+  /**
+   * Closes the output and moves a file to its final name: fsync (unless `sync: false`), close,
+   * rename, fsync of the directory. On failure nothing is left: not the temporary file, and
+   * not the final name either if the failure came after the rename (a directory fsync error).
+   */
   async commit(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    let placed = false;
     try {
+      // Before the rename: the name must never point at data that is not on disk yet.
       if (this.sync && this.handle) await this.handle.sync();
       await this.sink?.close();
       await this.handle?.close();
       if (this.tempPath && this.path) {
-        await rename(this.tempPath, this.path);
+        const linked = await this.place(this.tempPath, this.path);
+        placed = true;
+        if (linked) await unlink(this.tempPath);
+        // After it: the rename itself is a change of the directory.
         if (this.sync) await syncDirectory(dirname(this.path));
       }
     } catch (err) {
+      await this.handle?.close().catch(() => {});
       await this.removeTemp();
+      if (placed && this.path) await unlink(this.path).catch(() => {});
       throw fileError(err, `finish the ${this.label}`, this.path ?? '');
     }
+  }
+
+  /**
+   * Gives the temporary file its final name; true when that was a hard link (the temporary
+   * name is then still to be removed). Without `overwrite` a hard link does it, which
+   * fails if the name was taken meanwhile (rename would silently replace that file: say a
+   * second job writing the same data file); filesystems without hard links fall back to a
+   * check and a rename.
+   */
+  private async place(tempPath: string, path: string): Promise<boolean> {
+    if (this.replace) {
+      await rename(tempPath, path);
+      return false;
+    }
+    try {
+      await link(tempPath, path);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
+      if ((await stat(path).catch(() => undefined)) !== undefined) {
+        throw Object.assign(new Error(`'${path}' appeared while it was being written`), { code: 'EEXIST' });
+      }
+      await rename(tempPath, path);
+      return false;
+    }
+    return true;
   }
 
   /** Closes the output after a failure; a temporary file is removed. Never throws. */
@@ -190,11 +245,12 @@ export class OffsetWriter {
    * Reads back bytes already written (regular files only): sinks that share clusters confirm a
    * fingerprint match against what they stored, and patch tables they wrote. Synchronous: what
    * was just written is in the page cache, and a thread-pool round trip per read cost more than
-   * the read. Unwritten ranges read as zeros.
+   * the read. Unwritten ranges read as zeros. With `into`, the bytes land in (a view of) it.
    */
-  readAtSync(offset: number, length: number): Uint8Array {
+  readAtSync(offset: number, length: number, into?: Uint8Array): Uint8Array {
     if (!this.handle || this.kind !== 'file') throw new RangeError(`${this.label}: only a file output can be read back`);
-    const out = new Uint8Array(length);
+    // A reused, page-placed buffer (allocIoBuffer) reads several times faster than a fresh one.
+    const out = into && into.length >= length ? into.subarray(0, length) : new Uint8Array(length);
     let done = 0;
     while (done < length) {
       let bytesRead: number;
@@ -206,6 +262,7 @@ export class OffsetWriter {
       if (bytesRead === 0) break;
       done += bytesRead;
     }
+    out.fill(0, done);
     return out;
   }
 

@@ -21,13 +21,17 @@ const ZERO_CHUNK = 1024 * 1024;
 /** Positional writes kept in flight on a regular-file output. */
 const WRITES_IN_FLIGHT = 3;
 
+/** Options of {@link exportStream} and {@link exportToFile}. */
 export interface ExportOptions {
   /** Cancels the export; the output file is removed. */
   signal?: AbortSignal;
   /** Called after each chunk with the guest bytes done so far and the total. */
   onProgress?: (progress: Progress) => void;
+  /** exportToFile: fsync a regular-file output (and its directory after the rename) before resolving. Default true. */
+  sync?: boolean;
 }
 
+/** What {@link exportToFile} wrote. */
 export interface ExportResult {
   /** Guest bytes exported (the virtual size). */
   bytes: number;
@@ -103,7 +107,7 @@ export function exportStream(image: DiskImage, options: ExportOptions = {}): Rea
  * nothing is left at the target path.
  */
 export async function exportToFile(image: DiskImage, target: OutputTarget, options: ExportOptions = {}): Promise<ExportResult> {
-  const writer = await OffsetWriter.create(target, { label: 'raw image' });
+  const writer = await OffsetWriter.create(target, { label: 'raw image', sync: options.sync ?? true });
   // A regular file takes several positional writes at once (the kernel copies them in parallel
   // on the thread pool, as qemu-img keeps several requests in flight); a stream takes them one
   // at a time, in order. Each in-flight write owns one buffer of the pool; a Writable may keep

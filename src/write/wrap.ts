@@ -28,6 +28,9 @@ const PROGRESS_STEP = 32 * 1024 * 1024;
 export interface WrapOptions extends ImageOptions {
   /** The name stored in the header. Default: the raw path exactly as given. */
   dataFileName?: string;
+  /** fsync the metadata file (and its directory) before resolving. Default true. */
+  sync?: boolean;
+  /** Cancels the scan: it rejects with an AbortedError and removes the metadata file. */
   signal?: AbortSignal;
   /** Called every 32 MiB while a sparse-mode wrap scans the raw file, and at the end. */
   onProgress?: (progress: Progress) => void;
@@ -39,10 +42,15 @@ export interface WrapSummary extends ImageShape {
   rawBytes: number;
   /** Bytes of raw file read (0 in raw mode: nothing needs reading). */
   bytesRead: number;
+  /** Bytes of the metadata file. */
   metadataBytesWritten: number;
+  /** Clusters of the metadata file. */
   metadataClusters: number;
+  /** L2 tables written. */
   l2Tables: number;
+  /** The data-file name stored in the header. */
   dataFileName: string;
+  /** Wall-clock seconds. */
   seconds: number;
 }
 
@@ -74,7 +82,7 @@ export async function wrap(rawPath: string, output: OutputTarget, options: WrapO
     }
     if (signal?.aborted) throw abortError(signal);
 
-    const metadata = await OffsetWriter.create(output, { label: 'metadata file' });
+    const metadata = await OffsetWriter.create(output, { label: 'metadata file', sync: options.sync ?? true });
     try {
       const emitter = new MetadataEmitter(metadata, { settings, dataFileName, virtualSize });
       await emitter.start();

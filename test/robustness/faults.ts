@@ -40,23 +40,28 @@ export function errnoError(code: 'EIO' | 'ENOSPC', syscall: string): NodeJS.Errn
   return Object.assign(new Error(`${code}: ${message}, ${syscall}`), { code, errno: code === 'EIO' ? -5 : -28, syscall });
 }
 
+/** The FileHandle methods the library's reads, writes, length changes and fsyncs go through. */
+export type FaultableMethod = 'read' | 'writev' | 'truncate' | 'sync' | 'datasync';
+
 /**
- * Makes `method` ('read' or 'writev') fail with `error` on handles whose path matches `target`,
- * after `okCalls` successful calls on them. Returns a counter of the calls seen on the target.
+ * Makes `method` fail with `error` on handles whose path matches `target`, after `okCalls`
+ * successful calls on them. With `when`, only calls whose arguments it accepts are counted
+ * (and failed): say the write at position 0. Returns a counter of the calls seen.
  */
 export async function failOn(
   t: TestContext,
-  method: 'read' | 'writev',
+  method: FaultableMethod,
   target: (path: string) => boolean,
   okCalls: number,
   error: NodeJS.ErrnoException,
+  when: (args: readonly unknown[]) => boolean = () => true,
 ): Promise<{ calls: number }> {
   type Method = (this: FileHandle, ...args: unknown[]) => Promise<unknown>;
-  const proto = (await fileHandlePrototype()) as Record<'read' | 'writev', Method>;
+  const proto = (await fileHandlePrototype()) as Record<FaultableMethod, Method>;
   const original = proto[method];
   const seen = { calls: 0 };
   const patched = mock.method(proto, method, function (this: FileHandle, ...args: unknown[]): Promise<unknown> {
-    if (target(pathOfHandle(this))) {
+    if (target(pathOfHandle(this)) && when(args)) {
       seen.calls++;
       if (seen.calls > okCalls) return Promise.reject(error);
     }
@@ -72,3 +77,29 @@ export async function countReads(t: TestContext, target: (path: string) => boole
 }
 
 
+
+/**
+ * Records the arguments of every `method` call on handles of `target`, changing nothing, until
+ * `stop()` (or the end of the test).
+ */
+export async function traceCalls(
+  t: TestContext,
+  method: FaultableMethod,
+  target: (path: string) => boolean,
+): Promise<{ calls: unknown[][]; stop(): void }> {
+  type Method = (this: FileHandle, ...args: unknown[]) => Promise<unknown>;
+  const proto = (await fileHandlePrototype()) as Record<FaultableMethod, Method>;
+  const original = proto[method];
+  const calls: unknown[][] = [];
+  const patched = mock.method(proto, method, function (this: FileHandle, ...args: unknown[]): Promise<unknown> {
+    if (target(pathOfHandle(this))) calls.push(args);
+    return original.apply(this, args);
+  });
+  let stopped = false;
+  const stop = () => {
+    if (!stopped) patched.mock.restore();
+    stopped = true;
+  };
+  t.after(stop);
+  return { calls, stop };
+}
