@@ -90,23 +90,24 @@ async function main(): Promise<void> {
   try {
     makeRawDisk(raw);
 
+    const source = createFileBlockSource(raw, { clusterSize: CLUSTER }); // 2 MiB reads cut into cluster Blocks
     const stats = new ClusterStats();
     const sink = createExternalSink({
       output: qcow2,
       dataFile: join(dir, 'disk.data'),
       dataFileName: 'disk.data', // stored in the header; resolved next to disk.qcow2
-      clusterSize: CLUSTER, // must match the source's cluster size
+      clusterSize: source.clusterSize, // the cluster size is chosen once, at the source
       overwrite: true,
     });
     await pipeline(
-      createFileBlockSource(raw, { clusterSize: CLUSTER }), // 2 MiB reads cut into cluster Blocks
+      source,
       createZeroDetectStream(), // sets block.zero
       stats, // ← the custom stage
       sink, // data clusters to disk.data, zero clusters left as holes, metadata to disk.qcow2
     );
 
-    // After the pipeline, the sink's summary is in sink.result.
-    const result = sink.result!;
+    // The sink's summary, once both files are committed (rejects if the pipeline failed).
+    const result = await sink.finished;
     console.log(`wrote ${result.dataClusters} data clusters and skipped ${result.zeroClusters} zero clusters of ${result.clusters}`);
     console.log(`the custom stage saw ${stats.dataClusters} data and ${stats.zeroClusters} zero clusters; entropy of the data clusters:`);
     stats.histogram.forEach((count, bits) => console.log(`  ${bits}-${bits + 1} bits/byte ${String(count).padStart(3)} ${'#'.repeat(count)}`));

@@ -45,14 +45,24 @@ async function main(): Promise<void> {
     // 1. The one call. The metadata goes to disk.qcow2, the guest data to disk.data at the same
     //    offsets it has in the guest (zero clusters stay holes). `dataFileName` is what the
     //    header stores: a bare name, resolved next to the image when it is opened again.
+    const reported: number[] = [];
     const summary = await convert({
       input: raw,
       output: qcow2,
       dataFile: data,
       dataFileName: 'disk.data',
       overwrite: true, // re-running in the same DIR replaces the previous data file
-      onProgress: (p) => console.log(`  progress: ${p.bytesDone} of ${p.bytesTotal ?? '?'} bytes`),
+      progressInterval: 4 * MiB, // the default (32 MiB) is more than this whole disk
+      onProgress: (p) => {
+        reported.push(p.bytesDone);
+        console.log(`  progress: ${p.bytesDone} of ${p.bytesTotal ?? '?'} bytes`);
+      },
     });
+    // Every 4 MiB read, or further at once where a hole is skipped without reading; then 100%.
+    const increasing = reported.every((bytes, i) => i === 0 || bytes > reported[i - 1]!);
+    if (reported.length < 3 || !increasing || reported.at(-1) !== 16 * MiB) {
+      throw new Error(`progress was reported at ${reported.join(', ')} bytes`);
+    }
     console.log(
       `converted ${summary.inputBytes} bytes in ${summary.seconds.toFixed(3)} s: ` +
         `${summary.clusters} clusters of ${summary.clusterSize / 1024} KiB, ` +

@@ -36,16 +36,26 @@ export interface StructureContext {
 }
 
 export interface ErrorOptions extends StructureContext {
+  /** The underlying error (an OS error, a nested failure), kept as the standard `cause`. */
   cause?: unknown;
   /** A short suggestion printed by the CLI after the message. */
   hint?: string;
 }
 
+/**
+ * The base class of every error this library throws. Branch on {@link code}; the message is for
+ * people and may change. Subclasses add the facts of their failure (`path`, `limit`, `expected`…).
+ */
 export class Qcow2StreamError extends Error {
+  /** The stable code: one per subclass, `QCOW_ERR` only for this base class. Listed in the README. */
   readonly code: ErrorCode;
+  /** The on-disk structure involved, e.g. `header`, `L2 entry`, when the error is about one. */
   readonly structure: string | undefined;
+  /** The field of {@link structure} involved, e.g. `cluster_bits`. */
   readonly field: string | undefined;
+  /** The byte offset in the file the structure was read from. */
   readonly offset: number | undefined;
+  /** A short suggestion of what to do about it; the CLI prints it after the message. */
   readonly hint: string | undefined;
 
   constructor(message: string, options: ErrorOptions = {}, code: ErrorCode = 'QCOW_ERR') {
@@ -58,10 +68,15 @@ export class Qcow2StreamError extends Error {
     this.hint = options.hint;
   }
 
+  /** The brand that makes `instanceof` work across copies of the package. @internal */
   get [BRAND](): ErrorCode {
     return this.code;
   }
 
+  /**
+   * `instanceof` by brand: the base class matches every error of this library, a subclass the
+   * errors of its own code, even when they come from another copy of the package.
+   */
   static override [Symbol.hasInstance](instance: unknown): boolean {
     if (typeof instance !== 'object' || instance === null || !(BRAND in instance)) return false;
     // The base class matches every error of ours; a subclass matches its own code.
@@ -78,6 +93,7 @@ export function isQcow2StreamError(value: unknown): value is Qcow2StreamError {
 
 /** A caller passed an option or argument that cannot work (bad cluster size, size too large…). */
 export class InvalidArgumentError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_INVALID_ARGUMENT';
   constructor(message: string, options?: ErrorOptions) {
     super(message, options, InvalidArgumentError.CODE);
@@ -86,6 +102,7 @@ export class InvalidArgumentError extends Qcow2StreamError {
 
 /** The file does not start with the qcow2 magic. */
 export class BadMagicError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_BAD_MAGIC';
   constructor(message: string, options?: ErrorOptions) {
     super(message, options, BadMagicError.CODE);
@@ -94,6 +111,7 @@ export class BadMagicError extends Qcow2StreamError {
 
 /** A qcow2 version other than 2 or 3. */
 export class UnsupportedVersionError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_UNSUPPORTED_VERSION';
   constructor(message: string, options?: ErrorOptions) {
     super(message, options, UnsupportedVersionError.CODE);
@@ -102,6 +120,7 @@ export class UnsupportedVersionError extends Qcow2StreamError {
 
 /** The image uses something this library refuses: unknown incompatible bits, encryption… */
 export class UnsupportedFeatureError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_UNSUPPORTED_FEATURE';
   /** Human names of the features, when known. */
   readonly features: readonly string[];
@@ -113,6 +132,7 @@ export class UnsupportedFeatureError extends Qcow2StreamError {
 
 /** A structure of the image breaks a rule of the format (misaligned, out of range, forbidden). */
 export class CorruptImageError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_CORRUPT_IMAGE';
   constructor(message: string, options?: ErrorOptions) {
     super(message, options, CorruptImageError.CODE);
@@ -121,8 +141,11 @@ export class CorruptImageError extends Qcow2StreamError {
 
 /** A size read from an image (or asked for) is above a documented limit. */
 export class LimitExceededError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_LIMIT_EXCEEDED';
+  /** The limit that was exceeded, when it is a number. */
   readonly limit: number | undefined;
+  /** The value found or asked for. */
   readonly actual: number | undefined;
   constructor(message: string, options?: ErrorOptions & { limit?: number; actual?: number }) {
     super(message, options, LimitExceededError.CODE);
@@ -133,6 +156,7 @@ export class LimitExceededError extends Qcow2StreamError {
 
 /** A file or stream ended before a structure it must hold. */
 export class UnexpectedEofError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_UNEXPECTED_EOF';
   constructor(message: string, options?: ErrorOptions) {
     super(message, options, UnexpectedEofError.CODE);
@@ -141,6 +165,7 @@ export class UnexpectedEofError extends Qcow2StreamError {
 
 /** A file name found inside an image (data file, backing file) was refused by the path policy. */
 export class PathPolicyError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_PATH_POLICY';
   /** The name as stored in the image. */
   readonly storedName: string;
@@ -152,8 +177,11 @@ export class PathPolicyError extends Qcow2StreamError {
 
 /** An operating-system error on a named file; `cause` holds the original error, `errno` its code. */
 export class FileError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_FILE';
+  /** The file the operation was on, as named by the caller. */
   readonly path: string;
+  /** The OS error code (`ENOENT`, `ENOSPC`…), when there is one. */
   readonly errno: string | undefined;
   constructor(message: string, path: string, options?: ErrorOptions & { errno?: string }) {
     super(message, options, FileError.CODE);
@@ -164,8 +192,11 @@ export class FileError extends Qcow2StreamError {
 
 /** The input was shorter or longer than the size the caller declared. */
 export class InputSizeError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_INPUT_SIZE';
+  /** The size the caller declared. */
   readonly expected: number;
+  /** The bytes the input held (at least this many when it ran long). */
   readonly actual: number;
   constructor(message: string, expected: number, actual: number, options?: ErrorOptions) {
     super(message, options, InputSizeError.CODE);
@@ -176,6 +207,7 @@ export class InputSizeError extends Qcow2StreamError {
 
 /** The operation needs random access to an output or input that is a pipe. */
 export class NotSeekableError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_NOT_SEEKABLE';
   constructor(message: string, options?: ErrorOptions) {
     super(message, options, NotSeekableError.CODE);
@@ -184,6 +216,7 @@ export class NotSeekableError extends Qcow2StreamError {
 
 /** Within-image dedup was asked for where the format cannot share clusters. */
 export class DedupUnsupportedError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_DEDUP_UNSUPPORTED';
   constructor(message: string, options?: ErrorOptions) {
     super(message, options, DedupUnsupportedError.CODE);
@@ -192,6 +225,7 @@ export class DedupUnsupportedError extends Qcow2StreamError {
 
 /** The operation was cancelled through an AbortSignal or a signal to the process. */
 export class AbortedError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_ABORTED';
   constructor(message = 'The operation was aborted', options?: ErrorOptions) {
     super(message, options, AbortedError.CODE);

@@ -17,6 +17,7 @@ export const INDEX_BYTES_PER_ENTRY_MAX = Math.ceil(16 / (MAX_LOAD / 2));
 /** Average memory per indexed fingerprint between resizes. */
 export const INDEX_BYTES_PER_ENTRY_AVERAGE = Math.ceil(16 / MAX_LOAD);
 
+/** Options of a {@link FingerprintIndex}. */
 export interface FingerprintIndexOptions {
   /** Stop indexing new fingerprints beyond this many (default 2^26 ≈ 67 M, ~1.5–3 GiB worst). */
   maxEntries?: number;
@@ -24,6 +25,10 @@ export interface FingerprintIndexOptions {
   initialCapacity?: number;
 }
 
+/**
+ * A compact fingerprint → (value, count) hash table over typed arrays (see the module comment):
+ * about 23 bytes per entry, bounded by `maxEntries`.
+ */
 export class FingerprintIndex {
   private hi: Uint32Array;
   private lo: Uint32Array;
@@ -31,6 +36,7 @@ export class FingerprintIndex {
   private counts: Uint32Array;
   private mask: number;
   private entries = 0;
+  /** The most fingerprints it will index; inserts beyond are refused. */
   readonly maxEntries: number;
   /** Inserts refused because the index was full. */
   refused = 0;
@@ -46,6 +52,7 @@ export class FingerprintIndex {
     this.counts = new Uint32Array(capacity);
   }
 
+  /** Fingerprints indexed. */
   get size(): number {
     return this.entries;
   }
@@ -65,10 +72,12 @@ export class FingerprintIndex {
     }
   }
 
+  /** The value stored in `slot` (from {@link find}). */
   valueAt(slot: number): number {
     return this.values[slot]!;
   }
 
+  /** The share count stored in `slot`. */
   countAt(slot: number): number {
     return this.counts[slot]!;
   }

@@ -5,10 +5,10 @@
  * need it, so stage constructors stay synchronous and cheap.
  */
 
-import xxhash from 'xxhash-wasm';
 import { Transform } from 'node:stream';
 import type { Block } from '../src/block.js';
 
+/** A fingerprint function over cluster bytes; made once by {@link createHasher} and passed to the stages. */
 export interface Hasher {
   /** XXH64 of the bytes, seed 0, as an unsigned bigint. */
   hash64(bytes: Uint8Array): bigint;
@@ -20,7 +20,8 @@ let shared: Promise<Hasher> | undefined;
 
 /** The process-wide hasher (the wasm module is instantiated on the first call only). */
 export function createHasher(): Promise<Hasher> {
-  shared ??= xxhash().then((api) => ({
+  // Imported here: the module inlines the wasm bytes, which every CLI start would pay to parse.
+  shared ??= import('xxhash-wasm').then(({ default: xxhash }) => xxhash()).then((api) => ({
     algorithm: 'xxh64' as const,
     // h64Raw copies the bytes to offset 0 of wasm memory; create64().update() copies them to
     // offset 88, and from our page-skewed I/O buffers that copy ran at ~1.7 GB/s against

@@ -5,7 +5,7 @@
 
 import type { Command } from 'commander';
 import { action, ExitCode, printJson, writeStdout } from './common.js';
-import { checkImage, type CheckResult } from '../read/check.js';
+import type { CheckResult } from '../read/check.js';
 
 export function registerCheck(program: Command): void {
   program
@@ -13,8 +13,18 @@ export function registerCheck(program: Command): void {
     .description('Check the structure of a qcow2 image (refcounts, COPIED flags, offsets, data-file rules)')
     .argument('<image>', 'the qcow2 image to check (only this file is read)')
     .option('--json', 'print JSON (qemu-img check field names, plus the findings)')
+    .addHelpText(
+      'after',
+      `
+Exit codes: 0 no problems, 1 corruptions or leaks found (listed), 2 the image cannot be checked.
+
+Examples:
+  qcow2-stream check disk.qcow2
+  qcow2-stream check --json disk.qcow2 > report.json   # exit code 1 when findings are listed`,
+    )
     .action(
       action(async (imagePath: string, flags: { json?: boolean }) => {
+        const { checkImage } = await import('../read/check.js');
         const result = await checkImage(imagePath);
         if (flags.json) printJson(checkJson(result));
         else writeStdout(formatCheck(result));
@@ -57,10 +67,25 @@ export function formatCheck(r: CheckResult): string {
   }
   if (r.checkErrors) lines.push(`${r.checkErrors} internal errors have occurred during the check.`);
   if (r.clean) lines.push('No errors were found on the image.');
-  const pct = (n: number) => (r.totalClusters ? ((n * 100) / r.totalClusters).toFixed(2) : '0.00');
-  const fragmented = r.allocatedClusters ? ((r.fragmentedClusters * 100) / r.allocatedClusters).toFixed(2) : '0.00';
-  const compressed = r.allocatedClusters ? ((r.compressedClusters * 100) / r.allocatedClusters).toFixed(2) : '0.00';
+  const pct = (n: number) => (r.totalClusters ? formatPercent((n * 100) / r.totalClusters) : '0.00');
+  const fragmented = r.allocatedClusters ? formatPercent((r.fragmentedClusters * 100) / r.allocatedClusters) : '0.00';
+  const compressed = r.allocatedClusters ? formatPercent((r.compressedClusters * 100) / r.allocatedClusters) : '0.00';
   lines.push(`${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters)}% allocated, ${fragmented}% fragmented, ${compressed}% compressed clusters`);
   lines.push(`Image end offset: ${r.imageEndOffset}`);
   return `${lines.join('\n')}\n`;
+}
+
+/**
+ * `value` with two decimals as C's printf("%.2f") prints it, which qemu-img check uses: an exact
+ * tie (3.125) rounds to even (3.12), where JS toFixed rounds up (3.13).
+ */
+export function formatPercent(value: number): string {
+  // toFixed(100) is the exact decimal expansion of a double of this magnitude.
+  const exact = value.toFixed(100);
+  const point = exact.indexOf('.');
+  const isTie = exact[point + 3] === '5' && /^0*$/.test(exact.slice(point + 4));
+  if (!isTie) return value.toFixed(2);
+  const truncated = exact.slice(0, point + 3);
+  const lastDigit = Number(exact[point + 2]);
+  return lastDigit % 2 === 0 ? truncated : (value + 0.005).toFixed(2);
 }

@@ -18,7 +18,6 @@ export const ExitCode = {
 
 const UNITS: Record<string, number> = {
   '': 1,
-  b: 1,
   k: 2 ** 10,
   m: 2 ** 20,
   g: 2 ** 30,
@@ -28,11 +27,13 @@ const UNITS: Record<string, number> = {
 };
 
 /**
- * Parses `512`, `64K`, `20G`, `1.5T`, `4KiB`, `2MB` (binary units, like qemu-img).
+ * Parses `512`, `512B`, `64K`, `20G`, `1.5T`, `4KiB`, `2MB` (binary units, like qemu-img; case
+ * does not matter). The result must be a whole number of bytes.
  * Throws commander's InvalidArgumentError so the message lands next to the option name.
  */
 export function parseSize(text: string): number {
-  const match = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?\s*$/i.exec(text);
+  // A unit letter, optionally followed by `B` or `iB`; or a bare `B` for bytes.
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(?:([kmgtpe])(?:i?b)?|b)?\s*$/i.exec(text);
   if (!match) throw new CommanderInvalidArgument(`'${text}' is not a size (examples: 512, 64K, 20G, 1.5T)`);
   const value = Number(match[1]) * (UNITS[(match[2] ?? '').toLowerCase()] ?? 1);
   if (!Number.isSafeInteger(value)) throw new CommanderInvalidArgument(`'${text}' is not a whole number of bytes below 2^53`);

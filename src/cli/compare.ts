@@ -6,8 +6,7 @@
 import type { Command } from 'commander';
 import { action, ExitCode, printJson, processSignal, writeStdout } from './common.js';
 import { createProgress } from './progress.js';
-import { openDisk, type DiskImage, type ImageFormat } from '../read/image.js';
-import { compareImages } from '../read/compare.js';
+import type { DiskImage, ImageFormat } from '../read/image.js';
 import { parseFormat } from './export.js';
 
 interface CompareFlags {
@@ -45,11 +44,12 @@ Examples:
           ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
           onWarning: (message: string) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
         };
+        const [{ openDisk }, { compareImages }] = await Promise.all([import('../read/image.js'), import('../read/compare.js')]);
         const a = await openDisk(pathA, { ...common, ...(flags.format ? { format: flags.format } : {}) });
         let b: DiskImage | undefined;
         try {
           b = await openDisk(pathB, { ...common, ...(flags.secondFormat ? { format: flags.secondFormat } : {}) });
-          const progress = createProgress({ label: 'compare', quiet: Boolean(flags.quiet || flags.json) });
+          const progress = await createProgress({ label: 'compare', quiet: Boolean(flags.quiet || flags.json) });
           let result;
           try {
             result = await compareImages(a, b, { signal: processSignal(), onProgress: progress.update });

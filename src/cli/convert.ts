@@ -3,7 +3,7 @@
  */
 
 import type { Command } from 'commander';
-import { convert, type ConvertSummary } from '../write/convert.js';
+import type { ConvertSummary } from '../write/convert.js';
 import { createProgress } from './progress.js';
 import { action, formatBytes, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
 
@@ -24,6 +24,8 @@ interface ConvertFlags {
   dataFileRaw: boolean;
   force?: boolean;
   quiet?: boolean;
+  /** commander's --no-sync: false when given. */
+  sync: boolean;
   json?: boolean;
 }
 
@@ -48,6 +50,7 @@ export function registerConvert(program: Command): void {
     .option('--manifest <path>', 'also write the fingerprint of every cluster to this file, for a later --base-manifest')
     .option('--allow-unsafe-paths', 'follow data-file and backing names stored in --base even outside its directory')
     .option('--force', 'replace an existing data file')
+    .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'print nothing on success')
     .option('--json', 'print a JSON summary (to standard error when the metadata goes to standard output)')
     .addHelpText(
@@ -71,10 +74,12 @@ Examples:
     )
     .action(
       action(async (input: string, output: string, flags: ConvertFlags) => {
-        const progress = createProgress({ label: 'convert', quiet: Boolean(flags.quiet || flags.json) });
+        const progress = await createProgress({ label: 'convert', quiet: Boolean(flags.quiet || flags.json) });
+        const { convert } = await import('../write/convert.js');
         let summary: ConvertSummary;
         try {
           summary = await convert({
+            sync: flags.sync,
             input,
             output,
             layout: flags.internal ? 'internal' : 'external',
@@ -85,6 +90,8 @@ Examples:
             overwrite: flags.force ?? false,
             signal: processSignal(),
             onProgress: progress.update,
+            // Often enough for a smooth bar on a slow pipe; the bar itself redraws at most every 100 ms.
+            progressInterval: 1024 * 1024,
             ...(flags.dedup ? { dedup: flags.dedupIndexLimit === undefined ? true : { maxEntries: flags.dedupIndexLimit } } : {}),
             ...(flags.base === undefined ? {} : { base: flags.base }),
             ...(flags.baseName === undefined ? {} : { baseName: flags.baseName }),

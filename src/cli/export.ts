@@ -6,11 +6,10 @@
 
 import { isatty } from 'node:tty';
 import { createProgress } from './progress.js';
-import type { Command } from 'commander';
+import { InvalidArgumentError as CommanderInvalidArgument, type Command } from 'commander';
 import { action, formatBytes, printJson, processSignal } from './common.js';
 import { InvalidArgumentError } from '../errors.js';
-import { openDisk, type ImageFormat } from '../read/image.js';
-import { exportToFile } from '../read/export.js';
+import type { ImageFormat } from '../read/image.js';
 
 interface ExportFlags {
   format?: ImageFormat;
@@ -19,6 +18,8 @@ interface ExportFlags {
   backingFormat?: ImageFormat;
   allowUnsafePaths?: boolean;
   quiet?: boolean;
+  /** commander's --no-sync: false when given. */
+  sync: boolean;
   json?: boolean;
 }
 
@@ -33,13 +34,26 @@ export function registerExport(program: Command): void {
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--backing-format <format>', 'format of --backing: qcow2 or raw (default: probed)', parseFormat)
     .option('--allow-unsafe-paths', 'follow data-file and backing names stored in the image even outside its directory')
+    .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'no progress or summary')
     .option('--json', 'print a JSON summary (to standard error when the image goes to standard output)')
+    .addHelpText(
+      'after',
+      `
+A regular-file output is sparse (zero ranges become holes) and appears only once complete.
+Names stored in the image (data file, backing file) are resolved inside its directory.
+
+Examples:
+  qcow2-stream export disk.qcow2 disk.raw
+  qcow2-stream export disk.qcow2 - | gzip > disk.raw.gz
+  qcow2-stream export moved.qcow2 moved.raw --data-file /mnt/backup/disk.data`,
+    )
     .action(
       action(async (imagePath: string, output: string, flags: ExportFlags) => {
         if (output === '-' && isatty(1)) {
           throw new InvalidArgumentError('Refusing to write a disk image to a terminal', { hint: "Redirect standard output, e.g. '> disk.raw' or '| gzip > disk.raw.gz'" });
         }
+        const [{ openDisk }, { exportToFile }] = await Promise.all([import('../read/image.js'), import('../read/export.js')]);
         const image = await openDisk(imagePath, {
           ...(flags.format ? { format: flags.format } : {}),
           ...(flags.dataFile ? { dataFile: flags.dataFile } : {}),
@@ -49,10 +63,10 @@ export function registerExport(program: Command): void {
           onWarning: (message) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
         });
         try {
-          const progress = createProgress({ label: 'export', quiet: Boolean(flags.quiet || flags.json) });
+          const progress = await createProgress({ label: 'export', quiet: Boolean(flags.quiet || flags.json) });
           let result;
           try {
-            result = await exportToFile(image, output, { signal: processSignal(), onProgress: progress.update });
+            result = await exportToFile(image, output, { signal: processSignal(), onProgress: progress.update, sync: flags.sync });
           } finally {
             progress.stop();
           }
@@ -71,8 +85,11 @@ export function registerExport(program: Command): void {
     );
 }
 
-/** Parses -f/--backing-format values. */
+/**
+ * Parses -f/--backing-format values. Throws commander's InvalidArgumentError, which commander
+ * reports as a usage error next to the option (any other error would escape as a stack trace).
+ */
 export function parseFormat(value: string): ImageFormat {
   if (value === 'qcow2' || value === 'raw') return value;
-  throw new InvalidArgumentError(`Unknown image format '${value}' (qcow2 or raw)`);
+  throw new CommanderInvalidArgument(`Unknown image format '${value}' (qcow2 or raw)`);
 }

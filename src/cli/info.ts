@@ -5,7 +5,7 @@
 
 import type { Command } from 'commander';
 import { action, formatBytes, printJson, writeStdout } from './common.js';
-import { readImageInfo, type ImageInfo } from '../read/info.js';
+import type { ImageInfo } from '../read/info.js';
 import { parseFormat } from './export.js';
 import type { ImageFormat } from '../read/image.js';
 
@@ -16,8 +16,19 @@ export function registerInfo(program: Command): void {
     .argument('<image>', 'the image to inspect')
     .option('-f, --format <format>', 'qcow2 or raw (default: probed)', parseFormat)
     .option('--json', 'print JSON (field names as in qemu-img info --output=json)')
+    .addHelpText(
+      'after',
+      `
+Only the image file is read: the data file and the backing file are shown by their stored
+names and never opened, so info is safe on images from anyone.
+
+Examples:
+  qcow2-stream info disk.qcow2
+  qcow2-stream info --json disk.qcow2`,
+    )
     .action(
       action(async (imagePath: string, flags: { json?: boolean; format?: ImageFormat }) => {
+        const { readImageInfo } = await import('../read/info.js');
         const info = await readImageInfo(imagePath, flags.format);
         if (flags.json) printJson(info);
         else writeStdout(formatInfo(info));

@@ -5,7 +5,8 @@
  */
 
 import { existsSync, readFileSync } from 'node:fs';
-import { Command, CommanderError } from 'commander';
+import { Command, CommanderError, type OutputConfiguration } from 'commander';
+import { InvalidArgumentError } from '../errors.js';
 import { ExitCode, writeStdout } from './common.js';
 import { registerConvert } from './convert.js';
 import { registerWrap } from './wrap.js';
@@ -27,21 +28,45 @@ function packageVersion(): string {
 }
 const version = packageVersion();
 
+/**
+ * Builds the `qcow2-stream` program with every command registered. Usage errors (unknown
+ * command or option, a bad option value) print one line with the error code and a hint, like
+ * every other error, and end in a CommanderError that main() turns into exit code 2.
+ */
 export function buildProgram(): Command {
   const program = new Command('qcow2-stream')
     .description('Convert disk images between raw and qcow2 with an external data file, as streams')
     .version(version, '-V, --version')
-    .showHelpAfterError('(run with --help for usage)')
     .exitOverride()
-    .configureOutput({
-      writeOut: writeStdout,
-      outputError: (text, write) => write(`qcow2-stream: ${text.replace(/^error: /, '')}`),
-    });
+    .configureOutput(usageOutput('qcow2-stream'))
+    .addHelpText(
+      'after',
+      `
+Exit codes: 0 success, 1 differences (compare) or problems found (check), 2 error.
+Sizes take binary suffixes: 512, 64K, 20G, 1.5T, 4KiB.
+
+Examples:
+  qcow2-stream convert disk.raw disk.qcow2       # metadata + disk.data
+  qcow2-stream export disk.qcow2 disk.raw
+  qcow2-stream compare disk.raw disk.qcow2
+  qcow2-stream convert --help                    # every option of a command`,
+    );
   for (const register of [registerConvert, registerWrap, registerExport, registerInfo, registerMap, registerCheck, registerCompare]) {
     register(program);
   }
-  for (const command of program.commands) command.exitOverride();
+  for (const command of program.commands) command.exitOverride().configureOutput(usageOutput(`qcow2-stream ${command.name()}`));
   return program;
+}
+
+/** Where help goes (stdout) and how a usage error of `commandPath` is printed. */
+function usageOutput(commandPath: string): OutputConfiguration {
+  return {
+    writeOut: writeStdout,
+    outputError: (text, write) => {
+      const message = text.trim().replace(/^error: /, '');
+      write(`qcow2-stream: ${message} [${InvalidArgumentError.CODE}]\n  hint: run '${commandPath} --help' for usage\n`);
+    },
+  };
 }
 
 async function main(): Promise<void> {

@@ -5,8 +5,7 @@
 
 import type { Command } from 'commander';
 import { action, writeStdout } from './common.js';
-import { openDisk, type ImageFormat } from '../read/image.js';
-import { formatMapHumanRow, formatMapJsonEntry, MAP_HUMAN_HEADER, mapImage } from '../read/map.js';
+import type { ImageFormat } from '../read/image.js';
 import { parseFormat } from './export.js';
 
 interface MapFlags {
@@ -27,8 +26,19 @@ export function registerMap(program: Command): void {
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--allow-unsafe-paths', 'follow names stored in the image even outside its directory')
     .option('--json', 'print JSON like qemu-img map --output=json')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  qcow2-stream map disk.qcow2
+  qcow2-stream map --json overlay.qcow2 | jq '.[] | select(.data)'`,
+    )
     .action(
       action(async (imagePath: string, flags: MapFlags) => {
+        const [{ openDisk }, { formatMapHumanRow, formatMapJsonEntry, MAP_HUMAN_HEADER, mapImage }] = await Promise.all([
+          import('../read/image.js'),
+          import('../read/map.js'),
+        ]);
         const image = await openDisk(imagePath, {
           ...(flags.format ? { format: flags.format } : {}),
           ...(flags.dataFile ? { dataFile: flags.dataFile } : {}),

@@ -4,7 +4,7 @@
  * Drawn only when stderr is a terminal and --quiet is off, so scripts and logs stay clean.
  */
 
-import cliProgress from 'cli-progress';
+import type cliProgress from 'cli-progress';
 import { formatBytes } from './common.js';
 
 import type { Progress } from '../progress.js';
@@ -24,9 +24,11 @@ export interface ProgressOptions {
   stream?: NodeJS.WriteStream;
 }
 
-export function createProgress(options: ProgressOptions): ProgressDisplay {
+/** The display for one command; cli-progress is loaded only when a bar will be drawn. */
+export async function createProgress(options: ProgressOptions): Promise<ProgressDisplay> {
   const stream = options.stream ?? process.stderr;
   if (options.quiet || !stream.isTTY) return NONE;
+  const { default: bars } = await import('cli-progress');
   const started = performance.now();
   let bar: cliProgress.SingleBar | undefined;
   let knownTotal: number | undefined;
@@ -51,9 +53,9 @@ export function createProgress(options: ProgressOptions): ProgressDisplay {
       total === undefined
         ? `${options.label} {doneText} {rateText}`
         : `${options.label} [{bar}] {percentage}% {doneText}/{totalText} {rateText}{etaText}`;
-    bar = new cliProgress.SingleBar(
+    bar = new bars.SingleBar(
       { format, stream, hideCursor: true, clearOnComplete: true, barsize: 30, fps: 10, noTTYOutput: false },
-      cliProgress.Presets.shades_classic,
+      bars.Presets.shades_classic,
     );
     bar.start(total ?? 1, 0, payload(0, total));
   };

@@ -5,7 +5,7 @@
 
 import type { Command } from 'commander';
 import { createProgress } from './progress.js';
-import { wrap, type WrapSummary } from '../write/wrap.js';
+import type { WrapSummary } from '../write/wrap.js';
 import { action, formatBytes, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
 
 interface WrapFlags {
@@ -14,6 +14,8 @@ interface WrapFlags {
   refcountBits?: number;
   dataFileRaw: boolean;
   quiet?: boolean;
+  /** commander's --no-sync: false when given. */
+  sync: boolean;
   json?: boolean;
 }
 
@@ -27,6 +29,7 @@ export function registerWrap(program: Command): void {
     .option('--cluster-size <n>', 'cluster size, a power of two from 512 to 2M', parseSize, 65536)
     .option('--refcount-bits <n>', 'refcount width: 1, 2, 4, 8, 16, 32 or 64', parseInteger, 16)
     .option('--no-data-file-raw', 'clear the raw-data-file bit and leave zero clusters unallocated (reads the raw file once)')
+    .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'print nothing on success')
     .option('--json', 'print a JSON summary (to standard error when the metadata goes to standard output)')
     .addHelpText(
@@ -42,10 +45,12 @@ Example:
     .action(
       action(async (raw: string, output: string, flags: WrapFlags) => {
         // Only the sparse mode reads the raw file; the raw mode is instant.
-        const progress = createProgress({ label: 'wrap (scanning)', quiet: Boolean(flags.quiet || flags.json || flags.dataFileRaw) });
+        const progress = await createProgress({ label: 'wrap (scanning)', quiet: Boolean(flags.quiet || flags.json || flags.dataFileRaw) });
+        const { wrap } = await import('../write/wrap.js');
         let summary: WrapSummary;
         try {
           summary = await wrap(raw, output, {
+            sync: flags.sync,
             clusterSize: flags.clusterSize ?? 65536,
             refcountBits: flags.refcountBits ?? 16,
             dataFileRaw: flags.dataFileRaw,

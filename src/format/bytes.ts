@@ -33,26 +33,32 @@ export function setU64(view: DataView, pos: number, value: number): void {
   view.setUint32(pos + 4, value >>> 0);
 }
 
+/** Reads a big-endian u64 as a bigint (feature bit fields). */
 export function getU64Big(view: DataView, pos: number): bigint {
   return view.getBigUint64(pos);
 }
 
+/** Writes a bigint as a big-endian u64 (taken modulo 2^64). */
 export function setU64Big(view: DataView, pos: number, value: bigint): void {
   view.setBigUint64(pos, BigInt.asUintN(64, value));
 }
 
+/** `value` rounded up to a multiple of `alignment`. */
 export function alignUp(value: number, alignment: number): number {
   return Math.ceil(value / alignment) * alignment;
 }
 
+/** `a / b` rounded up: how many `b`-sized pieces hold `a`. */
 export function divCeil(a: number, b: number): number {
   return Math.ceil(a / b);
 }
 
+/** True when `value` is a multiple of `alignment`. */
 export function isAligned(value: number, alignment: number): boolean {
   return value % alignment === 0;
 }
 
+/** How an error message names a value: its structure and field (`header cluster_bits`), or `value`. */
 export function describe(context: StructureContext): string {
   const where = [context.structure, context.field].filter(Boolean).join(' ');
   return where || 'value';
@@ -76,6 +82,7 @@ export function decodeName(bytes: Uint8Array): string {
   return utf8.decode(bytes);
 }
 
+/** Encodes a name to store in an image as UTF-8. */
 export function encodeName(name: string): Uint8Array {
   return utf8Encoder.encode(name);
 }

@@ -48,24 +48,43 @@ import {
 
 /** The fixed header fields, with JS names. 64-bit sizes and offsets are numbers (< 2^53). */
 export interface HeaderFields {
+  /** `magic` (offset 0): 0x514649fb, "QFI\xfb". */
   magic: number;
+  /** `version` (offset 4): 2 or 3. */
   version: number;
+  /** `backing_file_offset` (offset 8): where the backing file name is in cluster 0; 0 for none. */
   backingFileOffset: number;
+  /** `backing_file_size` (offset 16): length of the backing file name in bytes. */
   backingFileSize: number;
+  /** `cluster_bits` (offset 20): log2 of the cluster size. */
   clusterBits: number;
+  /** `size` (offset 24): the virtual disk size in bytes. */
   size: number;
+  /** `crypt_method` (offset 32): 0 none, 1 AES, 2 LUKS. */
   cryptMethod: number;
+  /** `l1_size` (offset 36): entries in the active L1 table. */
   l1Size: number;
+  /** `l1_table_offset` (offset 40): file offset of the active L1 table. */
   l1TableOffset: number;
+  /** `refcount_table_offset` (offset 48): file offset of the refcount table. */
   refcountTableOffset: number;
+  /** `refcount_table_clusters` (offset 56): clusters the refcount table occupies. */
   refcountTableClusters: number;
+  /** `nb_snapshots` (offset 60): internal snapshots in the image. */
   nbSnapshots: number;
+  /** `snapshots_offset` (offset 64): file offset of the snapshot table. */
   snapshotsOffset: number;
+  /** `incompatible_features` (offset 72, v3): bits a reader must understand to open the image. */
   incompatibleFeatures: bigint;
+  /** `compatible_features` (offset 80, v3): bits a reader may ignore. */
   compatibleFeatures: bigint;
+  /** `autoclear_features` (offset 88, v3): bits a writer that does not know them must clear. */
   autoclearFeatures: bigint;
+  /** `refcount_order` (offset 96, v3): log2 of the refcount width in bits (4 = 16 bits). */
   refcountOrder: number;
+  /** `header_length` (offset 100, v3): bytes of the header; 72 for v2. */
   headerLength: number;
+  /** `compression_type` (offset 104): 0 zlib, 1 zstd; valid with incompatible bit 3. */
   compressionType: number;
 }
 
@@ -106,25 +125,37 @@ const FIELD_WIDTH: Record<FieldKind, number> = { u8: 1, u32: 4, u64: 8, bits64: 
 /** Bytes needed to decode every fixed field of a v3 header. */
 export const HEADER_PROBE_SIZE = V3_HEADER_LENGTH;
 
+/** A header extension as stored after the header: its type and its data (padding excluded). */
 export interface HeaderExtension {
+  /** The extension type, e.g. {@link EXT_DATA_FILE}. */
   type: number;
+  /** The extension's bytes, without the 8-byte type/length prefix and the padding. */
   data: Uint8Array;
 }
 
+/** An entry of the feature-name table: which bit of which feature field, and its name. */
 export interface FeatureName {
+  /** The feature field; an unknown kind code is kept as its number. */
   kind: 'incompatible' | 'compatible' | 'autoclear' | number;
+  /** The bit number within that field (0–63). */
   bit: number;
+  /** The human name, e.g. `external data file`. */
   name: string;
 }
 
 /** Everything cluster 0 says: fields, extensions, and the names they carry. */
 export interface ParsedHeader extends HeaderFields {
+  /** Bytes per cluster: 2 ** `clusterBits`. */
   clusterSize: number;
   /** Every extension in file order, END excluded; unknown ones kept as they were. */
   extensions: HeaderExtension[];
+  /** The external data file's name from its extension, as stored (untrusted: see the path policy). */
   dataFileName: string | undefined;
+  /** The backing file's name, as stored (untrusted: see the path policy). */
   backingFileName: string | undefined;
+  /** The backing file's format from its extension (`qcow2`, `raw`…), as stored. */
   backingFormat: string | undefined;
+  /** The image's feature-name table (empty when it has none). */
   featureNames: FeatureName[];
   /** Bytes of the header beyond the fields we know (header_length > 112), kept verbatim. */
   unknownHeaderBytes: Uint8Array;
@@ -421,6 +452,7 @@ export const QEMU_FEATURE_TABLE: readonly FeatureName[] = [
   { kind: 'autoclear', bit: 1, name: 'raw external data' },
 ];
 
+/** Encodes a feature-name table extension's data: 48 bytes per entry. */
 export function encodeFeatureTable(entries: readonly FeatureName[]): Uint8Array {
   const out = new Uint8Array(entries.length * FEATURE_TABLE_ENTRY_SIZE);
   const kindCode = { incompatible: FEATURE_KIND_INCOMPATIBLE, compatible: FEATURE_KIND_COMPATIBLE, autoclear: FEATURE_KIND_AUTOCLEAR };
@@ -435,18 +467,31 @@ export function encodeFeatureTable(entries: readonly FeatureName[]): Uint8Array 
 
 /** What a writer puts in cluster 0. */
 export interface HeaderSpec {
+  /** log2 of the cluster size. */
   clusterBits: number;
+  /** The virtual disk size in bytes. */
   size: number;
+  /** Entries in the L1 table. */
   l1Size: number;
+  /** File offset of the L1 table. */
   l1TableOffset: number;
+  /** File offset of the refcount table. */
   refcountTableOffset: number;
+  /** Clusters the refcount table occupies. */
   refcountTableClusters: number;
+  /** log2 of the refcount width in bits. */
   refcountOrder: number;
+  /** Incompatible feature bits (e.g. {@link INCOMPAT_DATA_FILE}). */
   incompatibleFeatures: bigint;
+  /** Compatible feature bits. Default 0. */
   compatibleFeatures?: bigint;
+  /** Autoclear feature bits (e.g. {@link AUTOCLEAR_DATA_FILE_RAW}). */
   autoclearFeatures: bigint;
+  /** The external data file's name, written as its extension. */
   dataFileName?: string;
+  /** The backing file's name, written after the extensions. */
   backingFileName?: string;
+  /** The backing file's format, written as its extension. */
   backingFormat?: string;
   /** Write qemu's feature-name table. Default: when clusters are larger than 4 KiB, like qemu. */
   featureTable?: boolean;

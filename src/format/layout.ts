@@ -17,13 +17,17 @@ import { encodeL1Entry, encodeRefcountTableEntry, l2EntrySize, L1_ENTRY_SIZE } f
 import { fillRefcountOnes, refcountsPerBlock } from './refcount.js';
 import { InvalidArgumentError, LimitExceededError } from '../errors.js';
 
+/** How a virtual size maps onto clusters and L1/L2 tables at one cluster size. */
 export interface Geometry {
+  /** log2 of the cluster size. */
   clusterBits: number;
+  /** Bytes per cluster. */
   clusterSize: number;
   /** Virtual size in bytes. */
   size: number;
   /** Guest clusters: ceil(size / clusterSize); the last may be partial. */
   clusters: number;
+  /** Extended L2 entries (subclusters). */
   extendedL2: boolean;
   /** Bytes per L2 entry: 8, or 16 with extended L2. */
   l2EntrySize: number;
@@ -35,6 +39,7 @@ export interface Geometry {
   bytesPerL2: number;
 }
 
+/** The geometry of an image of `size` bytes with 2^`clusterBits`-byte clusters. */
 export function imageGeometry(size: number, clusterBits: number, extendedL2 = false): Geometry {
   const clusterSize = 2 ** clusterBits;
   const entrySize = l2EntrySize(extendedL2);
@@ -82,12 +87,14 @@ export function checkVirtualSize(size: number, clusterBits: number, extendedL2 =
   }
 }
 
+/** Throws InvalidArgumentError unless `clusterBits` is an integer from 9 (512 B) to 21 (2 MiB). */
 export function checkClusterBits(clusterBits: number): void {
   if (!Number.isInteger(clusterBits) || clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) {
     throw new InvalidArgumentError(`The cluster size must be a power of two from 512 bytes to 2 MiB`);
   }
 }
 
+/** How many clusters the refcount structures take, themselves included. */
 export interface RefcountLayout {
   /** Clusters of the refcount table. */
   tableClusters: number;
@@ -124,16 +131,25 @@ export function solveRefcountLayout(otherClusters: number, clusterBits: number, 
 
 /** Where every metadata structure of a written image lives. Offsets are bytes in the metadata file. */
 export interface MetadataPlan {
+  /** The image's geometry. */
   geometry: Geometry;
+  /** log2 of the refcount width in bits. */
   refcountOrder: number;
+  /** Offset of the refcount table (cluster 1). */
   refcountTableOffset: number;
+  /** Clusters of the refcount table. */
   refcountTableClusters: number;
+  /** Offset of the first refcount block; the blocks are contiguous. */
   refcountBlocksOffset: number;
+  /** Refcount blocks. */
   refcountBlockClusters: number;
+  /** Offset of the L1 table. */
   l1Offset: number;
+  /** Clusters of the L1 table. */
   l1Clusters: number;
   /** Offset of the first L2 table; table k (k-th present one) is at l2Offset + k·cs. */
   l2Offset: number;
+  /** L2 tables written. */
   l2Tables: number;
   /** Metadata clusters before any data cluster an internal image appends. */
   metadataClusters: number;
@@ -141,8 +157,11 @@ export interface MetadataPlan {
   totalClusters: number;
 }
 
+/** What {@link planMetadata} lays out. */
 export interface PlanOptions {
+  /** The image's geometry. */
   geometry: Geometry;
+  /** log2 of the refcount width in bits. */
   refcountOrder: number;
   /** How many L2 tables will be written (all l1Size of them, or only the non-empty ones). */
   l2Tables: number;
@@ -153,6 +172,10 @@ export interface PlanOptions {
   extraClusters?: number;
 }
 
+/**
+ * Lays out the metadata of a written image (see the module comment): header, refcount table and
+ * blocks (sized to cover themselves), L1, then the L2 tables.
+ */
 export function planMetadata(options: PlanOptions): MetadataPlan {
   const { geometry, refcountOrder, l2Tables } = options;
   const cs = geometry.clusterSize;

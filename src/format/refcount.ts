@@ -16,6 +16,7 @@ export function maxRefcount(refcountOrder: number): number {
   return 2 ** 2 ** refcountOrder - 1;
 }
 
+/** Reads entry `index` of a refcount block packed with 2^`refcountOrder`-bit entries. */
 export function getRefcount(block: Uint8Array, index: number, refcountOrder: number): number {
   const bits = 2 ** refcountOrder;
   if (bits < 8) {

@@ -37,15 +37,20 @@ function setOffsetWords(view: DataView, pos: number, hiFlags: number, loFlags: n
 // ---------------------------------------------------------------------------------------------
 // L1
 
+/** A decoded L1 entry. */
 export interface L1Entry {
   /** Offset of the L2 table in the image file; 0 = no table (the whole range is unallocated). */
   l2Offset: number;
+  /** Bit 63: the L2 table's refcount is exactly 1. */
   copied: boolean;
+  /** Some reserved bit is set (a corruption `check` reports). */
   reservedBits: boolean;
 }
 
+/** Bytes per L1 entry. */
 export const L1_ENTRY_SIZE = 8;
 
+/** Decodes the L1 entry at byte `pos`; an offset of 2^53 or more is a LimitExceededError. */
 export function decodeL1Entry(view: DataView, pos: number): L1Entry {
   const hi = view.getUint32(pos);
   const lo = view.getUint32(pos + 4);
@@ -71,30 +76,40 @@ export function encodeL1Entry(view: DataView, pos: number, l2Offset: number, cop
  */
 export type ClusterType = 'unallocated' | 'zero-plain' | 'zero-alloc' | 'normal' | 'compressed';
 
+/** A decoded L2 entry (standard or extended), classified as qemu does. */
 export interface L2Entry {
+  /** How the cluster reads: see {@link ClusterType}. */
   type: ClusterType;
   /** Host offset for normal / zero-alloc clusters; for compressed ones, the byte offset of the data. */
   hostOffset: number;
+  /** Bit 63: the data cluster's refcount is exactly 1. */
   copied: boolean;
+  /** Some reserved bit is set (a corruption `check` reports). */
   reservedBits: boolean;
   /** Compressed clusters only: bytes to read (may overshoot the stream's end). */
   compressedSize: number;
   /** Extended L2 only: subcluster allocation and zero bitmaps (bit x = subcluster x). */
   allocMask: number;
+  /** Extended L2 only: the reads-as-zero bitmap (bit x = subcluster x). */
   zeroMask: number;
 }
 
+/** What decoding an L2 entry depends on besides its bytes. */
 export interface L2Context {
+  /** log2 of the cluster size (compressed descriptors depend on it). */
   clusterBits: number;
   /** The image has an external data file (incompatible bit 2). */
   dataFile: boolean;
+  /** Entries are extended (16 bytes, with subcluster bitmaps; incompatible bit 4). */
   extendedL2: boolean;
 }
 
+/** Bytes per L2 entry: 16 extended, 8 standard. */
 export function l2EntrySize(extendedL2: boolean): number {
   return extendedL2 ? 16 : 8;
 }
 
+/** Decodes the L2 entry at byte `pos` and classifies it like qemu's qcow2_get_cluster_type. */
 export function decodeL2Entry(view: DataView, pos: number, ctx: L2Context): L2Entry {
   const hi = view.getUint32(pos);
   const lo = view.getUint32(pos + 4);
@@ -115,8 +130,11 @@ export function decodeL2Entry(view: DataView, pos: number, ctx: L2Context): L2En
   return { type, hostOffset, copied, reservedBits, compressedSize: 0, allocMask, zeroMask };
 }
 
+/** Flags of an L2 entry to write. */
 export interface L2EntryFlags {
+  /** Set COPIED (bit 63): the cluster's refcount is exactly 1. */
   copied?: boolean;
+  /** Set the zero flag (bit 0): the cluster reads as zeros. */
   zero?: boolean;
 }
 
@@ -140,6 +158,7 @@ export const ALL_SUBCLUSTERS = 0xffffffff;
  */
 export type SubclusterType = 'data' | 'zero' | 'unallocated' | 'invalid';
 
+/** How subcluster `index` (0–31) of an extended L2 entry reads, like qemu's qcow2_get_subcluster_type. */
 export function subclusterType(entry: L2Entry, index: number): SubclusterType {
   if (entry.type === 'compressed') return entry.allocMask === 0 && entry.zeroMask === 0 ? 'data' : 'invalid';
   // Like qemu, validity is a property of the whole entry, not of the subcluster asked about.
@@ -150,6 +169,7 @@ export function subclusterType(entry: L2Entry, index: number): SubclusterType {
   return (entry.zeroMask & bit) !== 0 ? 'zero' : 'unallocated';
 }
 
+/** Subclusters per cluster with extended L2 entries (32). */
 export const SUBCLUSTERS = SUBCLUSTERS_PER_CLUSTER;
 
 /**
@@ -161,7 +181,12 @@ export function decodeCompressedDescriptor(
   lo: number,
   clusterBits: number,
   pos = 0,
-): { hostOffset: number; compressedSize: number } {
+): {
+  /** Byte offset of the compressed data in the image file (not cluster-aligned). */
+  hostOffset: number;
+  /** Bytes to read: up to the end of the last sector the descriptor counts. */
+  compressedSize: number;
+} {
   const x = 62 - (clusterBits - 8);
   const value = (BigInt(hi) << 32n) | BigInt(lo >>> 0);
   const offset = value & ((1n << BigInt(x)) - 1n);
@@ -184,11 +209,15 @@ export function encodeCompressedDescriptor(view: DataView, pos: number, hostOffs
 // ---------------------------------------------------------------------------------------------
 // Refcount table
 
+/** A decoded refcount-table entry. */
 export interface RefcountTableEntry {
+  /** Offset of the refcount block in the image file; 0 = no block (those clusters are free). */
   blockOffset: number;
+  /** Some reserved bit (0–8) is set (a corruption `check` reports). */
   reservedBits: boolean;
 }
 
+/** Decodes the refcount-table entry at byte `pos`. */
 export function decodeRefcountTableEntry(view: DataView, pos: number): RefcountTableEntry {
   const hi = view.getUint32(pos);
   const lo = view.getUint32(pos + 4);
@@ -198,6 +227,7 @@ export function decodeRefcountTableEntry(view: DataView, pos: number): RefcountT
   return { blockOffset: hi * TWO_POW_32 + ((lo & ~REFTABLE_RESERVED_MASK_LO) >>> 0), reservedBits: (lo & REFTABLE_RESERVED_MASK_LO) !== 0 };
 }
 
+/** Writes a refcount-table entry pointing at the refcount block at `blockOffset`. */
 export function encodeRefcountTableEntry(view: DataView, pos: number, blockOffset: number): void {
   setOffsetWords(view, pos, 0, 0, blockOffset);
 }

@@ -49,6 +49,7 @@ import { kindOf } from './files.js';
 /** Which reference inside an image a name came from; used in messages and hints. */
 export type StoredNameKind = 'data file' | 'backing file';
 
+/** Options of {@link resolveStoredName}. */
 export interface PathPolicyOptions {
   /**
    * Allow any local path (absolute, `..`, symlinks leaving the directory). `json:` names, NUL

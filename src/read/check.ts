@@ -36,8 +36,10 @@ import { readFully, type OpenedFile } from '../io/files.js';
 import { LruCache } from './cache.js';
 import { openSeekable, readHeader, validateTables } from './image.js';
 
+/** How bad a finding is: `error` (a corruption), `leak` (space wasted, data safe) or `warning`. */
 export type FindingSeverity = 'error' | 'leak' | 'warning';
 
+/** One problem found by {@link checkImage}. */
 export interface CheckFinding {
   /** `error`: a corruption; `leak`: a cluster with more refcount than references; `warning`: a note. */
   severity: FindingSeverity;
@@ -45,15 +47,21 @@ export interface CheckFinding {
   structure: string;
   /** Byte offset in the image file, when one applies. */
   offset?: number;
+  /** What is wrong, worded like qemu-img check. */
   message: string;
 }
 
+/** What {@link checkImage} found, with qemu-img check's counts. */
 export interface CheckResult {
+  /** The path as given. */
   filename: string;
+  /** Always `qcow2`. */
   format: 'qcow2';
   /** No corruptions and no leaks. */
   clean: boolean;
+  /** Findings of severity `error`; any makes the exit code 1. */
   corruptions: number;
+  /** Clusters with a refcount but no reference (findings of severity `leak`). */
   leaks: number;
   /** Errors that stopped part of the check (unreadable structures). */
   checkErrors: number;
@@ -61,7 +69,9 @@ export interface CheckResult {
   totalClusters: number;
   /** Guest clusters with host storage (normal, preallocated zero, compressed). */
   allocatedClusters: number;
+  /** Allocated clusters whose host offset does not follow the previous allocated cluster's (qemu's measure). */
   fragmentedClusters: number;
+  /** Compressed clusters. */
   compressedClusters: number;
   /** End of the last cluster in use in the image file. */
   imageEndOffset: number;
@@ -71,6 +81,7 @@ export interface CheckResult {
   omittedFindings: number;
 }
 
+/** Options of {@link checkImage}. */
 export interface CheckOptions {
   /** Most findings kept in the list (default 1000); the counts include all. */
   maxFindings?: number;

@@ -12,12 +12,17 @@ import type { DiskImage } from './image.js';
 const COMPARE_CHUNK = 2 * 1024 * 1024;
 const SECTOR = 512;
 
+/** Options of {@link compareImages}. */
 export interface CompareOptions {
+  /** Cancels the comparison: it rejects with an AbortedError. */
   signal?: AbortSignal;
+  /** Called after each chunk with the bytes compared so far and the larger virtual size. */
   onProgress?: (progress: Progress) => void;
 }
 
+/** What {@link compareImages} found, by qemu-img compare's rules. */
 export interface CompareResult {
+  /** The guest contents are equal (a longer image's excess reads as zeros). */
   identical: boolean;
   /** The virtual sizes differ (qemu prints "Warning: Image size mismatch!"). */
   sizeMismatch: boolean;

@@ -71,7 +71,9 @@ export type ExtentKind = 'data' | 'zero' | 'unallocated';
 export interface Extent {
   /** Guest offset. */
   start: number;
+  /** Bytes in the run. */
   length: number;
+  /** What the run is: see {@link ExtentKind}. */
   kind: ExtentKind;
   /** Which layer answered: 0 is the image itself, 1 its backing file, and so on. */
   depth: number;
@@ -112,6 +114,7 @@ export interface OpenDiskOptions extends OpenImageOptions {
 
 /** A disk image opened for reading: qcow2 (any chain) or raw. */
 export interface DiskImage {
+  /** `qcow2` or `raw`. */
   readonly format: ImageFormat;
   /** The path as given. */
   readonly path: string;

@@ -24,32 +24,60 @@ import { QCOW2_MAGIC } from '../format/index.js';
 
 /** qemu-img info's JSON, field for field where qemu has one. */
 export interface ImageInfo {
+  /** The path as given. */
   filename: string;
+  /** `qcow2`, or `raw` for anything without the qcow2 magic (unless a format was forced). */
   format: ImageFormat;
+  /** The guest disk size in bytes. */
   'virtual-size': number;
   /** Bytes the image file occupies on disk (the data file is not counted, as in qemu). */
   'actual-size': number;
+  /** qcow2: bytes per cluster. */
   'cluster-size'?: number;
+  /** qcow2: the backing file name as stored (never opened). */
   'backing-filename'?: string;
+  /** qcow2: the backing file format as stored. */
   'backing-filename-format'?: string;
+  /** qcow2: incompatible bit 0 is set (refcounts may be stale after a crash). */
   'dirty-flag'?: boolean;
+  /** qcow2: the fields `qemu-img info` shows under "Format specific information". */
   'format-specific'?: {
+    /** Always `qcow2`. */
     type: 'qcow2';
+    /** The qcow2 specifics. */
     data: {
+      /** `0.10` for version 2, `1.1` for version 3. */
       compat: '0.10' | '1.1';
+      /** The compression of compressed clusters. */
       'compression-type': 'zlib' | 'zstd';
+      /** Compatible bit 0: refcount updates may be deferred. */
       'lazy-refcounts': boolean;
+      /** Width of a refcount entry in bits. */
       'refcount-bits': number;
+      /** Incompatible bit 1: the image was marked corrupt. */
       corrupt: boolean;
+      /** Incompatible bit 4: extended L2 entries (subclusters). */
       'extended-l2': boolean;
+      /** The external data file's name as stored (never opened). */
       'data-file'?: string;
+      /** With a data file: autoclear bit 1, the data file alone is a valid raw image. */
       'data-file-raw'?: boolean;
       /** Ours: the image keeps bitmaps (autoclear bit 0 tells whether they are consistent). */
-      bitmaps?: { consistent: boolean };
+      bitmaps?: {
+        /** Autoclear bit 0 is set: the bitmaps were kept up to date. */
+        consistent: boolean;
+      };
     };
   };
   /** Ours: the feature bits as hex, for people debugging images. */
-  features?: { incompatible: string; compatible: string; autoclear: string };
+  features?: {
+    /** `incompatible_features`, e.g. `0x4` (external data file). */
+    incompatible: string;
+    /** `compatible_features`. */
+    compatible: string;
+    /** `autoclear_features`, e.g. `0x2` (raw external data). */
+    autoclear: string;
+  };
 }
 
 /** Reads an image's header (probing qcow2 vs raw unless `format` is given). */

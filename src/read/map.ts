@@ -10,7 +10,9 @@ import type { DiskImage, Extent } from './image.js';
 
 /** One map entry, qemu-img map's JSON fields plus `file` and `compressed`. */
 export interface MapEntry {
+  /** Guest offset of the range. */
   start: number;
+  /** Bytes in the range. */
   length: number;
   /** The layer that answered: 0 = the image, 1 = its backing file, … */
   depth: number;
@@ -24,6 +26,7 @@ export interface MapEntry {
   offset?: number;
   /** The file holding the bytes: the image, its data file or a backing file. */
   file?: string;
+  /** The bytes are in a compressed cluster (which has no `offset`). */
   compressed?: boolean;
 }
 

@@ -97,13 +97,21 @@ export async function* clusterize(source: AsyncIterable<Uint8Array> | Iterable<U
   }
 }
 
+/** A Duplex from bytes to Blocks that tells the cluster size it cuts, so later stages can use the same. */
+export interface ClusterizeStream extends Duplex {
+  /** Bytes per Block (the last may be shorter): pass it on as the sink's `clusterSize`. */
+  readonly clusterSize: number;
+}
+
 /**
  * {@link clusterize} as a Duplex for `pipeline(...)`: bytes in (a byte stream such as
- * `fs.createReadStream`), Blocks out (object mode).
+ * `fs.createReadStream`), Blocks out (object mode). Its `clusterSize` is what the sink needs:
+ * `createExternalSink({ clusterSize: clusterizer.clusterSize, … })`.
  */
-export function createClusterizeStream(options: ClusterizeOptions = {}): Duplex {
-  checkOptions(options);
-  return Duplex.from(async function* (source: AsyncIterable<Uint8Array>) {
+export function createClusterizeStream(options: ClusterizeOptions = {}): ClusterizeStream {
+  const { clusterSize } = checkOptions(options);
+  const stream = Duplex.from(async function* (source: AsyncIterable<Uint8Array>) {
     yield* clusterize(source, options);
   });
+  return Object.assign(stream, { clusterSize });
 }

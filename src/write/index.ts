@@ -1,7 +1,7 @@
 /** The raw → qcow2 writer: sources, clusterize, the external sink, convert() and wrap(). */
-export { clusterize, createClusterizeStream, type ClusterizeOptions } from './clusterize.js';
-export { BufferPool, createFileBlockSource, fileHandleTarget, readBlocks, READ_SIZE, type BlockSourceOptions, type ReadTarget } from './sources.js';
-export { MetadataEmitter, type MetadataEmitterOptions, type MetadataResult } from './metadata.js';
+export { clusterize, createClusterizeStream, type ClusterizeOptions, type ClusterizeStream } from './clusterize.js';
+export { BufferPool, createFileBlockSource, fileHandleTarget, readBlocks, READ_SIZE, type BlockSourceOptions, type BlockSourceStream, type ReadFn, type ReadTarget } from './sources.js';
+export { MetadataEmitter, type ClusterState, type MetadataEmitterOptions, type MetadataResult } from './metadata.js';
 export { AllocationBitmap } from './bitmap.js';
 export { ExternalWriter, ExternalSinkStream, createExternalSink, type ExternalSinkOptions, type SinkResult } from './external-sink.js';
 export { convert, type ConvertInput, type ConvertOptions, type ConvertProgress, type ConvertSummary } from './convert.js';

@@ -32,7 +32,9 @@ export interface ImageOptions {
 export interface ImageShape {
   /** The image's virtual size: the input rounded up to 512. */
   virtualSize: number;
+  /** Bytes per cluster. */
   clusterSize: number;
+  /** Bits per refcount entry. */
   refcountBits: number;
   /** The raw-data-file bit. */
   dataFileRaw: boolean;
@@ -46,9 +48,13 @@ export interface ImageShape {
 
 /** Validated image parameters. */
 export interface ImageSettings {
+  /** log2 of the cluster size. */
   clusterBits: number;
+  /** Bytes per cluster. */
   clusterSize: number;
+  /** log2 of the refcount width in bits. */
   refcountOrder: number;
+  /** The raw-data-file bit. */
   dataFileRaw: boolean;
 }
 

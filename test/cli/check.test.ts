@@ -3,6 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { formatPercent } from '../../src/cli/check.js';
 import { runCli } from '../helpers/cli.js';
 import { needQemu, tempDir } from '../helpers/qemu.js';
 import { img, io, locate, writeU32, writeU64 } from '../read/fixtures.js';
@@ -30,4 +31,17 @@ test('check exits 0 on a clean image, 1 with findings (also in JSON), 2 when it 
   assert.equal(broken.code, 2);
   assert.match(broken.stderr, /Unsupported qcow2 version 9 .*\[QCOW_ERR_UNSUPPORTED_VERSION\]/);
   assert.doesNotMatch(broken.stderr, /^\s+at /m);
+});
+
+test('percentages round like printf("%.2f") in qemu-img check: exact ties to even', () => {
+  const cases: Array<[number, string]> = [
+    [(1 * 100) / 32, '3.12'], // 3.125 exactly: C rounds to even, JS toFixed would print 3.13
+    [(3 * 100) / 800, '0.38'], // 0.375: the tie rounds up to the even digit
+    [(5 * 100) / 800, '0.62'],
+    [(100 * 100) / 300, '33.33'],
+    [3.1250000000000004, '3.13'], // just above the tie
+    [100, '100.00'],
+    [0, '0.00'],
+  ];
+  for (const [value, printed] of cases) assert.equal(formatPercent(value), printed, String(value));
 });
