@@ -23,7 +23,10 @@ const flags = process.argv.slice(2).filter((a) => a.startsWith('-'));
 const selected = only.length ? files.filter((f) => only.some((o) => f.includes(o))) : files;
 // A per-test timeout so a hung child process fails the run instead of stalling CI.
 const timeout = flags.some((f) => f.startsWith('--test-timeout')) ? [] : ['--test-timeout=300000'];
-const result = spawnSync(process.execPath, ['--import', 'tsx', '--test', ...timeout, ...flags, ...selected], {
+// Off a terminal (CI, logs) the same TAP summary lines ('# tests', '# pass', '# fail') on every
+// Node version: Node 20 defaults to TAP there, Node 24 to the spec reporter.
+const reporter = process.stdout.isTTY || flags.some((f) => f.startsWith('--test-reporter')) ? [] : ['--test-reporter=tap'];
+const result = spawnSync(process.execPath, ['--import', 'tsx', '--test', ...timeout, ...reporter, ...flags, ...selected], {
   cwd: root,
   stdio: 'inherit',
 });
