@@ -11,6 +11,7 @@
  * is never modified), and need not be: qemu reads past the end of a data file as zeros.
  */
 
+import { blockEnd } from '../block.js';
 import { InvalidArgumentError } from '../errors.js';
 import type { Progress } from '../progress.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
@@ -95,12 +96,19 @@ export async function wrap(rawPath: string, output: OutputTarget, options: WrapO
         const target = fileHandleTarget(raw.handle, rawPath, true);
         const pool = new BufferPool();
         let nextReport = PROGRESS_STEP;
-        for await (const block of readBlocks(target, { clusterSize: settings.clusterSize, size: raw.size, pool })) {
+        // Holes of the raw file come as zero runs (never read) when the extent probe is built.
+        for await (const block of readBlocks(target, { clusterSize: settings.clusterSize, size: raw.size, pool, zeroRuns: true })) {
           if (signal?.aborted) throw abortError(signal);
-          bytesRead += block.data.length;
+          bytesRead = blockEnd(block, settings.clusterSize);
           if (bytesRead >= nextReport) {
             options.onProgress?.({ bytesDone: bytesRead, bytesTotal: raw.size });
             nextReport = bytesRead + PROGRESS_STEP;
+          }
+          if (block.count !== undefined) {
+            // A run's bytes are a shared zero cluster, not a pool buffer: nothing to release.
+            const recorded = emitter.recordRun(block.index, block.count, 'zero');
+            if (recorded) await recorded;
+            continue;
           }
           const hasData = !isAllZero(block.data);
           pool.release(block.data);

@@ -22,6 +22,7 @@ import { InternalImageWriter } from '../../src/write/internal-sink.js';
 import { MetadataEmitter, type ClusterState } from '../../src/write/metadata.js';
 import { resolveImageSettings } from '../../src/write/settings.js';
 import { createFileBlockSource } from '../../src/write/sources.js';
+import { wrap } from '../../src/write/wrap.js';
 import { createHasher } from '../../transforms/fingerprint.js';
 import { ManifestWriter } from '../../transforms/manifest.js';
 import { createZeroDetectStream, zeroDetect } from '../../transforms/zero-detect.js';
@@ -351,6 +352,22 @@ test('convert(): every layout, dedup, manifests and overlays give the same files
     }
     files.forEach((ext, i) => assert.ok(outputs[0]![i]!.equals(outputs[1]![i]!), `${name}: .${ext} differs between the probe and the fallback`));
   }
+});
+
+test('wrap in sparse mode: the same metadata with and without the probe', async (t) => {
+  const dir = tempDir(t);
+  const size = 10 * MiB + 300;
+  sparseRaw(join(dir, 'disk.raw'), size, 4);
+  const outputs: Buffer[] = [];
+  for (const native of [true, false]) {
+    const output = join(dir, `wrapped-${native}.qcow2`);
+    const run = () => wrap(join(dir, 'disk.raw'), output, { dataFileName: 'disk.raw', dataFileRaw: false, clusterSize: 4096, sync: false });
+    const summary = native ? await run() : await withoutNative(run);
+    assert.ok(summary.dataClusters > 0 && summary.dataClusters < Math.ceil(size / 4096), 'some clusters data, some not');
+    if (needQemu(t)) assertQemuAgrees(join(dir, 'disk.raw'), `wrapped-${native}.qcow2`, dir);
+    outputs.push(readFileSync(output));
+  }
+  assert.ok(outputs[0]!.equals(outputs[1]!), 'the probe changed the metadata');
 });
 
 test('createFileBlockSource with zeroRuns feeds the stream stages the same image', async (t) => {
