@@ -25,7 +25,7 @@ export interface Block {
    * clusters [index, index + count), all zero — typically a hole the source never read. `zero`
    * is true and `data` is one shared all-zero cluster standing for each of them. Only sources
    * asked for runs produce them (BlockSourceOptions.zeroRuns); our stages handle a run in O(1)
-   * (or O(L2 tables)), or expand it with `expandZeroRuns`. A stage that ignores `count`
+   * (or O(L2 tables)), or expand it with {@link expandZeroRuns}. A stage that ignores `count`
    * sees one zero cluster and then a gap in the indexes, which the sinks also read as zeros.
    */
   readonly count?: number;

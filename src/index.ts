@@ -18,7 +18,7 @@
  */
 
 export * from './errors.js';
-export type { Block } from './block.js';
+export { blockEnd, expandZeroRuns, zeroRun, type Block } from './block.js';
 export type { Progress } from './progress.js';
 export * from './write/index.js';
 export * from './read/index.js';
