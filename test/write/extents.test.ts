@@ -16,7 +16,7 @@ import { dataExtents, extentProbeKind, NO_NATIVE_ENV, type DataExtent } from '..
 import { fileHandleTarget, readBlocks, READ_SIZE } from '../../src/write/sources.js';
 import { randomBytesAt } from '../helpers/images.js';
 import { tempDir } from '../helpers/qemu.js';
-import { collect, KiB, MiB } from './helpers.js';
+import { collect, KiB, MiB, withoutNative } from './helpers.js';
 
 const nativeBuilt = extentProbeKind() === 'native';
 
@@ -25,18 +25,6 @@ function needNative(t: TestContext): boolean {
   if (nativeBuilt) return true;
   t.skip(`the native extent probe is not available (not built, or ${NO_NATIVE_ENV} is set): run npm install`);
   return false;
-}
-
-/** Runs `fn` with the native probe switched off, as QCOW2_STREAM_NO_NATIVE=1 does. */
-async function withoutNative<T>(fn: () => Promise<T> | T): Promise<T> {
-  const saved = process.env[NO_NATIVE_ENV];
-  process.env[NO_NATIVE_ENV] = '1';
-  try {
-    return await fn();
-  } finally {
-    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
-    else process.env[NO_NATIVE_ENV] = saved;
-  }
 }
 
 /** A file of `size` bytes holding random data in `ranges` and holes everywhere else. */

@@ -20,6 +20,7 @@ import {
   type ParsedHeader,
 } from '../../src/format/index.js';
 import { isAllZero } from '../../src/io/buffers.js';
+import { NO_NATIVE_ENV } from '../../src/io/extents.js';
 import { qemuCheck, qemuCompare, qemuInfo } from '../helpers/qemu.js';
 
 export const KiB = 1024;
@@ -158,4 +159,16 @@ export function qemuFacts(image: string, cwd: string): { virtualSize: number; da
 /** Allocated bytes of a file (st_blocks × 512). */
 export function allocatedBytes(path: string): number {
   return statSync(path).blocks * 512;
+}
+
+/** Runs `fn` with the native probe switched off, as QCOW2_STREAM_NO_NATIVE=1 does. */
+export async function withoutNative<T>(fn: () => Promise<T> | T): Promise<T> {
+  const saved = process.env[NO_NATIVE_ENV];
+  process.env[NO_NATIVE_ENV] = '1';
+  try {
+    return await fn();
+  } finally {
+    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = saved;
+  }
 }

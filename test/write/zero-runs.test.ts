@@ -13,7 +13,6 @@ import { pipeline } from 'node:stream/promises';
 import { expandZeroRuns, zeroRun, type Block } from '../../src/block.js';
 import { InvalidArgumentError } from '../../src/errors.js';
 import { zeroBuffer } from '../../src/io/buffers.js';
-import { NO_NATIVE_ENV } from '../../src/io/extents.js';
 import { OffsetWriter } from '../../src/io/output.js';
 import { AllocationBitmap } from '../../src/write/bitmap.js';
 import { convert, type ConvertOptions } from '../../src/write/convert.js';
@@ -28,7 +27,7 @@ import { ManifestWriter } from '../../transforms/manifest.js';
 import { createZeroDetectStream, zeroDetect } from '../../transforms/zero-detect.js';
 import { patternBytes, randomBytesAt } from '../helpers/images.js';
 import { needQemu, qemuCheck, qemuCompare, qemuImg, tempDir } from '../helpers/qemu.js';
-import { assertQemuAgrees, collect, KiB, MemoryWritable, MiB } from './helpers.js';
+import { assertQemuAgrees, collect, KiB, MemoryWritable, MiB, withoutNative } from './helpers.js';
 
 test('AllocationBitmap.setRange marks exactly what set() per cluster marks', () => {
   const ranges: Array<[number, number]> = [[0, 1], [3, 5], [7, 9], [8, 16], [17, 40], [63, 64], [100, 1000], [1001, 1003], [5000, 70_000]];
@@ -300,17 +299,6 @@ function sparseRaw(path: string, size: number, seed: number, dataInTheLongHole =
   }
 }
 
-/** Runs `fn` with the native probe off, as QCOW2_STREAM_NO_NATIVE=1 does. */
-async function withoutNative<T>(fn: () => Promise<T>): Promise<T> {
-  const saved = process.env[NO_NATIVE_ENV];
-  process.env[NO_NATIVE_ENV] = '1';
-  try {
-    return await fn();
-  } finally {
-    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
-    else process.env[NO_NATIVE_ENV] = saved;
-  }
-}
 
 test('convert(): every layout, dedup, manifests and overlays give the same files with and without the probe', async (t) => {
   if (!needQemu(t)) return;
