@@ -177,6 +177,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   // What only some conversions use (the reader, hashing, manifests, the internal layout) is
   // loaded when used: a plain conversion starts faster without it.
   const hasher = needsHasher ? await (await import('../../transforms/fingerprint.js')).createHasher() : undefined;
+  // Every file this run writes is fsynced unless the caller opted out.
+  const sync = options.sync ?? true;
   const opened: Array<{ close(): Promise<void> }> = [];
   const input = typeof options.input === 'string' ? await openInput(options.input, options.size) : undefined;
   try {
@@ -202,7 +204,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         dataFile: dataFile!,
         dataFileName: dataFileName!,
         overwrite: options.overwrite ?? false,
-        sync: options.sync ?? true,
+        sync,
         backing,
         ...(size === undefined ? {} : { size }),
         ...(onBlockDone ? { onBlockDone } : {}),
@@ -214,7 +216,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         clusterBits: settings.clusterBits,
         refcountOrder: settings.refcountOrder,
         dedup: options.dedup ? { hasher: hasher!, ...dedupLimits(options.dedup) } : undefined,
-        sync: options.sync ?? true,
+        sync,
         backing,
         onBlockDone,
       });
@@ -222,7 +224,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     const sink: BlockSink = (external ?? internal)!;
     let manifest: ManifestWriter | undefined;
     try {
-      if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync: options.sync ?? true });
+      if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync });
       const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
       let blocks: AsyncIterable<Block>;
       if (input) {
