@@ -1,10 +1,10 @@
 {
   "targets": [
     {
-      "target_name": "qcow2_extents",
-      "sources": ["extents.c"],
+      "target_name": "qcow2_native",
+      "sources": ["qcow2_native.c"],
       "defines": ["NAPI_VERSION=8"],
-      "cflags": ["-O2", "-Wall", "-Wextra"]
+      "cflags": ["-O3", "-Wall", "-Wextra"]
     }
   ]
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Builds the optional native extent probe (extents.c) at install time with node-gyp, which
+// Builds the optional native addon (qcow2_native.c: extent probe and data mover) at install time with node-gyp, which
 // npm bundles. Optional on purpose: without it (no compiler, no Node headers, another OS) the
 // library reads holes like data, so a failed build prints one warning and install goes on.
 import { spawnSync } from 'node:child_process';
@@ -26,7 +26,7 @@ const result = spawnSync(command, [...args, 'rebuild', `--directory=${here}`, ..
 });
 
 if (result.status !== 0) {
-  console.warn(`qcow2-stream: warning: the optional native extent probe was not built (${reason()}); holes in input files will be read like data.`);
+  console.warn(`qcow2-stream: warning: the optional native addon was not built (${reason()}); holes in input files will be read like data and data will be copied more slowly.`);
 }
 
 /** One line on why the build failed: the compiler's first error, or node-gyp's. */

@@ -225,41 +225,55 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     let manifest: ManifestWriter | undefined;
     try {
       if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync });
-      const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
-      let blocks: AsyncIterable<Block>;
-      if (input) {
-        // Holes come as zero runs, never read: every stage below handles runs.
-        blocks = readBlocks(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
-        // A pipe can block for ever: race each read against the abort signal. (File reads
-        // return promptly; the per-block check below is enough for them.)
-        if (signal && !input.target.positional) blocks = abortable(blocks, signal);
-      } else {
-        const bytes = options.input as Readable | AsyncIterable<Uint8Array>;
-        blocks = clusterize(bytes, sourceOptions);
-        if (signal) blocks = abortable(blocks, signal);
-      }
-      blocks = zeroDetect(blocks);
-      if (baseImage || baseManifest) {
-        const { compareWithBase, compareWithManifest } = await import('../../transforms/base-compare.js');
-        if (baseImage) blocks = compareWithBase(blocks, baseImage, settings.clusterSize).blocks;
-        else blocks = compareWithManifest(blocks, baseManifest!, hasher!, settings.clusterBits).blocks;
-      }
-
       const progressInterval = options.progressInterval ?? PROGRESS_STEP;
       let nextReport = progressInterval;
       let bytesDone = 0;
       const report = () => options.onProgress?.(size === undefined ? { bytesDone } : { bytesDone, bytesTotal: size });
-      for await (const block of blocks) {
-        if (signal?.aborted) throw abortError(signal);
-        // The manifest reads the bytes first: the sink may recycle them once written.
-        await manifest?.add(block);
-        await sink.write(block);
-        bytesDone = blockEnd(block, settings.clusterSize);
-        // The last block's report is left to the one after finishing (no duplicate at 100%).
+      const advance = (done: number) => {
+        bytesDone = done;
+        // The last report is left to the one after finishing (no duplicate at 100%).
         if (options.onProgress && bytesDone >= nextReport && bytesDone !== size) {
           report();
           nextReport = bytesDone + progressInterval;
         }
+      };
+      /** The general path: Blocks through every stage that needs the bytes. */
+      async function writeBlocks(): Promise<void> {
+        const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
+        let blocks: AsyncIterable<Block>;
+        if (input) {
+          // Holes come as zero runs, never read: every stage below handles runs.
+          blocks = readBlocks(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
+          // A pipe can block for ever: race each read against the abort signal. (File reads
+          // return promptly; the per-block check below is enough for them.)
+          if (signal && !input.target.positional) blocks = abortable(blocks, signal);
+        } else {
+          const bytes = options.input as Readable | AsyncIterable<Uint8Array>;
+          blocks = clusterize(bytes, sourceOptions);
+          if (signal) blocks = abortable(blocks, signal);
+        }
+        blocks = zeroDetect(blocks);
+        if (baseImage || baseManifest) {
+          const { compareWithBase, compareWithManifest } = await import('../../transforms/base-compare.js');
+          if (baseImage) blocks = compareWithBase(blocks, baseImage, settings.clusterSize).blocks;
+          else blocks = compareWithManifest(blocks, baseManifest!, hasher!, settings.clusterBits).blocks;
+        }
+
+        for await (const block of blocks) {
+          if (signal?.aborted) throw abortError(signal);
+          // The manifest reads the bytes first: the sink may recycle them once written.
+          await manifest?.add(block);
+          await sink.write(block);
+          advance(blockEnd(block, settings.clusterSize));
+        }
+      }
+      const fileFd = input?.target.positional ? input.target.fd : undefined;
+      if (fileFd !== undefined && external?.canCopyFromFile && !baseImage && !baseManifest && !manifest) {
+        // Nothing but the zero check needs the bytes: copy them natively, no Block per cluster.
+        const { copyFileToExternal } = await import('./file-copy.js');
+        await copyFileToExternal({ fd: fileFd, name: input!.name }, size!, external, { signal, onAdvance: advance });
+      } else {
+        await writeBlocks();
       }
       if (signal?.aborted) throw abortError(signal);
       const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings);

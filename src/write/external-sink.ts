@@ -20,7 +20,7 @@ import { unlink } from 'node:fs/promises';
 import { BLOCK_STREAM_HIGH_WATER_MARK, type Block } from '../block.js';
 import { AbortedError, InvalidArgumentError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
-import { OffsetWriter, type OutputTarget } from '../io/output.js';
+import { OffsetWriter, type CopySource, type OutputTarget } from '../io/output.js';
 import { inputSizeMismatch } from './clusterize.js';
 import { MetadataEmitter, type MetadataResult } from './metadata.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
@@ -87,6 +87,19 @@ const MAX_RUN_BYTES = 2 * 1024 * 1024;
 const MAX_RUN_CHUNKS = 1024;
 /** Data writes in flight at once (more gained nothing on ext4, measured with 2). */
 const WRITES_IN_FLIGHT = 1;
+/**
+ * Native copies in flight at once (see {@link ExternalWriter.copyFromFile}): two let one chunk
+ * be read and checked while another is written; 3 and 4 measured no different.
+ */
+const COPIES_IN_FLIGHT = 2;
+
+/** A native copy in flight: its guest clusters are recorded in order once it settles. */
+interface PendingCopy {
+  index: number;
+  length: number;
+  flags: Uint8Array;
+  copied: Promise<number>;
+}
 
 /** The sink as an object: `write` each Block, then `finish`, or `abort` on failure. */
 export class ExternalWriter {
@@ -112,6 +125,8 @@ export class ExternalWriter {
   /** The data writes in flight, and the first failure among them. */
   private readonly inflight = new Set<Promise<void>>();
   private writeFailure: unknown;
+  /** Native copies in flight, oldest first (copyFromFile). */
+  private copies: PendingCopy[] = [];
   private done = false;
 
   private constructor(
@@ -170,6 +185,8 @@ export class ExternalWriter {
 
   /** Takes the next Block. */
   async write(block: Block): Promise<void> {
+    // Clusters copied natively before this Block are recorded first: records go in index order.
+    if (this.copies.length > 0) await this.settleCopies();
     const cs = this.settings.clusterSize;
     const { index, data } = block;
     if (!Number.isSafeInteger(index) || index < this.nextIndex) {
@@ -224,12 +241,77 @@ export class ExternalWriter {
     this.runBytes += data.length;
   }
 
+  /**
+   * Whether {@link copyFromFile} can be used: the data file is a regular file and the native
+   * addon is built (it is optional; see src/io/native.ts).
+   */
+  get canCopyFromFile(): boolean {
+    return this.data.canCopyClusters;
+  }
+
+  /**
+   * Takes the guest bytes [offset, offset + length) straight from a regular file, at the same
+   * offset in it: the same image as writing the Blocks `readBlocks` and `zeroDetect` would make
+   * of them, without a Block per cluster. Read, zero check and write happen in native code on
+   * the thread pool ({@link OffsetWriter.copyClustersFrom}); a few copies run at once and their
+   * clusters are recorded in order. `offset` is a cluster boundary at or past the last cluster
+   * taken, `length` at most 16 MiB and whole clusters, except for the image's last bytes. The
+   * file must stay open until finish() or abort() settles. Only where {@link canCopyFromFile}.
+   */
+  async copyFromFile(source: CopySource, offset: number, length: number): Promise<void> {
+    const cs = this.settings.clusterSize;
+    if (!Number.isSafeInteger(offset) || offset % cs !== 0 || offset / cs < this.nextIndex || this.shortBlockSeen) {
+      throw new InvalidArgumentError(`copyFromFile at ${offset}: copies start on a cluster boundary after everything taken so far (${this.nextIndex * cs})`);
+    }
+    if (!Number.isSafeInteger(length) || length <= 0) throw new InvalidArgumentError(`copyFromFile: invalid length ${length}`);
+    const end = offset + length;
+    if (this.declaredSize !== undefined && end > this.declaredSize) throw inputSizeMismatch(this.declaredSize, end, true);
+    if (this.writeFailure !== undefined) throw this.writeFailure;
+    // Data gathered by write() goes out first, so a failure surfaces in input order.
+    await this.flushRun();
+    const index = offset / cs;
+    const clusters = Math.ceil(length / cs);
+    if (length % cs !== 0) this.shortBlockSeen = true;
+    this.nextIndex = index + clusters;
+    this.end = end;
+    const flags = new Uint8Array(clusters);
+    const copied = this.data.copyClustersFrom(source, offset, offset, length, cs, flags);
+    // Observed when its turn comes (settleCopies); until then a failure must not count as unhandled.
+    copied.catch(() => {});
+    this.copies.push({ index, length, flags, copied });
+    while (this.copies.length >= COPIES_IN_FLIGHT) await this.recordCopy(this.copies.shift()!);
+  }
+
+  /** Records the clusters of the copy: runs of data and of zeros, in index order. */
+  private async recordCopy(copy: PendingCopy): Promise<void> {
+    const bytesRead = await copy.copied;
+    const cs = this.settings.clusterSize;
+    if (bytesRead < copy.length) throw inputSizeMismatch(this.declaredSize ?? this.end, copy.index * cs + bytesRead);
+    const { flags } = copy;
+    for (let start = 0; start < flags.length; ) {
+      const zero = flags[start];
+      let stop = start + 1;
+      while (stop < flags.length && flags[stop] === zero) stop++;
+      const state = zero ? 'zero' : 'data';
+      if (!zero) this.dataClusters += stop - start;
+      const recorded = this.emitter.recordRun(copy.index + start, stop - start, state);
+      if (recorded) await recorded;
+      start = stop;
+    }
+  }
+
+  /** Records every copy in flight; rethrows the first failure. */
+  private async settleCopies(): Promise<void> {
+    while (this.copies.length > 0) await this.recordCopy(this.copies.shift()!);
+  }
+
   /** Writes what remains, sets the data file's length, and commits both outputs. */
   async finish(): Promise<SinkResult> {
     if (this.done) throw new Error('ExternalWriter.finish called twice');
     this.done = true;
     try {
       if (this.declaredSize !== undefined && this.end !== this.declaredSize) throw inputSizeMismatch(this.declaredSize, this.end);
+      await this.settleCopies();
       await this.flushRun();
       await this.settle();
       const virtualSize = roundUpToSector(this.end);
@@ -273,7 +355,10 @@ export class ExternalWriter {
     this.stretchMemory = undefined;
     this.runBlocks = [];
     this.runBytes = 0;
-    await Promise.all(this.inflight);
+    // The descriptors stay open until no copy or write can touch them any more.
+    const copies = this.copies;
+    this.copies = [];
+    await Promise.all([...this.inflight, ...copies.map((copy) => copy.copied.catch(() => {}))]);
     await this.data.abort();
     await this.metadata.abort();
   }

@@ -199,10 +199,10 @@ const READS_IN_FLIGHT = 1;
  * The longest zero run yielded: a hole is cut into runs of this many bytes, so a consumer still
  * hears of progress (and checks for an abort) every 32 MiB, like on data. 2048 Blocks for 64 GiB.
  */
-const MAX_ZERO_RUN_BYTES = 32 * 1024 * 1024;
+export const MAX_ZERO_RUN_BYTES = 32 * 1024 * 1024;
 
 /** A stretch of the input in order: bytes to read, or a hole of whole clusters (not read). */
-interface Segment {
+export interface Segment {
   start: number;
   length: number;
   hole: boolean;
@@ -214,7 +214,7 @@ interface Segment {
  * on a cluster boundary (or the end), so a read never splits a cluster and a hole is whole
  * clusters; the short last cluster is always read.
  */
-function* fileSegments(fd: number | undefined, size: number, clusterSize: number): Generator<Segment> {
+export function* fileSegments(fd: number | undefined, size: number, clusterSize: number): Generator<Segment> {
   const minHole = Math.max(clusterSize, MIN_SKIPPED_HOLE);
   /** Everything before `planned` has been yielded; [planned, readTo) is data still to read. */
   let planned = 0;

@@ -18,7 +18,7 @@ import { openImage } from '../../src/read/image.js';
 import { exportToFile } from '../../src/read/export.js';
 import { mixedExtents, writeRawImage } from '../helpers/images.js';
 import { tempDir } from '../helpers/qemu.js';
-import { fileHandlePrototype, pathOfHandle, type FaultableMethod } from './faults.js';
+import { fileHandlePrototype, interceptNativeCopies, pathOfHandle, type FaultableMethod } from './faults.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 12 * MiB;
@@ -56,6 +56,11 @@ async function watchFiles(t: TestContext, dir: string, finals: readonly string[]
     });
     t.after(() => patched.mock.restore());
   }
+  // A native copy writes the data file from the thread pool: it counts as a writev.
+  interceptNativeCopies(t, (path) => {
+    if (path === dir || path.startsWith(`${dir}/`)) events.push({ what: 'writev', path });
+    return undefined;
+  });
   return events;
 }
 

@@ -2,7 +2,9 @@
  * Fault injection through the file layer, without hooks in the library: every positional read
  * and write of the reader and of OffsetWriter goes through a `FileHandle`, so the tests patch
  * `FileHandle.prototype` and fail only the calls on the file they target (found by the
- * descriptor's /proc/self/fd link), leaving every other file of the process alone.
+ * descriptor's /proc/self/fd link), leaving every other file of the process alone. The native
+ * data mover (OffsetWriter.copyClustersFrom) writes from the thread pool instead: its calls are
+ * patched on the addon and count as `writev` calls on their destination, at their offset.
  */
 
 import { readlinkSync, writeFileSync, rmSync } from 'node:fs';
@@ -10,6 +12,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { mock, type TestContext } from 'node:test';
+import { nativeAddon, type NativeAddon } from '../../src/io/native.js';
 
 let prototype: object | undefined;
 
@@ -27,11 +30,32 @@ export async function fileHandlePrototype(): Promise<Record<string, unknown>> {
 }
 
 export function pathOfHandle(handle: FileHandle): string {
+  return pathOfFd(handle.fd);
+}
+
+export function pathOfFd(fd: number): string {
   try {
-    return readlinkSync(`/proc/self/fd/${handle.fd}`);
+    return readlinkSync(`/proc/self/fd/${fd}`);
   } catch {
     return '';
   }
+}
+
+/**
+ * Routes every native copy (when the addon is loaded) through `intercept`, as the `writev` it
+ * stands for: the destination's path and `[undefined, offset]` for arguments (a writev's are
+ * `(buffers, position)`). `intercept` returns a promise to answer the call in its place, or
+ * undefined to let it run.
+ */
+export function interceptNativeCopies(t: TestContext, intercept: (path: string, args: readonly unknown[]) => Promise<number> | undefined): void {
+  const addon = nativeAddon();
+  if (!addon) return;
+  const original = addon.copyClusters;
+  const patched = mock.method(addon, 'copyClusters', function (this: NativeAddon, ...args: Parameters<NativeAddon['copyClusters']>): Promise<number> {
+    const [, , dstFd, dstOffset] = args;
+    return intercept(pathOfFd(dstFd), [undefined, dstOffset]) ?? original.apply(addon, args);
+  });
+  t.after(() => patched.mock.restore());
 }
 
 /** An errno-style error like the ones node:fs raises. */
@@ -60,14 +84,16 @@ export async function failOn(
   const proto = (await fileHandlePrototype()) as Record<FaultableMethod, Method>;
   const original = proto[method];
   const seen = { calls: 0 };
+  const fails = (path: string, args: readonly unknown[]) => {
+    if (!target(path) || !when(args)) return false;
+    seen.calls++;
+    return seen.calls > okCalls;
+  };
   const patched = mock.method(proto, method, function (this: FileHandle, ...args: unknown[]): Promise<unknown> {
-    if (target(pathOfHandle(this)) && when(args)) {
-      seen.calls++;
-      if (seen.calls > okCalls) return Promise.reject(error);
-    }
-    return original.apply(this, args);
+    return fails(pathOfHandle(this), args) ? Promise.reject(error) : original.apply(this, args);
   });
   t.after(() => patched.mock.restore());
+  if (method === 'writev') interceptNativeCopies(t, (path, args) => (fails(path, args) ? Promise.reject(error) : undefined));
   return seen;
 }
 
@@ -91,11 +117,17 @@ export async function traceCalls(
   const proto = (await fileHandlePrototype()) as Record<FaultableMethod, Method>;
   const original = proto[method];
   const calls: unknown[][] = [];
+  let stopped = false;
   const patched = mock.method(proto, method, function (this: FileHandle, ...args: unknown[]): Promise<unknown> {
     if (target(pathOfHandle(this))) calls.push(args);
     return original.apply(this, args);
   });
-  let stopped = false;
+  if (method === 'writev') {
+    interceptNativeCopies(t, (path, args) => {
+      if (!stopped && target(path)) calls.push([...args]);
+      return undefined;
+    });
+  }
   const stop = () => {
     if (!stopped) patched.mock.restore();
     stopped = true;

@@ -1,0 +1,68 @@
+/**
+ * The optional N-API addon (src/native/qcow2_native.c, built at install): the few system calls
+ * Node's fs lacks. The library works without it, only more slowly; set QCOW2_STREAM_NO_NATIVE=1
+ * to ignore it (the tests run both ways).
+ */
+
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+/** The addon's interface. */
+export interface NativeAddon {
+  /** lseek(SEEK_DATA): the first data byte at or after `offset`, or the file size when there is none. */
+  nextData(fd: number, offset: number): number;
+  /** lseek(SEEK_HOLE): the first hole byte at or after `offset` (the end of the file counts as a hole). */
+  nextHole(fd: number, offset: number): number;
+  /**
+   * On the thread pool: reads `length` bytes (at most 16 MiB) of `srcFd` at `srcOffset`, sets
+   * `flags[i]` to 1 for each all-zero cluster and 0 for the others, and writes the runs of
+   * non-zero clusters to `dstFd` at `dstOffset` plus their position in the chunk. Resolves with
+   * the bytes read (fewer than `length`: the source ended); rejects with an Error carrying a
+   * negative `errno` and `syscall` (`read` or `write`).
+   */
+  copyClusters(srcFd: number, srcOffset: number, dstFd: number, dstOffset: number, length: number, clusterSize: number, flags: Uint8Array): Promise<number>;
+}
+
+/** Set to any value but '' or '0' to ignore the addon. */
+export const NO_NATIVE_ENV = 'QCOW2_STREAM_NO_NATIVE';
+
+/**
+ * Where node-gyp leaves the addon, relative to this module: from src/io (tsx, tests) and from
+ * dist/src/io (the built package).
+ */
+const ADDON_PATHS = ['../native/build/Release/qcow2_native.node', '../../../src/native/build/Release/qcow2_native.node'];
+
+/** undefined: not tried yet; null: not available. */
+let addon: NativeAddon | null | undefined;
+
+function loadAddon(): NativeAddon | null {
+  if (addon !== undefined) return addon;
+  addon = null;
+  const require = createRequire(import.meta.url);
+  for (const relative of ADDON_PATHS) {
+    const path = fileURLToPath(new URL(relative, import.meta.url));
+    if (!existsSync(path)) continue;
+    try {
+      addon = require(path) as NativeAddon;
+      break;
+    } catch {
+      // Built for another platform or a broken build: the pure-JS path still works.
+    }
+  }
+  return addon;
+}
+
+function nativeDisabled(): boolean {
+  const value = process.env[NO_NATIVE_ENV];
+  return value !== undefined && value !== '' && value !== '0';
+}
+
+/**
+ * The addon, or null when it is not built or QCOW2_STREAM_NO_NATIVE is set (asked at each call,
+ * so a test can switch it). Callers look functions up on the returned object when they call
+ * them, which lets fault-injection tests wrap them.
+ */
+export function nativeAddon(): NativeAddon | null {
+  return nativeDisabled() ? null : loadAddon();
+}
