@@ -22,7 +22,7 @@ export { blockEnd, expandZeroRuns, zeroRun, type Block } from './block.js';
 export type { Progress } from './progress.js';
 export * from './write/index.js';
 export * from './read/index.js';
-export { OffsetWriter, type OutputTarget, type OutputOptions } from './io/output.js';
+export { OffsetWriter, type CopySource, type OutputTarget, type OutputOptions } from './io/output.js';
 export { resolveStoredName, type PathPolicyOptions, type StoredNameKind } from './io/path-policy.js';
 /** The pure codec (header, tables, refcounts, layout), for tools that build or inspect images. */
 export * as format from './format/index.js';

@@ -11,7 +11,8 @@ import { Readable } from 'node:stream';
 import { AbortedError } from '../errors.js';
 import { allocIoBuffer, isAllZero, zeroBuffer } from '../io/buffers.js';
 import { OffsetWriter, type OutputTarget } from '../io/output.js';
-import type { DiskImage } from './image.js';
+import { dataExtents } from '../io/extents.js';
+import { extentFile, type DiskImage, type Extent, type ExtentFile } from './image.js';
 
 /** Bytes read per data chunk: large reads are what makes export fast. */
 export const EXPORT_CHUNK = 2 * 1024 * 1024;
@@ -20,6 +21,8 @@ const SPARSE_GRANULE = 64 * 1024;
 const ZERO_CHUNK = 1024 * 1024;
 /** Positional writes kept in flight on a regular-file output. */
 const WRITES_IN_FLIGHT = 3;
+/** Native copies in flight (see ExternalWriter's COPIES_IN_FLIGHT). */
+const COPIES_IN_FLIGHT = 2;
 
 /** Options of {@link exportStream} and {@link exportToFile}. */
 export interface ExportOptions {
@@ -46,6 +49,8 @@ interface Piece {
   offset: number;
   length: number;
   data: boolean;
+  /** Uncompressed data: the file holding it, and where. */
+  stored?: { file: ExtentFile; hostOffset: number };
 }
 
 /** The export plan: extents split so that data pieces are at most one chunk. */
@@ -56,14 +61,58 @@ async function* pieces(image: DiskImage, signal: AbortSignal | undefined): Async
       yield { offset: extent.start, length: extent.length, data: false };
       continue;
     }
-    const end = extent.start + extent.length;
-    for (let pos = extent.start; pos < end; pos += EXPORT_CHUNK) {
-      // Checked per chunk, not per extent: a data-file image with the raw bit is one extent
-      // as long as the disk, and cancelling must not wait for all of it.
+    const file = extentFile(extent);
+    for (const range of storedRanges(extent, file)) {
       if (signal?.aborted) throw abortError(signal);
-      yield { offset: pos, length: Math.min(EXPORT_CHUNK, end - pos), data: true };
+      if (!range.data) {
+        yield { offset: range.start, length: range.end - range.start, data: false };
+        continue;
+      }
+      for (let pos = range.start; pos < range.end; pos += EXPORT_CHUNK) {
+        // Checked per chunk, not per extent: a data-file image with the raw bit is one extent
+        // as long as the disk, and cancelling must not wait for all of it.
+        if (signal?.aborted) throw abortError(signal);
+        const piece: Piece = { offset: pos, length: Math.min(EXPORT_CHUNK, range.end - pos), data: true };
+        if (file && extent.hostOffset !== undefined) piece.stored = { file, hostOffset: extent.hostOffset + (pos - extent.start) };
+        yield piece;
+      }
     }
   }
+}
+
+/** Holes shorter than this in a stored extent are read like data (as on the write side). */
+const MIN_SKIPPED_HOLE = 256 * 1024;
+
+/**
+ * A data extent cut where the file storing it has holes (SEEK_HOLE, src/io/extents.ts): those
+ * read as zeros, so they are not read at all. A raw data file is one extent as long as the disk,
+ * and most of a sparse one is holes. Edges are rounded outwards to the sparse granule, so the
+ * zero check sees the same granules; bytes mapped past the end of the file stay data, so that
+ * reading them gives the image's warning.
+ */
+function* storedRanges(extent: Extent, file: ExtentFile | undefined): Generator<{ start: number; end: number; data: boolean }> {
+  const end = extent.start + extent.length;
+  if (!file || extent.hostOffset === undefined) {
+    yield { start: extent.start, end, data: true };
+    return;
+  }
+  const delta = extent.hostOffset - extent.start;
+  const inFileEnd = Math.max(extent.start, Math.min(end, file.size - delta));
+  let dataFrom = extent.start;
+  let at = extent.start;
+  const hole = function* (holeEnd: number) {
+    if (holeEnd - at < MIN_SKIPPED_HOLE) return;
+    if (dataFrom < at) yield { start: dataFrom, end: at, data: true };
+    yield { start: at, end: holeEnd, data: false };
+    dataFrom = holeEnd;
+  };
+  for (const stored of dataExtents(file.fd, extent.hostOffset, inFileEnd + delta)) {
+    const dataStart = Math.max(at, Math.floor((stored.start - delta) / SPARSE_GRANULE) * SPARSE_GRANULE);
+    yield* hole(dataStart);
+    at = Math.max(at, Math.min(inFileEnd, Math.ceil((stored.end - delta) / SPARSE_GRANULE) * SPARSE_GRANULE));
+  }
+  yield* hole(inFileEnd);
+  if (dataFrom < end) yield { start: dataFrom, end, data: true };
 }
 
 /**
@@ -90,7 +139,11 @@ export function exportStream(image: DiskImage, options: ExportOptions = {}): Rea
         await image.readInto(buffer, piece.offset);
         yield buffer;
       } else {
-        for (let left = piece.length; left > 0; left -= ZERO_CHUNK) yield zeroBuffer(ZERO_CHUNK).subarray(0, Math.min(ZERO_CHUNK, left));
+        for (let left = piece.length; left > 0; left -= ZERO_CHUNK) {
+          // A zero range can be the whole disk: cancelling must not wait for all of it.
+          if (options.signal?.aborted) throw abortError(options.signal);
+          yield zeroBuffer(ZERO_CHUNK).subarray(0, Math.min(ZERO_CHUNK, left));
+        }
       }
       done += piece.length;
       options.onProgress?.({ bytesDone: done, bytesTotal: image.virtualSize });
@@ -113,6 +166,9 @@ export async function exportToFile(image: DiskImage, target: OutputTarget, optio
   // at a time, in order. Each in-flight write owns one buffer of the pool; a Writable may keep
   // the chunks it is given, so it gets fresh buffers instead.
   const parallel = writer.kind === 'file' ? WRITES_IN_FLIGHT : 1;
+  // Uncompressed data bound for a regular file goes through the native data mover when it is
+  // built: read, zero check and write of each chunk on the thread pool, no buffer of ours.
+  const copyNatively = writer.canCopyClusters;
   const reuseBuffers = typeof target === 'string';
   const pool = reuseBuffers ? Array.from({ length: parallel + 1 }, () => allocIoBuffer(EXPORT_CHUNK)) : [];
   const inFlight: Promise<void>[] = [];
@@ -120,7 +176,12 @@ export async function exportToFile(image: DiskImage, target: OutputTarget, optio
   let done = 0;
   try {
     for await (const piece of pieces(image, options.signal)) {
-      if (piece.data) {
+      if (piece.data && copyNatively && piece.stored) {
+        if (inFlight.length >= COPIES_IN_FLIGHT) await inFlight.shift();
+        const copy = copyStored(writer, piece, piece.stored);
+        copy.catch(() => {}); // observed when awaited (see below)
+        inFlight.push(copy);
+      } else if (piece.data) {
         // The buffer about to be reused was written parallel + 1 chunks ago; with at most
         // `parallel` writes pending after the wait below, it is free.
         const buffer = reuseBuffers ? (pool[turn++ % pool.length] as Buffer).subarray(0, piece.length) : allocIoBuffer(piece.length);
@@ -148,6 +209,22 @@ export async function exportToFile(image: DiskImage, target: OutputTarget, optio
     throw err;
   }
   return { bytes: image.virtualSize, bytesWritten: writer.bytesWritten, warnings: image.warnings };
+}
+
+/**
+ * Copies a piece of stored data to the output natively, leaving its all-zero 64 KiB granules as
+ * holes (like writeSparse). Bytes mapped past the end of their file read as zeros, as qemu has
+ * them: nothing to write for them, only the image's warning.
+ */
+async function copyStored(writer: OffsetWriter, piece: Piece, stored: { file: ExtentFile; hostOffset: number }): Promise<void> {
+  const { file, hostOffset } = stored;
+  const inFile = Math.max(0, Math.min(piece.length, file.size - hostOffset));
+  // Noted before the copy is awaited: the copies of later pieces must not report first.
+  if (inFile < piece.length) file.notePastEnd(hostOffset + inFile);
+  if (inFile === 0) return;
+  const flags = new Uint8Array(Math.ceil(inFile / SPARSE_GRANULE));
+  const copied = await writer.copyClustersFrom(file, hostOffset, piece.offset, inFile, SPARSE_GRANULE, flags);
+  if (copied < inFile) file.notePastEnd(hostOffset + copied); // the file shrank while it was read
 }
 
 /** Writes the non-zero runs of `data` (at 64 KiB granularity), leaving holes for the rest. */

@@ -145,8 +145,32 @@ const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
 const MIN_L2_CACHE_TABLES = 4;
 const RAW_GRANULE = 64 * 1024;
 
+/**
+ * The file an uncompressed data extent's bytes are stored in, for copying them without reading
+ * them through the image (export's native data mover). `fd` stays open until the image closes.
+ * @internal
+ */
+export interface ExtentFile {
+  /** The open descriptor of the file. */
+  fd: number;
+  /** Its path, for messages. */
+  name: string;
+  /** Its length: bytes mapped past it read as zeros. */
+  size: number;
+  /** Reports (once per file, in the image's warnings) that bytes past its end were read as zeros. */
+  notePastEnd(position: number): void;
+}
+
+/** Where the extents yielded by `extents()` are stored (uncompressed data only). */
+const extentFiles = new WeakMap<Extent, ExtentFile>();
+
+/** The file holding an uncompressed data extent that `extents()` yielded, if any. @internal */
+export function extentFile(extent: Extent): ExtentFile | undefined {
+  return extentFiles.get(extent);
+}
+
 /** A file bytes are read from, with zero-fill past its end like qemu's file driver. */
-class ByteSource {
+class ByteSource implements ExtentFile {
   private warnedEof = false;
   constructor(
     readonly handle: FileHandle,
@@ -157,18 +181,27 @@ class ByteSource {
     private readonly warn: (message: string) => void,
   ) {}
 
+  get fd(): number {
+    return this.handle.fd;
+  }
+
+  get name(): string {
+    return this.path;
+  }
+
   /** Fills `target` from `position`; bytes past the end of the file read as zeros. */
   async readAt(position: number, target: Uint8Array): Promise<void> {
     const got = position < this.size ? await readFully(this.handle, target, 0, target.length, position, this.path) : 0;
     if (got < target.length) {
       target.fill(0, got);
-      if (!this.warnedEof) {
-        this.warnedEof = true;
-        this.warn(
-          `The ${this.label} '${this.path}' is ${this.size} bytes long, but the image maps data at byte ${position + got} and beyond; those bytes read as zeros (as qemu does)`,
-        );
-      }
+      this.notePastEnd(position + got);
     }
+  }
+
+  notePastEnd(position: number): void {
+    if (this.warnedEof) return;
+    this.warnedEof = true;
+    this.warn(`The ${this.label} '${this.path}' is ${this.size} bytes long, but the image maps data at byte ${position} and beyond; those bytes read as zeros (as qemu does)`);
   }
 }
 
@@ -229,7 +262,11 @@ abstract class BaseImage implements DiskImage {
   }
 
   async *extents(start = 0, end = this.virtualSize): AsyncGenerator<Extent> {
-    for await (const seg of this.coalescedSegments(start, end)) yield toExtent(seg);
+    for await (const seg of this.coalescedSegments(start, end)) {
+      const extent = toExtent(seg);
+      if (seg.kind === 'data' && seg.source && !seg.compressed) extentFiles.set(extent, seg.source);
+      yield extent;
+    }
   }
 
   async read(offset: number, length: number): Promise<Uint8Array> {

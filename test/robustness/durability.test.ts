@@ -57,8 +57,8 @@ async function watchFiles(t: TestContext, dir: string, finals: readonly string[]
     t.after(() => patched.mock.restore());
   }
   // A native copy writes the data file from the thread pool: it counts as a writev.
-  interceptNativeCopies(t, (path) => {
-    if (path === dir || path.startsWith(`${dir}/`)) events.push({ what: 'writev', path });
+  interceptNativeCopies(t, (as, path) => {
+    if (as === 'writev' && (path === dir || path.startsWith(`${dir}/`))) events.push({ what: 'writev', path });
     return undefined;
   });
   return events;

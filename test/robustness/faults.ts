@@ -42,18 +42,25 @@ export function pathOfFd(fd: number): string {
 }
 
 /**
- * Routes every native copy (when the addon is loaded) through `intercept`, as the `writev` it
- * stands for: the destination's path and `[undefined, offset]` for arguments (a writev's are
- * `(buffers, position)`). `intercept` returns a promise to answer the call in its place, or
- * undefined to let it run.
+ * Routes every native copy (when the addon is loaded) through `intercept` twice, as the two
+ * calls it stands for: a `read` of its source (`[, , , position]`, like FileHandle.read's
+ * arguments) and a `writev` to its destination (`[, position]`), each with that file's path.
+ * `intercept` returns a promise to answer the copy in its place, or undefined to let it go on.
  */
-export function interceptNativeCopies(t: TestContext, intercept: (path: string, args: readonly unknown[]) => Promise<number> | undefined): void {
+export function interceptNativeCopies(
+  t: TestContext,
+  intercept: (method: 'read' | 'writev', path: string, args: readonly unknown[]) => Promise<number> | undefined,
+): void {
   const addon = nativeAddon();
   if (!addon) return;
   const original = addon.copyClusters;
   const patched = mock.method(addon, 'copyClusters', function (this: NativeAddon, ...args: Parameters<NativeAddon['copyClusters']>): Promise<number> {
-    const [, , dstFd, dstOffset] = args;
-    return intercept(pathOfFd(dstFd), [undefined, dstOffset]) ?? original.apply(addon, args);
+    const [srcFd, srcOffset, dstFd, dstOffset] = args;
+    return (
+      intercept('read', pathOfFd(srcFd), [undefined, undefined, undefined, srcOffset]) ??
+      intercept('writev', pathOfFd(dstFd), [undefined, dstOffset]) ??
+      original.apply(addon, args)
+    );
   });
   t.after(() => patched.mock.restore());
 }
@@ -93,7 +100,9 @@ export async function failOn(
     return fails(pathOfHandle(this), args) ? Promise.reject(error) : original.apply(this, args);
   });
   t.after(() => patched.mock.restore());
-  if (method === 'writev') interceptNativeCopies(t, (path, args) => (fails(path, args) ? Promise.reject(error) : undefined));
+  if (method === 'writev' || method === 'read') {
+    interceptNativeCopies(t, (as, path, args) => (as === method && fails(path, args) ? Promise.reject(error) : undefined));
+  }
   return seen;
 }
 
@@ -122,9 +131,9 @@ export async function traceCalls(
     if (target(pathOfHandle(this))) calls.push(args);
     return original.apply(this, args);
   });
-  if (method === 'writev') {
-    interceptNativeCopies(t, (path, args) => {
-      if (!stopped && target(path)) calls.push([...args]);
+  if (method === 'writev' || method === 'read') {
+    interceptNativeCopies(t, (as, path, args) => {
+      if (as === method && !stopped && target(path)) calls.push([...args]);
       return undefined;
     });
   }
