@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, openSync, readdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { NO_NATIVE_ENV } from '../../src/io/native.js';
 import { CLI_PATH } from '../helpers/cli.js';
 import { needQemu, tempDir } from '../helpers/qemu.js';
 import { img, io } from '../read/fixtures.js';
@@ -28,9 +29,13 @@ for (const [signal, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
   test(`${signal} during export: exit ${code} within moments, no output left, no stack trace`, async (t) => {
     const dir = tempDir(t);
     // 16 GiB of holes read as one data extent: long enough to be interrupted, costs no disk.
+    // (Without the native addon: with it, the holes are skipped and the export is over at once.)
     writeFileSync(join(dir, 'big.raw'), '');
     truncateSync(join(dir, 'big.raw'), 16 * 1024 ** 3);
-    const child = spawn(process.execPath, ['--import', tsx, CLI_PATH, 'export', '-f', 'raw', 'big.raw', 'out.raw'], { cwd: dir });
+    const child = spawn(process.execPath, ['--import', tsx, CLI_PATH, 'export', '-f', 'raw', 'big.raw', 'out.raw'], {
+      cwd: dir,
+      env: { ...process.env, [NO_NATIVE_ENV]: '1' },
+    });
     let stderr = '';
     child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
     const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) => child.on('exit', (c, s) => resolve({ code: c, signal: s })));
