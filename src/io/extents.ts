@@ -11,6 +11,13 @@ import { nativeAddon } from './native.js';
 
 export { NO_NATIVE_ENV } from './native.js';
 
+/**
+ * Holes shorter than this are read like data: a separate read for the bytes after a small hole
+ * costs more than reading its zeros (the zero check still finds them). Shared by the sources
+ * (input files) and export (the files storing an image's data).
+ */
+export const MIN_SKIPPED_HOLE = 256 * 1024;
+
 /** Which probe `dataExtents` uses right now: `native` skips holes, `none` reads everything. */
 export function extentProbeKind(): 'native' | 'none' {
   return nativeAddon() ? 'native' : 'none';

@@ -10,8 +10,8 @@ import type { Progress } from '../progress.js';
 import { Readable } from 'node:stream';
 import { AbortedError } from '../errors.js';
 import { allocIoBuffer, isAllZero, zeroBuffer } from '../io/buffers.js';
-import { OffsetWriter, type OutputTarget } from '../io/output.js';
-import { dataExtents } from '../io/extents.js';
+import { COPIES_IN_FLIGHT, OffsetWriter, type OutputTarget } from '../io/output.js';
+import { dataExtents, MIN_SKIPPED_HOLE } from '../io/extents.js';
 import { extentFile, type DiskImage, type Extent, type ExtentFile } from './image.js';
 
 /** Bytes read per data chunk: large reads are what makes export fast. */
@@ -21,8 +21,6 @@ const SPARSE_GRANULE = 64 * 1024;
 const ZERO_CHUNK = 1024 * 1024;
 /** Positional writes kept in flight on a regular-file output. */
 const WRITES_IN_FLIGHT = 3;
-/** Native copies in flight (see ExternalWriter's COPIES_IN_FLIGHT). */
-const COPIES_IN_FLIGHT = 2;
 
 /** Options of {@link exportStream} and {@link exportToFile}. */
 export interface ExportOptions {
@@ -79,9 +77,6 @@ async function* pieces(image: DiskImage, signal: AbortSignal | undefined): Async
     }
   }
 }
-
-/** Holes shorter than this in a stored extent are read like data (as on the write side). */
-const MIN_SKIPPED_HOLE = 256 * 1024;
 
 /**
  * A data extent cut where the file storing it has holes (SEEK_HOLE, src/io/extents.ts): those

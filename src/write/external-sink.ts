@@ -20,7 +20,7 @@ import { unlink } from 'node:fs/promises';
 import { BLOCK_STREAM_HIGH_WATER_MARK, type Block } from '../block.js';
 import { AbortedError, InvalidArgumentError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
-import { OffsetWriter, type CopySource, type OutputTarget } from '../io/output.js';
+import { COPIES_IN_FLIGHT, OffsetWriter, type CopySource, type OutputTarget } from '../io/output.js';
 import { inputSizeMismatch } from './clusterize.js';
 import { MetadataEmitter, type MetadataResult } from './metadata.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
@@ -87,11 +87,6 @@ const MAX_RUN_BYTES = 2 * 1024 * 1024;
 const MAX_RUN_CHUNKS = 1024;
 /** Data writes in flight at once (more gained nothing on ext4, measured with 2). */
 const WRITES_IN_FLIGHT = 1;
-/**
- * Native copies in flight at once (see {@link ExternalWriter.copyFromFile}): two let one chunk
- * be read and checked while another is written; 3 and 4 measured no different.
- */
-const COPIES_IN_FLIGHT = 2;
 
 /** A native copy in flight: its guest clusters are recorded in order once it settles. */
 interface PendingCopy {

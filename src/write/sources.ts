@@ -18,7 +18,7 @@ import { BLOCK_STREAM_HIGH_WATER_MARK, zeroRun, type Block } from '../block.js';
 import { fileError, InvalidArgumentError } from '../errors.js';
 import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
 import { allocIoBuffer } from '../io/buffers.js';
-import { dataExtents, type DataExtent } from '../io/extents.js';
+import { dataExtents, MIN_SKIPPED_HOLE, type DataExtent } from '../io/extents.js';
 import { kindOf, openForRead, type OpenedFile } from '../io/files.js';
 import { inputSizeMismatch } from './clusterize.js';
 
@@ -178,12 +178,6 @@ async function fill(target: ReadTarget, buffer: Uint8Array, length: number, posi
 }
 
 const ignore = (): void => {};
-
-/**
- * Holes shorter than this are read like data: a separate read for the bytes after a small hole
- * costs more than reading its zeros (the zero check still finds them).
- */
-const MIN_SKIPPED_HOLE = 256 * 1024;
 
 /**
  * Reads queued ahead of the consumer (in flight or done), 2 MiB each. They go on while the
