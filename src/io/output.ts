@@ -26,10 +26,11 @@ import { zeroBuffer } from './buffers.js';
 import { nativeAddon } from './native.js';
 
 /**
- * Native copies ({@link OffsetWriter.copyClustersFrom}) a writer keeps in flight: two let one
- * chunk be read and checked while another is written; 3 and 4 measured no different.
+ * Native copies ({@link OffsetWriter.copyClustersFrom}) a writer keeps in flight, one per thread
+ * of libuv's default pool: while one copy waits for the data file's write lock, the others read
+ * and check. 2 MiB copies on the mixed 2 GiB image: 0.57-0.60 s with 4, 0.70-0.71 s with 2.
  */
-export const COPIES_IN_FLIGHT = 2;
+export const COPIES_IN_FLIGHT = 4;
 
 /** A regular file the native data mover reads from (see {@link OffsetWriter.copyClustersFrom}). */
 export interface CopySource {

@@ -88,13 +88,18 @@ const MAX_RUN_CHUNKS = 1024;
 /** Data writes in flight at once (more gained nothing on ext4, measured with 2). */
 const WRITES_IN_FLIGHT = 1;
 
-/** A native copy in flight: its guest clusters are recorded in order once it settles. */
-interface PendingCopy {
-  index: number;
-  length: number;
-  flags: Uint8Array;
-  copied: Promise<number>;
-}
+/**
+ * Guest clusters taken by copyFromFile or takeHole, recorded in index order once known: a
+ * native copy in flight (its flags say which clusters were zeros once `copied` settles), or a
+ * hole of the source, all zeros.
+ */
+type PendingRange = { index: number; length: number } & ({ flags: Uint8Array; copied: Promise<number> } | { flags?: undefined; copied?: undefined });
+
+/**
+ * The most ranges waiting behind a copy in flight: holes between copies queue up to this many
+ * (64 × 32 MiB = 2 GiB of holes) before the writer waits for the copy at the head.
+ */
+const MAX_PENDING_RANGES = 64;
 
 /** The sink as an object: `write` each Block, then `finish`, or `abort` on failure. */
 export class ExternalWriter {
@@ -120,8 +125,10 @@ export class ExternalWriter {
   /** The data writes in flight, and the first failure among them. */
   private readonly inflight = new Set<Promise<void>>();
   private writeFailure: unknown;
-  /** Native copies in flight, oldest first (copyFromFile). */
-  private copies: PendingCopy[] = [];
+  /** Ranges taken by copyFromFile and takeHole and not yet recorded, oldest first. */
+  private pending: PendingRange[] = [];
+  /** How many of them are native copies in flight. */
+  private copiesInFlight = 0;
   private done = false;
 
   private constructor(
@@ -181,7 +188,7 @@ export class ExternalWriter {
   /** Takes the next Block. */
   async write(block: Block): Promise<void> {
     // Clusters copied natively before this Block are recorded first: records go in index order.
-    if (this.copies.length > 0) await this.settleCopies();
+    if (this.pending.length > 0) await this.settlePending();
     const cs = this.settings.clusterSize;
     const { index, data } = block;
     if (!Number.isSafeInteger(index) || index < this.nextIndex) {
@@ -254,50 +261,82 @@ export class ExternalWriter {
    * file must stay open until finish() or abort() settles. Only where {@link canCopyFromFile}.
    */
   async copyFromFile(source: CopySource, offset: number, length: number): Promise<void> {
+    const index = this.takeRange('copyFromFile', offset, length);
+    // Data gathered by write() goes out first, so a failure surfaces in input order.
+    await this.flushRun();
+    const flags = new Uint8Array(Math.ceil(length / this.settings.clusterSize));
+    const copied = this.data.copyClustersFrom(source, offset, offset, length, this.settings.clusterSize, flags);
+    // Observed when its turn comes (recordNext); until then a failure must not count as unhandled.
+    copied.catch(() => {});
+    this.pending.push({ index, length, flags, copied });
+    this.copiesInFlight++;
+    while (this.copiesInFlight >= COPIES_IN_FLIGHT) await this.recordNext();
+  }
+
+  /**
+   * Takes the guest bytes [offset, offset + length) as zeros, unread: a hole of the file that
+   * copyFromFile reads. Unlike a zero run given to write(), it does not wait for the copies in
+   * flight but queues behind them, so a sparse file keeps its copies overlapping. Same rules as
+   * copyFromFile.
+   */
+  async takeHole(offset: number, length: number): Promise<void> {
+    const index = this.takeRange('takeHole', offset, length);
+    if (this.pending.length === 0) return this.recordRange({ index, length });
+    this.pending.push({ index, length });
+    while (this.pending.length > MAX_PENDING_RANGES) await this.recordNext();
+  }
+
+  /** Checks a range given to copyFromFile or takeHole and takes it; returns its first cluster. */
+  private takeRange(method: string, offset: number, length: number): number {
     const cs = this.settings.clusterSize;
     if (!Number.isSafeInteger(offset) || offset % cs !== 0 || offset / cs < this.nextIndex || this.shortBlockSeen) {
-      throw new InvalidArgumentError(`copyFromFile at ${offset}: copies start on a cluster boundary after everything taken so far (${this.nextIndex * cs})`);
+      throw new InvalidArgumentError(`${method} at ${offset}: ranges start on a cluster boundary after everything taken so far (${this.nextIndex * cs})`);
     }
-    if (!Number.isSafeInteger(length) || length <= 0) throw new InvalidArgumentError(`copyFromFile: invalid length ${length}`);
+    if (!Number.isSafeInteger(length) || length <= 0) throw new InvalidArgumentError(`${method}: invalid length ${length}`);
     const end = offset + length;
     if (this.declaredSize !== undefined && end > this.declaredSize) throw inputSizeMismatch(this.declaredSize, end, true);
     if (this.writeFailure !== undefined) throw this.writeFailure;
-    // Data gathered by write() goes out first, so a failure surfaces in input order.
-    await this.flushRun();
-    const index = offset / cs;
-    const clusters = Math.ceil(length / cs);
     if (length % cs !== 0) this.shortBlockSeen = true;
-    this.nextIndex = index + clusters;
+    this.nextIndex = offset / cs + Math.ceil(length / cs);
     this.end = end;
-    const flags = new Uint8Array(clusters);
-    const copied = this.data.copyClustersFrom(source, offset, offset, length, cs, flags);
-    // Observed when its turn comes (settleCopies); until then a failure must not count as unhandled.
-    copied.catch(() => {});
-    this.copies.push({ index, length, flags, copied });
-    while (this.copies.length >= COPIES_IN_FLIGHT) await this.recordCopy(this.copies.shift()!);
+    return offset / cs;
   }
 
-  /** Records the clusters of the copy: runs of data and of zeros, in index order. */
-  private async recordCopy(copy: PendingCopy): Promise<void> {
-    const bytesRead = await copy.copied;
-    const cs = this.settings.clusterSize;
-    if (bytesRead < copy.length) throw inputSizeMismatch(this.declaredSize ?? this.end, copy.index * cs + bytesRead);
-    const { flags } = copy;
+  /** Records the oldest pending range, waiting for its copy when it is one. */
+  private async recordNext(): Promise<void> {
+    const range = this.pending.shift()!;
+    if (range.copied === undefined) return this.recordRange(range);
+    try {
+      const bytesRead = await range.copied;
+      if (bytesRead < range.length) throw inputSizeMismatch(this.declaredSize ?? this.end, range.index * this.settings.clusterSize + bytesRead);
+    } finally {
+      this.copiesInFlight--;
+    }
+    await this.recordRange(range);
+  }
+
+  /** Records the clusters of a settled range: runs of data and of zeros, in index order. */
+  private async recordRange({ index, length, flags }: PendingRange): Promise<void> {
+    if (flags === undefined) {
+      const recorded = this.emitter.recordRun(index, Math.ceil(length / this.settings.clusterSize), 'zero');
+      if (recorded) await recorded;
+      return;
+    }
     for (let start = 0; start < flags.length; ) {
       const zero = flags[start];
       let stop = start + 1;
       while (stop < flags.length && flags[stop] === zero) stop++;
       const state = zero ? 'zero' : 'data';
       if (!zero) this.dataClusters += stop - start;
-      const recorded = this.emitter.recordRun(copy.index + start, stop - start, state);
+      const recorded = this.emitter.recordRun(index + start, stop - start, state);
       if (recorded) await recorded;
       start = stop;
     }
   }
 
-  /** Records every copy in flight; rethrows the first failure. */
-  private async settleCopies(): Promise<void> {
-    while (this.copies.length > 0) await this.recordCopy(this.copies.shift()!);
+  /** Records every pending range; rethrows the first failure. */
+  private async settlePending(): Promise<void> {
+    while (this.pending.length > 0) await this.recordNext();
   }
 
   /** Writes what remains, sets the data file's length, and commits both outputs. */
@@ -306,7 +345,7 @@ export class ExternalWriter {
     this.done = true;
     try {
       if (this.declaredSize !== undefined && this.end !== this.declaredSize) throw inputSizeMismatch(this.declaredSize, this.end);
-      await this.settleCopies();
+      await this.settlePending();
       await this.flushRun();
       await this.settle();
       const virtualSize = roundUpToSector(this.end);
@@ -351,9 +390,10 @@ export class ExternalWriter {
     this.runBlocks = [];
     this.runBytes = 0;
     // The descriptors stay open until no copy or write can touch them any more.
-    const copies = this.copies;
-    this.copies = [];
-    await Promise.all([...this.inflight, ...copies.map((copy) => copy.copied.catch(() => {}))]);
+    const pending = this.pending;
+    this.pending = [];
+    this.copiesInFlight = 0;
+    await Promise.all([...this.inflight, ...pending.map((range) => range.copied?.catch(() => {}))]);
     await this.data.abort();
     await this.metadata.abort();
   }

@@ -1,13 +1,13 @@
 /**
  * The plain conversion of a regular file into an external data file, without Blocks: every
  * 2 MiB read of `fileSegments` becomes one native copy (read, zero check and write of the
- * chunk on a thread-pool thread, ExternalWriter.copyFromFile) and every hole a zero run. It
+ * chunk on a thread-pool thread, ExternalWriter.copyFromFile) and every hole a run of zero
+ * clusters queued behind the copies in flight (ExternalWriter.takeHole). It
  * makes the same image as `readBlocks → zeroDetect → sink` with a fraction of the CPU, because
  * no JavaScript runs per cluster. convert() takes it when nothing else needs the bytes (no
  * base, manifest or dedup) and the native addon is built; everything else goes through Blocks.
  */
 
-import { zeroRun } from '../block.js';
 import { abortError } from './abort.js';
 import type { ExternalWriter } from './external-sink.js';
 import { fileSegments, MAX_ZERO_RUN_BYTES } from './sources.js';
@@ -36,10 +36,10 @@ export async function copyFileToExternal(source: { fd: number; name: string }, s
       onAdvance?.(end);
       continue;
     }
-    // Holes are whole clusters; cut like readBlocks cuts them, so progress and aborts keep pace.
+    // Cut like readBlocks cuts holes, so progress and aborts keep pace.
     for (let start = segment.start; start < end; start += MAX_ZERO_RUN_BYTES) {
       const length = Math.min(MAX_ZERO_RUN_BYTES, end - start);
-      await writer.write(zeroRun(start / clusterSize, length / clusterSize, clusterSize));
+      await writer.takeHole(start, length);
       onAdvance?.(start + length);
     }
   }

@@ -111,8 +111,6 @@ export async function countReads(t: TestContext, target: (path: string) => boole
   return failOn(t, 'read', target, Number.POSITIVE_INFINITY, errnoError('EIO', 'read'));
 }
 
-
-
 /**
  * Records the arguments of every `method` call on handles of `target`, changing nothing, until
  * `stop()` (or the end of the test).

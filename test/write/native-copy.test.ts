@@ -8,12 +8,13 @@
 
 import { test, mock, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { isQcow2StreamError } from '../../src/errors.js';
 import { isAllZero } from '../../src/io/buffers.js';
 import { nativeAddon } from '../../src/io/native.js';
 import { convert, type ConvertOptions, type ConvertSummary } from '../../src/write/convert.js';
+import { ExternalWriter } from '../../src/write/external-sink.js';
 import { mixedExtents, randomBytesAt, writeRawImage, type Extent } from '../helpers/images.js';
 import { hasQemuImg, tempDir } from '../helpers/qemu.js';
 import { leakedSince, openDescriptors } from '../helpers/descriptors.js';
@@ -78,6 +79,63 @@ test('native copy: an empty input makes the same empty image', { skip: skipReaso
   writeFileSync(join(dir, 'in.raw'), '');
   const { native } = await convertBothWays(t, dir, join(dir, 'in.raw'));
   assert.equal(native.virtualSize, 0);
+});
+
+test('native copy: holes queue behind the copies in flight, even one longer than the queue (2 GiB)', { skip: skipReason }, async (t) => {
+  const dir = tempDir(t);
+  const input = join(dir, 'in.raw');
+  // 1 MiB extents apart, then a hole of 2.1 GiB: 68 hole pieces of 32 MiB behind one copy.
+  const size = 2 * 1024 * MiB + 200 * MiB;
+  const extents: Extent[] = [0, 3, 5, 40, 43, 2 * 1024 + 150, 2 * 1024 + 199].map((mib) => ({ offset: mib * MiB, length: MiB, kind: 'random' as const }));
+  writeRawImage(input, size, extents, 21);
+  for (const dataFileRaw of [true, false]) {
+    const options = { input, dataFileRaw, dataFileName: 'x.data', sync: false, overwrite: true };
+    const { result: native, copies } = await countingCopies(t, () => convert({ ...options, output: join(dir, 'n.qcow2'), dataFile: join(dir, 'n.data') }));
+    const blocks = await withoutNative(() => convert({ ...options, output: join(dir, 'b.qcow2'), dataFile: join(dir, 'b.data') }));
+    assert.equal(copies, extents.length, 'one copy per data extent');
+    assert.equal(sha256File(join(dir, 'n.qcow2')), sha256File(join(dir, 'b.qcow2')), `metadata differs (raw bit ${dataFileRaw})`);
+    assert.equal(native.dataClusters, blocks.dataClusters);
+    assert.equal(native.dataClusters, (extents.length * MiB) / (64 * KiB));
+    // Both data files hold the extents and nothing else.
+    for (const name of ['n.data', 'b.data']) {
+      const allocated = allocatedBytes(join(dir, name));
+      assert.ok(allocated >= extents.length * MiB && allocated <= extents.length * MiB + 4096, `${name}: ${allocated} bytes allocated`);
+      const fd = openSync(join(dir, name), 'r');
+      t.after(() => closeSync(fd));
+      for (const e of extents) {
+        const bytes = Buffer.alloc(e.length);
+        readSync(fd, bytes, 0, e.length, e.offset);
+        assert.ok(bytes.equals(randomBytesAt(21, e.offset, e.length)), `${name} at ${e.offset}`);
+      }
+    }
+  }
+});
+
+test('takeHole and copyFromFile take ranges in order, on cluster boundaries, and a write() after them comes last', { skip: skipReason }, async (t) => {
+  const dir = tempDir(t);
+  const input = join(dir, 'in.raw');
+  writeRawImage(input, 4 * MiB, [{ offset: 0, length: 4 * MiB, kind: 'random' }], 5);
+  const fd = openSync(input, 'r');
+  t.after(() => closeSync(fd));
+  const source = { fd, name: input };
+  const writer = await ExternalWriter.open({ output: join(dir, 'o.qcow2'), dataFile: join(dir, 'o.data'), size: 4 * MiB + 64 * KiB, sync: false });
+  await writer.copyFromFile(source, 0, MiB);
+  await writer.takeHole(MiB, MiB);
+  await assert.rejects(writer.takeHole(MiB, 64 * KiB), { code: 'QCOW_ERR_INVALID_ARGUMENT' }, 'a hole before the end of what was taken');
+  await assert.rejects(writer.takeHole(2 * MiB + 512, 64 * KiB), { code: 'QCOW_ERR_INVALID_ARGUMENT' }, 'a hole off a cluster boundary');
+  await assert.rejects(writer.takeHole(2 * MiB, 0), { code: 'QCOW_ERR_INVALID_ARGUMENT' }, 'an empty hole');
+  await writer.copyFromFile(source, 2 * MiB, MiB);
+  await writer.takeHole(3 * MiB, MiB);
+  await writer.write({ index: 64, data: Buffer.alloc(64 * KiB, 7) });
+  const summary = await writer.finish();
+  assert.equal(summary.dataClusters, 2 * 16 + 1);
+  const data = readFileSync(join(dir, 'o.data'));
+  const expected = Buffer.concat([randomBytesAt(5, 0, MiB), Buffer.alloc(MiB), randomBytesAt(5, 2 * MiB, MiB), Buffer.alloc(MiB), Buffer.alloc(64 * KiB, 7)]);
+  assert.ok(data.equals(expected), 'the data file holds the copies, the holes and the Block in place');
+  if (hasQemuImg) {
+    writeFileSync(join(dir, 'expected.raw'), expected);
+    assertQemuAgrees('expected.raw', 'o.qcow2', dir);
+  }
 });
 
 test('copyClusters: flags match the zero check, zero clusters are not written, a short source is reported', { skip: skipReason }, async (t) => {
