@@ -1,9 +1,9 @@
 /**
  * The quick start: makes a sample disk image and takes it through the tool as a user would.
  *
- *   npm run sample
+ *   npm run sample            # or: npm run sample -- 64   (the size in MiB)
  *
- * 1. generates sample/disk.raw: 512 MiB, sparse, a mix of random data, written zeros, holes
+ * 1. generates sample/disk.raw: 512 MiB unless told, sparse, a mix of random data, written zeros, holes
  *    and repeated blocks;
  * 2. converts it to sample/disk.qcow2 (metadata) + sample/disk.data (the guest data, sparse);
  * 3. inspects and checks the result, exports it back to raw and compares with the original;
@@ -11,14 +11,14 @@
  */
 
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { generateImage } from '../bench/images.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const dir = join(root, 'sample');
-const built = join(root, 'dist/src/cli/main.js');
+const built = join(root, (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { bin: Record<string, string> }).bin['qcow2-stream']!);
 // The installed bin when built (npm ci builds it), else the TypeScript source.
 const cli = existsSync(built) ? [process.execPath, built] : [process.execPath, '--import', 'tsx', join(root, 'src/cli/main.ts')];
 
@@ -34,7 +34,12 @@ function step(title: string, command: string[], options: { optional?: boolean } 
 
 rmSync(dir, { recursive: true, force: true });
 mkdirSync(dir);
-const stats = generateImage(join(dir, 'disk.raw'), 'mixed', 512 * 1024 * 1024, 7);
+const sizeMiB = Number(process.argv[2] ?? 512);
+if (!Number.isSafeInteger(sizeMiB) || sizeMiB < 1) {
+  process.stderr.write(`sample: the size is a whole number of MiB, not '${process.argv[2]}'\n`);
+  process.exit(2);
+}
+const stats = generateImage(join(dir, 'disk.raw'), 'mixed', sizeMiB * 1024 * 1024, 7);
 process.stdout.write(
   `made sample/disk.raw: ${stats.blocks} blocks of 64 KiB — ${stats.random} random, ${stats.duplicates} repeated, ${stats.zeros} written zeros, ${stats.holes} holes\n`,
 );
@@ -47,10 +52,10 @@ step('byte-for-byte comparison with the original', [...cli, 'compare', 'sample/d
 
 const hasQemu = spawnSync('sh', ['-c', 'command -v qemu-img'], { stdio: 'ignore' }).status === 0;
 if (hasQemu) {
-  // qemu resolves the stored data-file name against its working directory: run it in sample/.
-  const qemu = (args: string[]) => ['sh', '-c', `cd sample && qemu-img ${args.join(' ')}`];
-  step('qemu-img agrees the image is clean', qemu(['check', 'disk.qcow2']));
-  step('qemu-img reads the same bytes', qemu(['compare', '-f', 'raw', '-F', 'qcow2', 'disk.raw', 'disk.qcow2']));
+  // The image stores the data-file name as given (sample/disk.data), and qemu resolves it against
+  // its working directory: run it where the conversion ran.
+  step('qemu-img agrees the image is clean', ['qemu-img', 'check', 'sample/disk.qcow2']);
+  step('qemu-img reads the same bytes', ['qemu-img', 'compare', '-f', 'raw', '-F', 'qcow2', 'sample/disk.raw', 'sample/disk.qcow2']);
 } else {
   process.stdout.write('\n(qemu-img not installed: skipping the cross-check with qemu)\n');
 }
