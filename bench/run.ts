@@ -19,7 +19,8 @@ import { fileURLToPath } from 'node:url';
 import { generateImage, type ImageKind, type ImageStats } from './images.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-const cli = join(root, 'dist/src/cli/main.js');
+// The installed command: package.json's bin, the single-file bundle `npm run build` makes.
+const cli = join(root, (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { bin: Record<string, string> }).bin['qcow2-stream']!);
 
 const { values: args } = parseArgs({
   options: {

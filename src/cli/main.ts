@@ -16,7 +16,7 @@ import { registerMap } from './map.js';
 import { registerCheck } from './check.js';
 import { registerCompare } from './compare.js';
 
-/** The package version, from package.json two levels up (src/cli) or three (dist/src/cli). */
+/** The package version, from package.json two levels up (src/cli) or three (dist/src/cli, the bundle too). */
 function packageVersion(): string {
   for (const up of ['../../package.json', '../../../package.json']) {
     const url = new URL(up, import.meta.url);
@@ -82,4 +82,5 @@ async function main(): Promise<void> {
   }
 }
 
-await main();
+// Not a top-level await: the installed command is a CommonJS bundle (src/cli/bundle.mjs).
+void main();

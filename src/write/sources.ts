@@ -429,8 +429,9 @@ export async function openInput(path: string, declaredSize?: number): Promise<Op
   }
   if (kind === 'directory') throw fileError(Object.assign(new Error('is a directory'), { code: 'EISDIR' }), 'open', path);
   // node:tty (and node:net below) load only for the inputs that need them: a file input
-  // starts faster without them.
-  if (path === '-' && (await import('node:tty')).isatty(0)) {
+  // starts faster without them. Not import(): the command is a CommonJS bundle run from a code
+  // cache (src/cli/launch.cjs), where a dynamic import has no loader.
+  if (path === '-' && process.getBuiltinModule('node:tty').isatty(0)) {
     throw new InvalidArgumentError('Standard input is a terminal, not a raw image', {
       hint: 'Pipe an image in (… | qcow2-stream convert - OUT) or name the input file',
     });
@@ -501,7 +502,7 @@ function nonBlockingTarget(fd: number, name: string): ReadTarget & { close(): vo
 async function streamFor(path: string, kind: OpenedFile['kind']): Promise<Readable> {
   if (path === '-') return process.stdin;
   if (kind === 'pipe' || kind === 'socket') {
-    const { Socket } = await import('node:net');
+    const { Socket } = process.getBuiltinModule('node:net');
     // Opening a FIFO waits for its writer, as `cat fifo` does; reads then go through epoll.
     let fd: number;
     try {
