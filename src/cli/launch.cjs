@@ -7,7 +7,7 @@
 const { readFileSync } = require('node:fs');
 const { join } = require('node:path');
 const { createRequire, wrap } = require('node:module');
-const { constants, Script } = require('node:vm');
+const { Script } = require('node:vm');
 
 const bundle = join(__dirname, 'cli-bundle.cjs');
 let cachedData;
@@ -16,11 +16,7 @@ try {
 } catch {
   // No cache for this Node version.
 }
-const script = new Script(wrap(readFileSync(bundle, 'utf8')), {
-  filename: bundle,
-  cachedData,
-  // The bundle imports a few Node built-ins on demand with import().
-  importModuleDynamically: constants.USE_MAIN_CONTEXT_DEFAULT_LOADER,
-});
+// No import() in the bundle: a script compiled this way has no module loader for it.
+const script = new Script(wrap(readFileSync(bundle, 'utf8')), { filename: bundle, cachedData });
 const module_ = { exports: {} };
 script.runInThisContext().call(module_.exports, module_.exports, createRequire(bundle), module_, bundle, __dirname);

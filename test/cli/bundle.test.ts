@@ -45,8 +45,8 @@ test('V8 accepts the code cache built for this Node version', { skip }, (t) => {
   // Built by another Node (CI builds with one and tests with two): the launcher compiles from source.
   if (!existsSync(cache)) return t.skip(`no code cache for Node ${process.version}`);
   // In a plain child process, with the launcher's own options: test-runner flags must not count.
-  const probe = `const { readFileSync } = require('node:fs'); const { wrap } = require('node:module'); const { constants, Script } = require('node:vm');
-    const script = new Script(wrap(readFileSync(process.argv[1], 'utf8')), { filename: process.argv[1], cachedData: readFileSync(process.argv[2]), importModuleDynamically: constants.USE_MAIN_CONTEXT_DEFAULT_LOADER });
+  const probe = `const { readFileSync } = require('node:fs'); const { wrap } = require('node:module'); const { Script } = require('node:vm');
+    const script = new Script(wrap(readFileSync(process.argv[1], 'utf8')), { filename: process.argv[1], cachedData: readFileSync(process.argv[2]) });
     process.stdout.write(String(script.cachedDataRejected));`;
   const result = spawnSync(process.execPath, ['-e', probe, join(cli, 'cli-bundle.cjs'), cache], { encoding: 'utf8' });
   assert.equal(result.status, 0, result.stderr);
