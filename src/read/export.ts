@@ -165,7 +165,10 @@ export async function exportToFile(image: DiskImage, target: OutputTarget, optio
   // built: read, zero check and write of each chunk on the thread pool, no buffer of ours.
   const copyNatively = writer.canCopyClusters;
   const reuseBuffers = typeof target === 'string';
-  const pool = reuseBuffers ? Array.from({ length: parallel + 1 }, () => allocIoBuffer(EXPORT_CHUNK)) : [];
+  // Each pooled buffer remembers the write that reads from it, and is reused only once that
+  // write has settled. Counting queue places is not enough: native copies share the queue, so
+  // after a copy the queue's oldest entry can be a copy while a buffer's write is still running.
+  const pool = reuseBuffers ? Array.from({ length: parallel + 1 }, () => ({ buffer: allocIoBuffer(EXPORT_CHUNK), write: Promise.resolve() })) : [];
   const inFlight: Promise<void>[] = [];
   let turn = 0;
   let done = 0;
@@ -177,9 +180,9 @@ export async function exportToFile(image: DiskImage, target: OutputTarget, optio
         copy.catch(() => {}); // observed when awaited (see below)
         inFlight.push(copy);
       } else if (piece.data) {
-        // The buffer about to be reused was written parallel + 1 chunks ago; with at most
-        // `parallel` writes pending after the wait below, it is free.
-        const buffer = reuseBuffers ? (pool[turn++ % pool.length] as Buffer).subarray(0, piece.length) : allocIoBuffer(piece.length);
+        const slot = reuseBuffers ? pool[turn++ % pool.length] : undefined;
+        if (slot) await slot.write;
+        const buffer = slot ? slot.buffer.subarray(0, piece.length) : allocIoBuffer(piece.length);
         await image.readInto(buffer, piece.offset);
         if (inFlight.length >= parallel) await inFlight.shift();
         const write = writer.kind === 'file' ? writeSparse(writer, piece.offset, buffer) : writer.write(piece.offset, buffer);
@@ -188,6 +191,7 @@ export async function exportToFile(image: DiskImage, target: OutputTarget, optio
         // unhandled rejection and kills the process with a stack trace instead of letting the
         // catch below remove the partial output. The failure still surfaces where it is awaited.
         write.catch(() => {});
+        if (slot) slot.write = write.catch(() => {});
         inFlight.push(write);
       }
       // Zero pieces need no write: holes in a file, zeros filled by the writer on a stream.
