@@ -134,10 +134,11 @@ export class ManifestWriter {
 
   /**
    * Creates the manifest at `path` (a regular file, under a temporary name until `finish`,
-   * fsynced with its directory unless `sync` is false).
+   * fsynced with its directory unless `sync` is false). An existing file is replaced only with
+   * `overwrite`.
    */
-  static async create(path: string, hasher: Hasher, clusterBits: number, options: { sync?: boolean } = {}): Promise<ManifestWriter> {
-    const output = await OffsetWriter.create(path, { label: 'manifest', sync: options.sync ?? true });
+  static async create(path: string, hasher: Hasher, clusterBits: number, options: { sync?: boolean; overwrite?: boolean } = {}): Promise<ManifestWriter> {
+    const output = await OffsetWriter.create(path, { label: 'manifest', sync: options.sync ?? true, overwrite: options.overwrite ?? false });
     if (output.kind !== 'file') {
       await output.abort();
       throw new InvalidArgumentError(`The manifest '${path}' must be a regular file (its header is written last)`);

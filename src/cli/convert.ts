@@ -49,7 +49,7 @@ export function registerConvert(program: Command): void {
     .option('--base-manifest <path>', "compare with this manifest of --base instead of reading it (made with --manifest)")
     .option('--manifest <path>', 'also write the fingerprint of every cluster to this file, for a later --base-manifest')
     .option('--allow-unsafe-paths', 'follow data-file and backing names stored in --base even outside its directory')
-    .option('--force', 'replace an existing data file')
+    .option('--force', 'replace existing files at the output paths (never a file this run reads)')
     .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'print nothing on success')
     .option('--json', 'print a JSON summary (to standard error when the metadata goes to standard output)')

@@ -20,6 +20,7 @@ interface ExportFlags {
   quiet?: boolean;
   /** commander's --no-sync: false when given. */
   sync: boolean;
+  force?: boolean;
   json?: boolean;
 }
 
@@ -34,6 +35,7 @@ export function registerExport(program: Command): void {
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--backing-format <format>', 'format of --backing: qcow2 or raw (default: probed)', parseFormat)
     .option('--allow-unsafe-paths', 'follow data-file and backing names stored in the image even outside its directory')
+    .option('--force', 'replace existing files at the output paths (never a file this run reads)')
     .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'no progress or summary')
     .option('--json', 'print a JSON summary (to standard error when the image goes to standard output)')
@@ -66,7 +68,7 @@ Examples:
           const progress = await createProgress({ label: 'export', quiet: Boolean(flags.quiet || flags.json) });
           let result;
           try {
-            result = await exportToFile(image, output, { signal: processSignal(), onProgress: progress.update, sync: flags.sync });
+            result = await exportToFile(image, output, { signal: processSignal(), onProgress: progress.update, sync: flags.sync, overwrite: flags.force ?? false });
           } finally {
             progress.stop();
           }

@@ -16,6 +16,7 @@ interface WrapFlags {
   quiet?: boolean;
   /** commander's --no-sync: false when given. */
   sync: boolean;
+  force?: boolean;
   json?: boolean;
 }
 
@@ -29,6 +30,7 @@ export function registerWrap(program: Command): void {
     .option('--cluster-size <n>', 'cluster size, a power of two from 512 to 2M', parseSize, 65536)
     .option('--refcount-bits <n>', 'refcount width: 1, 2, 4, 8, 16, 32 or 64', parseInteger, 16)
     .option('--no-data-file-raw', 'clear the raw-data-file bit and leave zero clusters unallocated (reads the raw file once)')
+    .option('--force', 'replace existing files at the output paths (never a file this run reads)')
     .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'print nothing on success')
     .option('--json', 'print a JSON summary (to standard error when the metadata goes to standard output)')
@@ -51,6 +53,7 @@ Example:
         try {
           summary = await wrap(raw, output, {
             sync: flags.sync,
+            overwrite: flags.force ?? false,
             clusterSize: flags.clusterSize ?? 65536,
             refcountBits: flags.refcountBits ?? 16,
             dataFileRaw: flags.dataFileRaw,

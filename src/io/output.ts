@@ -48,9 +48,9 @@ export interface OutputOptions {
   /** What this output is, for messages: `metadata file`, `data file`, `raw image`. */
   label: string;
   /**
-   * Replace an existing regular file at the path. Default true. With false, a file that
-   * appears at the path while the output is being written is not replaced either: commit()
-   * fails with EEXIST.
+   * Replace an existing regular file at the path. Default false: one rule for every output of
+   * every command (the CLI's --force). With false, a file that appears at the path while the
+   * output is being written is not replaced either: commit() fails with EEXIST.
    */
   overwrite?: boolean;
   /**
@@ -134,7 +134,7 @@ export class OffsetWriter {
     if (existing && options.overwrite === false) {
       throw new FileError(`The ${options.label} '${target}' already exists`, target, {
         errno: 'EEXIST',
-        hint: 'Remove it first, or pass --force to replace it',
+        hint: 'Remove it first, or replace it with --force (overwrite: true in the API)',
       });
     }
     const tempPath = join(dirname(target), `.${basename(target)}.${randomBytes(4).toString('hex')}.partial`);
@@ -144,7 +144,7 @@ export class OffsetWriter {
     } catch (err) {
       throw fileError(err, 'create', target);
     }
-    return new OffsetWriter('file', target, options.label, handle, tempPath, undefined, options.sync ?? true, options.overwrite ?? true);
+    return new OffsetWriter('file', target, options.label, handle, tempPath, undefined, options.sync ?? true, options.overwrite ?? false);
   }
 
   /** Writes `data` at `offset`. Streams need offset ≥ every earlier write's end (gaps become zeros). */
@@ -394,11 +394,15 @@ function writableSink(stream: Writable): SequentialSink {
     async write(chunk) {
       if (failure) throw fileError(failure, 'write to', 'the output stream');
       if (!stream.write(chunk)) {
+        // The listener that loses the race is removed, or every wait would leave one behind.
+        const settled = new AbortController();
         try {
-          await Promise.race([once(stream, 'drain'), once(stream, 'close')]);
+          await Promise.race([once(stream, 'drain', { signal: settled.signal }), once(stream, 'close', { signal: settled.signal })]);
         } catch (err) {
           // once() rejects with the stream's 'error' event: name it like every other failure.
           throw fileError(failure ?? err, 'write to', 'the output stream');
+        } finally {
+          settled.abort();
         }
         if (failure) throw fileError(failure, 'write to', 'the output stream');
       }

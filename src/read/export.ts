@@ -12,6 +12,8 @@ import { AbortedError } from '../errors.js';
 import { allocIoBuffer, isAllZero, zeroBuffer } from '../io/buffers.js';
 import { COPIES_IN_FLIGHT, OffsetWriter, type OutputTarget } from '../io/output.js';
 import { dataExtents, MIN_SKIPPED_HOLE } from '../io/extents.js';
+import { checkOutputName, refuseOverlaps } from '../io/same-file.js';
+import { chainFiles } from './chain-files.js';
 import { extentFile, type DiskImage, type Extent, type ExtentFile } from './image.js';
 
 /** Bytes read per data chunk: large reads are what makes export fast. */
@@ -30,6 +32,8 @@ export interface ExportOptions {
   onProgress?: (progress: Progress) => void;
   /** exportToFile: fsync a regular-file output (and its directory after the rename) before resolving. Default true. */
   sync?: boolean;
+  /** exportToFile: replace an existing file at the output path. Default false (the CLI's --force). */
+  overwrite?: boolean;
 }
 
 /** What {@link exportToFile} wrote. */
@@ -155,7 +159,12 @@ export function exportStream(image: DiskImage, options: ExportOptions = {}): Rea
  * nothing is left at the target path.
  */
 export async function exportToFile(image: DiskImage, target: OutputTarget, options: ExportOptions = {}): Promise<ExportResult> {
-  const writer = await OffsetWriter.create(target, { label: 'raw image', sync: options.sync ?? true });
+  if (typeof target === 'string' && target !== '-') {
+    checkOutputName(target, 'output');
+    // The image, its data file and its backing files are read while the output is written.
+    await refuseOverlaps(chainFiles(image), [{ role: 'output', path: target }]);
+  }
+  const writer = await OffsetWriter.create(target, { label: 'raw image', sync: options.sync ?? true, overwrite: options.overwrite ?? false });
   // A regular file takes several positional writes at once (the kernel copies them in parallel
   // on the thread pool, as qemu-img keeps several requests in flight); a stream takes them one
   // at a time, in order. Each in-flight write owns one buffer of the pool; a Writable may keep

@@ -8,20 +8,27 @@ export function abortError(signal: AbortSignal): AbortedError {
   return reason instanceof AbortedError ? reason : new AbortedError('The operation was aborted', { cause: reason });
 }
 
-/** Yields from `source` until `signal` aborts, even while a read is pending (a quiet pipe). */
+/**
+ * Yields from `source` until `signal` aborts, even while a read is pending (a quiet pipe).
+ *
+ * One listener for the whole run, and each pending read's own reject: racing every read
+ * against one never-settling abort promise would add a reaction to that promise per item, and
+ * they are never freed (the heap grew by about 10 MB per GiB of input through a pipe).
+ */
 export async function* abortable<T>(source: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
   const iterator = source[Symbol.asyncIterator]();
-  let onAbort = (): void => {};
-  const aborted = new Promise<never>((_, reject) => {
-    onAbort = () => reject(abortError(signal));
-  });
-  aborted.catch(() => {});
+  let rejectPending: ((reason: unknown) => void) | undefined;
+  const onAbort = (): void => rejectPending?.(abortError(signal));
   signal.addEventListener('abort', onAbort, { once: true });
-  if (signal.aborted) onAbort();
   let finished = false;
   try {
     for (;;) {
-      const next = await Promise.race([iterator.next(), aborted]);
+      if (signal.aborted) throw abortError(signal);
+      const next = await new Promise<IteratorResult<T>>((resolve, reject) => {
+        rejectPending = reject;
+        iterator.next().then(resolve, reject);
+      });
+      rejectPending = undefined;
       if (next.done) {
         finished = true;
         return;

@@ -35,7 +35,17 @@ function checkOptions(options: ClusterizeOptions): { clusterSize: number; size: 
 export function inputSizeMismatch(expected: number, actual: number, atLeast = false): InputSizeError {
   const got = atLeast ? `more than ${expected}` : `${actual}`;
   return new InputSizeError(`The input holds ${got} bytes, but its size was given as ${expected}`, expected, actual, {
-    hint: 'Give the exact input size with --size, or leave it out to accept any length',
+    hint: 'Give the exact input size (--size, or `size` in the API), or leave it out to accept any length',
+  });
+}
+
+/**
+ * A regular file that got shorter while it was read: an error, never zeros in place of the lost
+ * part (the file's size when it was opened is what the image was sized for).
+ */
+export function inputShrank(expected: number, actual: number, name = 'the input'): InputSizeError {
+  return new InputSizeError(`The input file ${name === 'the input' ? '' : `'${name}' `}shrank while it was read: it held ${expected} bytes when opened, ${actual} now`, expected, actual, {
+    hint: 'Convert a file nothing else is writing to (a snapshot or a copy)',
   });
 }
 

@@ -26,7 +26,8 @@ import { abortable, abortError } from './abort.js';
 import { clusterize } from './clusterize.js';
 import { ExternalWriter } from './external-sink.js';
 import type { InternalImageWriter } from './internal-sink.js';
-import { defaultDataFilePath, identify, sameFile, type FileIdentity } from './paths.js';
+import { defaultDataFilePath } from './paths.js';
+import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
 
@@ -55,7 +56,11 @@ export interface ConvertOptions extends ImageOptions {
   dataFileName?: string;
   /** The input size in bytes. Required for nothing, but lets the metadata stream while the data flows and checks the input's length. */
   size?: number;
-  /** Replace an existing data file. Default false: never clobber a file by surprise. */
+  /**
+   * Replace existing files at the output, data-file and manifest paths. Default false: no
+   * output of any command replaces a file by surprise (the CLI's --force). A file the run
+   * reads is never replaced, with or without it.
+   */
   overwrite?: boolean;
   /**
    * fsync every file written (data file, metadata, image, and their directory after the
@@ -184,9 +189,9 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   try {
     const size = input ? input.size : options.size;
     if (size !== undefined) checkVirtualSize(roundUpToSector(size), settings.clusterBits);
-    await refuseSameFiles(input, output, dataFile);
     const baseImage = options.base !== undefined && options.baseManifest === undefined ? await openBase(options) : undefined;
     if (baseImage) opened.push(baseImage);
+    await refuseOverlaps(await readFiles(input, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
     const pool = input ? new BufferPool() : undefined;
@@ -204,6 +209,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         dataFile: dataFile!,
         dataFileName: dataFileName!,
         overwrite: options.overwrite ?? false,
+        overwriteOutput: options.overwrite ?? false,
         sync,
         backing,
         ...(size === undefined ? {} : { size }),
@@ -216,6 +222,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         clusterBits: settings.clusterBits,
         refcountOrder: settings.refcountOrder,
         dedup: options.dedup ? { hasher: hasher!, ...dedupLimits(options.dedup) } : undefined,
+        overwrite: options.overwrite ?? false,
         sync,
         backing,
         onBlockDone,
@@ -224,7 +231,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     const sink: BlockSink = (external ?? internal)!;
     let manifest: ManifestWriter | undefined;
     try {
-      if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync });
+      if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync, overwrite: options.overwrite ?? false });
       const progressInterval = options.progressInterval ?? PROGRESS_STEP;
       let nextReport = progressInterval;
       let bytesDone = 0;
@@ -302,6 +309,9 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
 /** Option combinations that cannot work, refused before anything is opened. */
 function checkLayoutOptions(options: ConvertOptions, layout: 'external' | 'internal'): void {
   if (layout !== 'external' && layout !== 'internal') throw new InvalidArgumentError(`Unknown layout '${String(layout)}': use 'external' or 'internal'`);
+  if (typeof options.output === 'string') checkOutputName(options.output, 'output');
+  if (typeof options.dataFile === 'string') checkOutputName(options.dataFile, 'data file');
+  if (options.manifest !== undefined) checkOutputName(options.manifest, 'manifest');
   const { progressInterval } = options;
   if (progressInterval !== undefined && (!Number.isSafeInteger(progressInterval) || progressInterval <= 0)) {
     throw new InvalidArgumentError(`Invalid progressInterval ${progressInterval}: it must be a positive whole number of bytes`);
@@ -397,26 +407,23 @@ async function finishInternal(writer: InternalImageWriter, settings: ImageSettin
   };
 }
 
-/**
- * Refuses a data file or output that is the input itself, and a data file that is the output:
- * either would destroy the user's image. Nothing has been created at this point.
- */
-async function refuseSameFiles(input: OpenedInput | undefined, output: OutputTarget, dataFile: string | Writable | undefined): Promise<void> {
-  const inputId: FileIdentity | undefined = input?.file ? { stats: await input.file.handle.stat(), path: '' } : undefined;
-  if (inputId && input?.file && input.file.path !== '/dev/stdin') inputId.path = (await identify(input.file.path, inputId.stats)).path;
-  const dataId = typeof dataFile === 'string' ? await identify(dataFile) : undefined;
-  const outputId = typeof output === 'string' && output !== '-' ? await identify(output) : undefined;
-  if (inputId && dataId && sameFile(inputId, dataId)) {
-    throw new InvalidArgumentError(`The data file '${String(dataFile)}' is the input itself; refusing to overwrite it`, {
-      hint: 'To use an existing raw file as the data file without copying it, run: qcow2-stream wrap RAW OUTPUT',
-    });
+/** Every file the conversion reads: the input, the base (its whole chain), the base manifest. */
+async function readFiles(input: OpenedInput | undefined, options: ConvertOptions, baseImage: DiskImage | undefined): Promise<RunFile[]> {
+  const files: RunFile[] = [];
+  if (input?.file) files.push({ role: 'input', path: input.file.path, stats: await input.file.handle.stat() });
+  if (baseImage) files.push(...(await import('../read/chain-files.js')).chainFiles(baseImage, 'base'));
+  else if (options.base !== undefined) files.push({ role: 'base', path: options.base });
+  if (options.baseManifest !== undefined) files.push({ role: 'base manifest', path: options.baseManifest });
+  return files;
+}
+
+/** Every file the conversion writes. */
+function writtenFiles(output: OutputTarget, dataFile: string | Writable | undefined, manifest: string | undefined): RunFile[] {
+  const files: RunFile[] = [];
+  if (typeof output === 'string' && output !== '-') files.push({ role: 'output', path: output });
+  if (typeof dataFile === 'string') {
+    files.push({ role: 'data file', path: dataFile, hint: 'To use an existing raw file as the data file without copying it, run: qcow2-stream wrap RAW OUTPUT' });
   }
-  if (inputId && outputId && sameFile(inputId, outputId)) {
-    throw new InvalidArgumentError(`The output '${String(output)}' is the input itself; refusing to overwrite it`);
-  }
-  if (dataId && outputId && sameFile(dataId, outputId)) {
-    throw new InvalidArgumentError(`The data file and the metadata output are the same file '${String(output)}'`, {
-      hint: 'Pass a different --data-file',
-    });
-  }
+  if (manifest !== undefined) files.push({ role: 'manifest', path: manifest });
+  return files;
 }

@@ -21,7 +21,7 @@ import { BLOCK_STREAM_HIGH_WATER_MARK, type Block } from '../block.js';
 import { AbortedError, InvalidArgumentError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { COPIES_IN_FLIGHT, OffsetWriter, type CopySource, type OutputTarget } from '../io/output.js';
-import { inputSizeMismatch } from './clusterize.js';
+import { inputShrank, inputSizeMismatch } from './clusterize.js';
 import { MetadataEmitter, type MetadataResult } from './metadata.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 
@@ -40,7 +40,7 @@ export interface ExternalSinkOptions extends ImageOptions {
   size?: number;
   /** Replace an existing data file. Default false: an existing data file is an error. */
   overwrite?: boolean;
-  /** Replace an existing metadata file. Default true (like qemu-img). */
+  /** Replace an existing metadata file. Default false, like the data file. */
   overwriteOutput?: boolean;
   /** fsync both files (and their directory) before finish() resolves. Default true. */
   sync?: boolean;
@@ -164,7 +164,7 @@ export class ExternalWriter {
     const data = await OffsetWriter.create(options.dataFile, { label: 'data file', overwrite: options.overwrite ?? false, sync });
     let metadata: OffsetWriter;
     try {
-      metadata = await OffsetWriter.create(options.output, { label: 'metadata file', overwrite: options.overwriteOutput ?? true, sync });
+      metadata = await OffsetWriter.create(options.output, { label: 'metadata file', overwrite: options.overwriteOutput ?? false, sync });
     } catch (err) {
       await data.abort();
       throw err;
@@ -308,7 +308,7 @@ export class ExternalWriter {
     if (range.copied === undefined) return this.recordRange(range);
     try {
       const bytesRead = await range.copied;
-      if (bytesRead < range.length) throw inputSizeMismatch(this.declaredSize ?? this.end, range.index * this.settings.clusterSize + bytesRead);
+      if (bytesRead < range.length) throw inputShrank(this.declaredSize ?? this.end, range.index * this.settings.clusterSize + bytesRead);
     } finally {
       this.copiesInFlight--;
     }

@@ -28,7 +28,7 @@ export interface FileCopyOptions {
 export async function copyFileToExternal(source: { fd: number; name: string }, size: number, writer: ExternalWriter, options: FileCopyOptions = {}): Promise<void> {
   const { signal, onAdvance } = options;
   const clusterSize = writer.settings.clusterSize;
-  for (const segment of fileSegments(source.fd, size, clusterSize)) {
+  for (const segment of fileSegments(source.fd, size, clusterSize, source.name)) {
     if (signal?.aborted) throw abortError(signal);
     const end = segment.start + segment.length;
     if (!segment.hole) {

@@ -69,7 +69,7 @@ export interface InternalImageOptions {
         format: string;
       }
     | undefined;
-  /** Replace an existing file at `output`. Default true. */
+  /** Replace an existing file at `output`. Default false. */
   overwrite?: boolean;
   /** fsync the image (and its directory) before finish() resolves. Default true. */
   sync?: boolean;
@@ -156,7 +156,7 @@ export class InternalImageWriter {
 
   /** Opens the output (a regular file, under a temporary name until finish); a pipe is a NotSeekableError. */
   static async create(options: InternalImageOptions): Promise<InternalImageWriter> {
-    const output = await OffsetWriter.create(options.output, { label: 'image', overwrite: options.overwrite ?? true, sync: options.sync ?? true });
+    const output = await OffsetWriter.create(options.output, { label: 'image', overwrite: options.overwrite ?? false, sync: options.sync ?? true });
     if (output.kind !== 'file') {
       await output.abort();
       throw new NotSeekableError(

@@ -20,7 +20,7 @@ import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
 import { allocIoBuffer } from '../io/buffers.js';
 import { dataExtents, MIN_SKIPPED_HOLE, type DataExtent } from '../io/extents.js';
 import { kindOf, openForRead, type OpenedFile } from '../io/files.js';
-import { inputSizeMismatch } from './clusterize.js';
+import { inputShrank, inputSizeMismatch } from './clusterize.js';
 
 /** Bytes per read: a multiple of every cluster size (512 B .. 2 MiB). */
 export const READ_SIZE = 2 * 1024 * 1024;
@@ -208,7 +208,7 @@ export interface Segment {
  * on a cluster boundary (or the end), so a read never splits a cluster and a hole is whole
  * clusters; the short last cluster is always read.
  */
-export function* fileSegments(fd: number | undefined, size: number, clusterSize: number): Generator<Segment> {
+export function* fileSegments(fd: number | undefined, size: number, clusterSize: number, name?: string): Generator<Segment> {
   const minHole = Math.max(clusterSize, MIN_SKIPPED_HOLE);
   /** Everything before `planned` has been yielded; [planned, readTo) is data still to read. */
   let planned = 0;
@@ -241,6 +241,13 @@ export function* fileSegments(fd: number | undefined, size: number, clusterSize:
     yield { start: readTo, length: size - readTo, hole: true };
   } else {
     yield* readsUpTo(size);
+  }
+  // The probe sees a file cut short as one long hole: a plan made from it would convert the
+  // lost part as zeros. Reads past the new end come back short and fail on their own; the holes
+  // planned meanwhile are caught here, once the whole plan is made.
+  if (fd !== undefined) {
+    const now = fstatSync(fd).size;
+    if (now < size) throw inputShrank(size, now, name);
   }
 }
 
@@ -276,7 +283,7 @@ export async function* readBlocks(target: ReadTarget, options: BlockSourceOption
   if (target.positional && size === undefined) throw new InvalidArgumentError('readBlocks: a positional source needs its size');
 
   const segments = target.positional
-    ? fileSegments(options.zeroRuns ? target.fd : undefined, size!, clusterSize)
+    ? fileSegments(options.zeroRuns ? target.fd : undefined, size!, clusterSize, target.name)
     : streamSegments(size);
   // A stream is read in order, so one read at a time; a file may have several in flight.
   const maxInFlight = target.positional ? READS_IN_FLIGHT : 1;
@@ -366,6 +373,7 @@ export async function* readBlocks(target: ReadTarget, options: BlockSourceOption
         yield { index: index++, data: buffer.subarray(off, Math.min(length, off + clusterSize)) };
       }
       if (length < segment.length) {
+        if (target.positional) throw inputShrank(size!, segment.start + length, target.name);
         if (size !== undefined) throw inputSizeMismatch(size, segment.start + length);
         break;
       }

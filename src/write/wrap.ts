@@ -20,7 +20,7 @@ import { openForRead } from '../io/files.js';
 import { OffsetWriter, type OutputTarget } from '../io/output.js';
 import { abortError } from './abort.js';
 import { MetadataEmitter, type MetadataResult } from './metadata.js';
-import { identify, sameFile } from './paths.js';
+import { checkOutputName, refuseOverlaps } from '../io/same-file.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageShape } from './settings.js';
 import { BufferPool, fileHandleTarget, readBlocks } from './sources.js';
 
@@ -31,6 +31,8 @@ export interface WrapOptions extends ImageOptions {
   dataFileName?: string;
   /** fsync the metadata file (and its directory) before resolving. Default true. */
   sync?: boolean;
+  /** Replace an existing file at the output path. Default false (the CLI's --force). */
+  overwrite?: boolean;
   /** Cancels the scan: it rejects with an AbortedError and removes the metadata file. */
   signal?: AbortSignal;
   /** Called every 32 MiB while a sparse-mode wrap scans the raw file, and at the end. */
@@ -62,6 +64,7 @@ export interface WrapSummary extends ImageShape {
 export async function wrap(rawPath: string, output: OutputTarget, options: WrapOptions = {}): Promise<WrapSummary> {
   const started = performance.now();
   const settings = resolveImageSettings(options);
+  if (typeof output === 'string') checkOutputName(output, 'output');
   const dataFileName = options.dataFileName ?? rawPath;
   checkDataFileName(dataFileName, settings);
   const { signal } = options;
@@ -74,16 +77,11 @@ export async function wrap(rawPath: string, output: OutputTarget, options: WrapO
     const virtualSize = roundUpToSector(raw.size);
     checkVirtualSize(virtualSize, settings.clusterBits);
     if (typeof output === 'string' && output !== '-') {
-      const rawId = await identify(rawPath, await raw.handle.stat());
-      if (sameFile(rawId, await identify(output))) {
-        throw new InvalidArgumentError(`The output '${output}' is the raw file itself; refusing to overwrite it`, {
-          hint: 'Name a different file for the qcow2 metadata',
-        });
-      }
+      await refuseOverlaps([{ role: 'raw file', path: rawPath, stats: await raw.handle.stat() }], [{ role: 'output', path: output }]);
     }
     if (signal?.aborted) throw abortError(signal);
 
-    const metadata = await OffsetWriter.create(output, { label: 'metadata file', sync: options.sync ?? true });
+    const metadata = await OffsetWriter.create(output, { label: 'metadata file', sync: options.sync ?? true, overwrite: options.overwrite ?? false });
     try {
       const emitter = new MetadataEmitter(metadata, { settings, dataFileName, virtualSize });
       await emitter.start();

@@ -78,7 +78,7 @@ test('bad input: one clear line and exit 2, nothing left behind', (t) => {
   // Longer: the command stops at the excess, so keep the input within one pipe buffer.
   assertCleanError(runCli(['convert', '-', 'o.qcow2', '--size', '59999'], { cwd: dir, input: raw.subarray(0, 60_000) }), /more than 59999/);
   assertCleanError(runCli(['convert', 'in.raw', 'o.qcow2', '--size', '1M'], { cwd: dir }), /size was given as 1048576/);
-  assertCleanError(runCli(['convert', 'in.raw', 'o.qcow2', '--data-file', 'in.raw', '--force'], { cwd: dir }), /is the input itself/);
+  assertCleanError(runCli(['convert', 'in.raw', 'o.qcow2', '--data-file', 'in.raw', '--force'], { cwd: dir }), /is the input 'in.raw'/);
   assertCleanError(runCli(['convert', 'in.raw', 'o.qcow2', '--cluster-size', '1000'], { cwd: dir }), /cluster size 1000/);
   assertCleanError(runCli(['convert', 'in.raw', 'o.qcow2', '--refcount-bits', '3'], { cwd: dir }), /refcount width 3/);
   assertCleanError(runCli(['convert', '-', 'o.qcow2', '--size', '200G', '--cluster-size', '512'], { cwd: dir }), /too large[^]*hint: Use --cluster-size 1024/);

@@ -45,7 +45,7 @@ test('wrap: bad input fails with one line and exit 2', (t) => {
   writeFileSync(join(dir, 'disk.raw'), Buffer.alloc(1024, 1));
   for (const [args, pattern] of [
     [['wrap', 'missing.raw', 'o.qcow2'], /no such file/],
-    [['wrap', 'disk.raw', 'disk.raw'], /is the raw file itself/],
+    [['wrap', 'disk.raw', 'disk.raw'], /is the raw file 'disk.raw'/],
     [['wrap', 'disk.raw', 'o.qcow2', '--cluster-size', '3K'], /cluster size/],
   ] as const) {
     const result = runCli(args, { cwd: dir });

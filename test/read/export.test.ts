@@ -19,7 +19,7 @@ async function ourRaw(dir: string, image: string, options: OpenImageOptions = {}
   const opened = await openImage(join(dir, image), options);
   try {
     const out = join(dir, `${image}.ours.raw`);
-    const result = await exportToFile(opened, out);
+    const result = await exportToFile(opened, out, { overwrite: true });
     return { bytes: readFileSync(out), warnings: result.warnings };
   } finally {
     await opened.close();

@@ -273,7 +273,7 @@ async function exportBothWays(t: TestContext, dir: string, image: string): Promi
   const run = async (out: string) => {
     const opened = await openImage(image);
     try {
-      return await exportToFile(opened, out, { sync: false });
+      return await exportToFile(opened, out, { sync: false, overwrite: true });
     } finally {
       await opened.close();
     }
