@@ -1,0 +1,253 @@
+/**
+ * What every reader shares: the byte source a reader reads files through (zero-fill past the
+ * end, like qemu's file driver), the internal segment a reader yields, and the base class that
+ * turns a reader's segments into coalesced extents, reads and bounds checks.
+ *
+ * A format reader (one file per on-disk format: qcow2-reader.ts, raw-reader.ts…) extends
+ * {@link BaseImage} and implements `segments()` and `close()`; image.ts dispatches to it.
+ * @internal
+ */
+
+import type { FileHandle } from 'node:fs/promises';
+import { InvalidArgumentError, NotSeekableError } from '../errors.js';
+import { openForRead, readFully, type OpenedFile } from '../io/files.js';
+import type { ParsedHeader } from '../format/index.js';
+import type { DiskImage, Extent, ExtentKind, ImageFormat, OpenImageOptions } from './image.js';
+
+/**
+ * The file an uncompressed data extent's bytes are stored in, for copying them without reading
+ * them through the image (export's native data mover). `fd` stays open until the image closes.
+ * @internal
+ */
+export interface ExtentFile {
+  /** The open descriptor of the file. */
+  fd: number;
+  /** Its path, for messages. */
+  name: string;
+  /** Its length: bytes mapped past it read as zeros. */
+  size: number;
+  /** Reports (once per file, in the image's warnings) that bytes past its end were read as zeros. */
+  notePastEnd(position: number): void;
+}
+
+/** Where the extents yielded by `extents()` are stored (uncompressed data only). */
+const extentFiles = new WeakMap<Extent, ExtentFile>();
+
+/** The file holding an uncompressed data extent that `extents()` yielded, if any. @internal */
+export function extentFile(extent: Extent): ExtentFile | undefined {
+  return extentFiles.get(extent);
+}
+
+/** A file bytes are read from, with zero-fill past its end like qemu's file driver. */
+export class ByteSource implements ExtentFile {
+  private warnedEof = false;
+  constructor(
+    readonly handle: FileHandle,
+    readonly path: string,
+    readonly size: number,
+    /** `data file`, `image file`: for the past-EOF warning. */
+    readonly label: string,
+    private readonly warn: (message: string) => void,
+  ) {}
+
+  get fd(): number {
+    return this.handle.fd;
+  }
+
+  get name(): string {
+    return this.path;
+  }
+
+  /** Fills `target` from `position`; bytes past the end of the file read as zeros. */
+  async readAt(position: number, target: Uint8Array): Promise<void> {
+    const got = position < this.size ? await readFully(this.handle, target, 0, target.length, position, this.path) : 0;
+    if (got < target.length) {
+      target.fill(0, got);
+      this.notePastEnd(position + got);
+    }
+  }
+
+  notePastEnd(position: number): void {
+    if (this.warnedEof) return;
+    this.warnedEof = true;
+    this.warn(`The ${this.label} '${this.path}' is ${this.size} bytes long, but the image maps data at byte ${position} and beyond; those bytes read as zeros (as qemu does)`);
+  }
+}
+
+/** A layer that stores compressed clusters and decompresses them (the qcow2 reader). */
+export interface CompressedLayer {
+  readonly clusterSize: number;
+  /** The decompressed cluster whose stream starts at `offset`. */
+  decompressedCluster(offset: number, size: number): Promise<Uint8Array>;
+}
+
+/** An internal extent: where it comes from, so it can be read. */
+export interface Segment {
+  start: number;
+  length: number;
+  kind: ExtentKind;
+  depth: number;
+  source: ByteSource | undefined;
+  hostOffset: number | undefined;
+  /** For compressed data: the layer that decompresses it and the stream's size. */
+  compressed: { layer: CompressedLayer; size: number } | undefined;
+}
+
+/** Shared state of one open call: the warning sink and the files opened so far. */
+export interface OpenContext {
+  warn: (message: string) => void;
+  options: OpenImageOptions;
+  /** Real paths of the images of the chain above, to catch loops. */
+  chain: string[];
+  /** Every warning of the chain, shared by its images. */
+  warnings: string[];
+}
+
+export abstract class BaseImage implements DiskImage {
+  abstract readonly format: ImageFormat;
+  abstract readonly virtualSize: number;
+  abstract readonly clusterSize: number;
+  abstract readonly header: ParsedHeader | undefined;
+  abstract readonly backing: DiskImage | undefined;
+  abstract readonly dataFilePath: string | undefined;
+  protected closed = false;
+
+  constructor(
+    readonly path: string,
+    readonly warnings: string[],
+  ) {}
+
+  /** Resolved segments of [start, end), not coalesced, depth relative to this image. */
+  abstract segments(start: number, end: number): AsyncGenerator<Segment>;
+  abstract close(): Promise<void>;
+
+  /** Segments with adjacent compatible ones merged. */
+  async *coalescedSegments(start: number, end: number): AsyncGenerator<Segment> {
+    this.checkRange(start, end - start);
+    let pending: Segment | undefined;
+    for await (const seg of this.segments(start, end)) {
+      if (seg.length === 0) continue;
+      if (pending && canMerge(pending, seg)) {
+        pending.length += seg.length;
+        continue;
+      }
+      if (pending) yield pending;
+      pending = { ...seg };
+    }
+    if (pending) yield pending;
+  }
+
+  async *extents(start = 0, end = this.virtualSize): AsyncGenerator<Extent> {
+    for await (const seg of this.coalescedSegments(start, end)) {
+      const extent = toExtent(seg);
+      if (seg.kind === 'data' && seg.source && !seg.compressed) extentFiles.set(extent, seg.source);
+      yield extent;
+    }
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    this.checkRange(offset, length);
+    const out = new Uint8Array(length);
+    await this.readInto(out, offset);
+    return out;
+  }
+
+  async readInto(target: Uint8Array, offset: number): Promise<void> {
+    this.checkRange(offset, target.length);
+    for await (const seg of this.coalescedSegments(offset, offset + target.length)) {
+      await readSegment(seg, target.subarray(seg.start - offset, seg.start - offset + seg.length));
+    }
+  }
+
+  protected checkRange(offset: number, length: number): void {
+    if (this.closed) throw new InvalidArgumentError(`The image '${this.path}' is closed`);
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new InvalidArgumentError(`Cannot read ${length} bytes at offset ${offset}: the image '${this.path}' is ${this.virtualSize} bytes`);
+    }
+  }
+}
+
+export function canMerge(a: Segment, b: Segment): boolean {
+  if (a.kind !== b.kind || a.depth !== b.depth || a.source !== b.source || a.compressed || b.compressed) return false;
+  if (a.start + a.length !== b.start) return false;
+  if (a.hostOffset === undefined || b.hostOffset === undefined) return a.hostOffset === b.hostOffset;
+  return a.hostOffset + a.length === b.hostOffset;
+}
+
+function toExtent(seg: Segment): Extent {
+  const extent: Extent = { start: seg.start, length: seg.length, kind: seg.kind, depth: seg.depth };
+  if (seg.source) extent.file = seg.source.path;
+  if (seg.hostOffset !== undefined) extent.hostOffset = seg.hostOffset;
+  if (seg.compressed) extent.compressed = true;
+  return extent;
+}
+
+/** Fills `target` (exactly the segment's length) with the segment's bytes. */
+async function readSegment(seg: Segment, target: Uint8Array): Promise<void> {
+  if (seg.kind !== 'data') {
+    target.fill(0);
+    return;
+  }
+  if (seg.compressed) {
+    const layer = seg.compressed.layer;
+    const cluster = await layer.decompressedCluster(seg.hostOffset ?? 0, seg.compressed.size);
+    const within = seg.start % layer.clusterSize;
+    target.set(cluster.subarray(within, within + target.length));
+    return;
+  }
+  if (!seg.source || seg.hostOffset === undefined) throw new Error('unreachable: a data segment without a source');
+  await seg.source.readAt(seg.hostOffset, target);
+}
+
+export function plain(start: number, length: number, kind: ExtentKind): Segment {
+  return { start, length, kind, depth: 0, source: undefined, hostOffset: undefined, compressed: undefined };
+}
+
+export function newContext(options: OpenImageOptions): OpenContext {
+  const warnings: string[] = [];
+  return {
+    options,
+    chain: [],
+    warnings,
+    warn: (message) => {
+      if (warnings.includes(message)) return;
+      warnings.push(message);
+      options.onWarning?.(message);
+    },
+  };
+}
+
+/** Opens a file for positional reads (regular file or block device) with its size; pipes are refused. */
+export async function openSeekable(path: string, what: string): Promise<OpenedFile> {
+  const file = await openForRead(path, { nonBlocking: true });
+  if (file.kind !== 'file' && file.kind !== 'block-device') {
+    await file.handle.close().catch(() => {});
+    throw new NotSeekableError(`The ${what} '${path}' is a ${file.kind}; reading an image needs a regular file or block device`);
+  }
+  if (file.kind === 'block-device') {
+    // openForRead reports 0 for devices; their size is where a seek to the end lands.
+    file.size = await deviceSize(file);
+  }
+  return file;
+}
+
+/**
+ * The size of a block device: stat reports 0 for devices, and a read past the end returns no
+ * bytes, so bisect on one-byte reads (at most ~106 probes).
+ */
+async function deviceSize(file: OpenedFile): Promise<number> {
+  const probe = new Uint8Array(1);
+  const readable = async (length: number) => (await readFully(file.handle, probe, 0, 1, length - 1, file.path)) === 1;
+  let low = 0;
+  let high = 1;
+  while (high <= Number.MAX_SAFE_INTEGER && (await readable(high))) {
+    low = high;
+    high *= 2;
+  }
+  while (high - low > 1) {
+    const mid = Math.floor((low + high) / 2);
+    if (await readable(mid)) low = mid;
+    else high = mid;
+  }
+  return low;
+}
