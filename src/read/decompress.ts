@@ -1,11 +1,11 @@
 /**
  * Compressed clusters (spec: "Compressed Clusters Descriptor"; qemu's qcow2-threads.c).
  *
- * A compressed cluster decompresses to exactly one cluster. qemu stops as soon as the output
- * is full and ignores whatever follows in the bytes it read (the descriptor's size rounds up to
- * whole sectors, so the next cluster's stream or padding usually follows); a stream that ends
- * before the cluster is full is an error. Both rules are kept here, and every allocation is
- * bounded by the cluster size, so a hostile descriptor cannot make us balloon.
+ * A compressed cluster decompresses to exactly one cluster; a stream that ends before the
+ * cluster is full is an error in both codecs. Past the full cluster qemu's two codecs differ,
+ * and so do we, as qemu does: deflate ignores whatever follows (the descriptor's size rounds up
+ * to whole sectors); zstd requires the frame that filled the cluster to end there. Every
+ * allocation is bounded by the cluster size, so a hostile descriptor cannot make us balloon.
  */
 
 import { constants as zlibConstants, inflateRawSync } from 'node:zlib';
@@ -39,23 +39,60 @@ function corrupt(message: string, hostOffset: number, cause?: unknown): CorruptI
 function decompressDeflate(compressed: Uint8Array, out: Uint8Array, hostOffset: number): void {
   let result: Buffer;
   try {
-    result = inflateRawSync(compressed, {
-      windowBits: 12,
-      maxOutputLength: out.length,
-      // The bytes read may end before the stream's end marker only if the image is damaged;
-      // a sync flush returns what was decoded so the length check below names the problem.
-      finishFlush: zlibConstants.Z_SYNC_FLUSH,
-    });
+    result = inflatePrefix(compressed, compressed.length, out.length);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
-      throw corrupt(`the deflate stream inflates to more than the cluster size (${out.length} bytes)`, hostOffset, err);
-    }
-    throw corrupt(`invalid deflate data (${(err as Error).message})`, hostOffset, err);
+    if ((err as NodeJS.ErrnoException).code !== 'ERR_BUFFER_TOO_LARGE') throw corrupt(`invalid deflate data (${(err as Error).message})`, hostOffset, err);
+    // More than a cluster: qemu fills the cluster and ignores the rest (inflate's
+    // Z_BUF_ERROR with the output full is success there), so take the first cluster's worth.
+    result = firstCluster(compressed, out.length, hostOffset);
   }
-  if (result.length !== out.length) {
+  if (result.length < out.length) {
     throw corrupt(`the deflate stream ends after ${result.length} of ${out.length} bytes`, hostOffset);
   }
-  out.set(result);
+  out.set(result.subarray(0, out.length));
+}
+
+/**
+ * Inflates `compressed[0, length)` with at most `limit` bytes out. The bytes read may end
+ * before the stream's end marker (the descriptor counts whole sectors, or the image is
+ * damaged): a sync flush returns what was decoded, and the caller's length check judges it.
+ */
+function inflatePrefix(compressed: Uint8Array, length: number, limit: number): Buffer {
+  return inflateRawSync(compressed.subarray(0, length), { windowBits: 12, maxOutputLength: limit, finishFlush: zlibConstants.Z_SYNC_FLUSH });
+}
+
+/**
+ * The first `clusterSize` bytes of a stream that inflates to more: the shortest input prefix
+ * that gives at least a cluster, found by bisection (output only grows with input). One more
+ * input byte adds at most a few KiB of output (a stored block adds one byte per byte; a byte of
+ * codes at most 8 matches of 258), so the slack bounds every attempt's allocation.
+ */
+function firstCluster(compressed: Uint8Array, clusterSize: number, hostOffset: number): Buffer {
+  const limit = clusterSize + 64 * 1024;
+  const attempt = (length: number): Buffer | undefined => {
+    try {
+      return inflatePrefix(compressed, length, limit);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') return undefined;
+      throw corrupt(`invalid deflate data (${(err as Error).message})`, hostOffset, err);
+    }
+  };
+  let low = 0; // gives less than a cluster
+  let high = compressed.length; // gives more than a cluster (or more than the slack)
+  let best: Buffer | undefined;
+  while (high - low > 1) {
+    const mid = Math.floor((low + high) / 2);
+    const result = attempt(mid);
+    if (result && result.length < clusterSize) {
+      low = mid;
+      continue;
+    }
+    if (result) best = result;
+    high = mid;
+  }
+  best ??= attempt(high);
+  if (!best) throw corrupt(`the deflate stream inflates to more than the cluster size (${clusterSize} bytes) within one input byte`, hostOffset);
+  return best;
 }
 
 type ZstdSyncDecompressor = (data: Uint8Array, options: { maxOutputLength: number }) => Buffer;
@@ -64,40 +101,48 @@ const nativeZstd = (zlib as unknown as { zstdDecompressSync?: ZstdSyncDecompress
 
 class OutputFull extends Error {}
 
+/**
+ * qemu decodes until the cluster is full and then requires the frame it is in to be complete
+ * (ZSTD_decompressStream returned 0): a frame that would give more than the cluster, or data
+ * that does not decode, is EIO there and a CorruptImageError here, never bytes of a damaged
+ * stream. Frames are decoded one at a time, each bounded by what is left of the cluster.
+ */
 function decompressZstd(compressed: Uint8Array, out: Uint8Array, hostOffset: number): void {
-  const frames = zstdFrames(compressed, hostOffset);
+  let filled = 0;
+  for (const frame of zstdFrames(compressed, hostOffset)) {
+    if (filled === out.length) break;
+    filled += decodeZstdFrame(frame, out.subarray(filled), hostOffset);
+  }
+  if (filled !== out.length) throw corrupt(`the zstd data ends after ${filled} of ${out.length} bytes`, hostOffset);
+}
+
+/** Decodes one whole frame into the start of `out`; more output than `out` holds is corruption. */
+function decodeZstdFrame(frame: Uint8Array, out: Uint8Array, hostOffset: number): number {
+  const tooLong = () => corrupt(`a zstd frame decodes to more than the ${out.length} bytes left of the cluster`, hostOffset);
   if (nativeZstd) {
-    let result: Buffer | undefined;
+    let result: Buffer;
     try {
-      result = nativeZstd(frames, { maxOutputLength: out.length });
+      result = nativeZstd(frame, { maxOutputLength: out.length });
     } catch (err) {
-      // The bytes read can hold the next cluster's frame too (the descriptor's size rounds up
-      // to sectors), so "more output than a cluster" is normal: qemu stops once the cluster is
-      // full. The native call cannot stop there; the streaming decoder below can.
-      if ((err as NodeJS.ErrnoException).code !== 'ERR_BUFFER_TOO_LARGE') {
-        throw corrupt(`invalid zstd data (${(err as Error).message})`, hostOffset, err);
-      }
+      if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') throw tooLong();
+      throw corrupt(`invalid zstd data (${(err as Error).message})`, hostOffset, err);
     }
-    if (result) {
-      if (result.length !== out.length) throw corrupt(`the zstd data ends after ${result.length} of ${out.length} bytes`, hostOffset);
-      out.set(result);
-      return;
-    }
+    out.set(result);
+    return result.length;
   }
   let filled = 0;
   const stream = new ZstdStream((chunk) => {
-    const n = Math.min(chunk.length, out.length - filled);
-    out.set(chunk.subarray(0, n), filled);
-    filled += n;
-    // qemu stops decompressing once the cluster is full; so do we.
-    if (filled === out.length) throw new OutputFull();
+    if (chunk.length > out.length - filled) throw new OutputFull();
+    out.set(chunk, filled);
+    filled += chunk.length;
   });
   try {
-    stream.push(frames, true);
+    stream.push(frame, true);
   } catch (err) {
-    if (!(err instanceof OutputFull)) throw corrupt(`invalid zstd data (${(err as Error).message})`, hostOffset, err);
+    if (err instanceof OutputFull) throw tooLong();
+    throw corrupt(`invalid zstd data (${(err as Error).message})`, hostOffset, err);
   }
-  if (filled !== out.length) throw corrupt(`the zstd data ends after ${filled} of ${out.length} bytes`, hostOffset);
+  return filled;
 }
 
 const ZSTD_MAGIC = 0xfd2fb528;
@@ -105,12 +150,14 @@ const ZSTD_SKIPPABLE_MASK = 0xfffffff0;
 const ZSTD_SKIPPABLE_MAGIC = 0x184d2a50;
 
 /**
- * The prefix of `data` made of whole zstd frames, after checking each frame's window size.
- * Stops at the first bytes that are not a frame (the sector padding after qemu's single frame).
- * Walking block headers is cheap and lets us bound the decoder's window allocation up front.
+ * The whole zstd frames at the start of `data`, each after checking its window size. Stops at
+ * the first bytes that are not a frame (the sector padding after qemu's single frame) and at a
+ * frame cut off by the end of the bytes read. Walking block headers is cheap and bounds the
+ * decoder's window allocation up front.
  */
-function zstdFrames(data: Uint8Array, hostOffset: number): Uint8Array {
+function zstdFrames(data: Uint8Array, hostOffset: number): Uint8Array[] {
   const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  const frames: Uint8Array[] = [];
   let pos = 0;
   while (pos + 4 <= data.length) {
     const magic = view.getUint32(pos, true);
@@ -121,11 +168,12 @@ function zstdFrames(data: Uint8Array, hostOffset: number): Uint8Array {
     }
     if (magic !== ZSTD_MAGIC) break;
     const end = zstdFrameEnd(data, pos, hostOffset);
-    if (end === undefined) break; // a frame cut off by the end of the bytes read
+    if (end === undefined) break;
+    frames.push(data.subarray(pos, end));
     pos = end;
   }
-  if (pos === 0) throw corrupt('no zstd frame found', hostOffset);
-  return data.subarray(0, Math.min(pos, data.length));
+  if (frames.length === 0) throw corrupt('no whole zstd frame found', hostOffset);
+  return frames;
 }
 
 function zstdFrameEnd(data: Uint8Array, start: number, hostOffset: number): number | undefined {

@@ -108,7 +108,7 @@ function qcow2Info(path: string, h: ParsedHeader, actualSize: number): ImageInfo
   const info: ImageInfo = {
     filename: path,
     format: 'qcow2',
-    'virtual-size': h.size,
+    'virtual-size': h.size - (h.size % 512), // whole sectors, as qemu reports it
     'actual-size': actualSize,
     'cluster-size': h.clusterSize,
   };

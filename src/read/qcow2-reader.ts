@@ -86,7 +86,9 @@ export class Qcow2Image extends BaseImage {
     l2CacheBytes: number,
   ) {
     super(path, warnings);
-    this.virtualSize = header.size;
+    // qemu counts whole sectors (total_sectors = size / 512): a size that is not a multiple of
+    // 512, which only an odd or hostile header has, reads as the sectors it holds.
+    this.virtualSize = header.size - (header.size % 512);
     this.clusterSize = header.clusterSize;
     const extendedL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
     this.geometry = imageGeometry(header.size, header.clusterBits, extendedL2);
