@@ -40,6 +40,15 @@ export function parseSize(text: string): number {
   return value;
 }
 
+/** --max-chain-depth N: images a backing chain may hold (every reader's limit, and convert --base's). */
+export const MAX_CHAIN_DEPTH_OPTION = ['--max-chain-depth <n>', 'most images a backing chain may hold, the top one included (default 128)'] as const;
+
+export function parseChainDepth(text: string): number {
+  const value = parseInteger(text);
+  if (value < 1) throw new CommanderInvalidArgument(`'${text}': a chain holds at least 1 image`);
+  return value;
+}
+
 export function parseInteger(text: string): number {
   const value = Number(text);
   if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(value)) throw new CommanderInvalidArgument(`'${text}' is not a whole number`);

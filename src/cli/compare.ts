@@ -4,7 +4,7 @@
  */
 
 import type { Command } from 'commander';
-import { action, ExitCode, printJson, processSignal, writeStdout } from './common.js';
+import { action, ExitCode, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, printJson, processSignal, writeStdout } from './common.js';
 import { createProgress } from './progress.js';
 import type { DiskImage, ImageFormat } from '../read/image.js';
 import { parseFormat } from './export.js';
@@ -13,6 +13,7 @@ interface CompareFlags {
   format?: ImageFormat;
   secondFormat?: ImageFormat;
   allowUnsafePaths?: boolean;
+  maxChainDepth?: number;
   quiet?: boolean;
   json?: boolean;
 }
@@ -26,6 +27,7 @@ export function registerCompare(program: Command): void {
     .option('-f, --format <format>', 'format of <a>: qcow2 or raw (default: probed)', parseFormat)
     .option('-F, --second-format <format>', 'format of <b>: qcow2 or raw (default: probed)', parseFormat)
     .option('--allow-unsafe-paths', 'follow names stored in the images even outside their directories')
+    .option(...MAX_CHAIN_DEPTH_OPTION, parseChainDepth)
     .option('-q, --quiet', 'print nothing; the exit code tells (0 identical, 1 different)')
     .option('--json', 'print {"identical", "size-mismatch", "mismatch-offset"} as JSON')
     .addHelpText(
@@ -42,6 +44,7 @@ Examples:
       action(async (pathA: string, pathB: string, flags: CompareFlags) => {
         const common = {
           ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+          ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
           onWarning: (message: string) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
         };
         const [{ openDisk }, { compareImages }] = await Promise.all([import('../read/image.js'), import('../read/compare.js')]);

@@ -5,7 +5,7 @@
 import type { Command } from 'commander';
 import type { ConvertSummary } from '../write/convert.js';
 import { createProgress } from './progress.js';
-import { action, formatBytes, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
+import { action, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
 
 interface ConvertFlags {
   internal?: boolean;
@@ -16,6 +16,7 @@ interface ConvertFlags {
   baseManifest?: string;
   manifest?: string;
   allowUnsafePaths?: boolean;
+  maxChainDepth?: number;
   dataFile?: string;
   dataFileName?: string;
   size?: number;
@@ -49,6 +50,7 @@ export function registerConvert(program: Command): void {
     .option('--base-manifest <path>', "compare with this manifest of --base instead of reading it (made with --manifest)")
     .option('--manifest <path>', 'also write the fingerprint of every cluster to this file, for a later --base-manifest')
     .option('--allow-unsafe-paths', 'follow data-file and backing names stored in --base even outside its directory')
+    .option(...MAX_CHAIN_DEPTH_OPTION, parseChainDepth)
     .option('--force', 'replace existing files at the output paths (never a file this run reads)')
     .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'print nothing on success')
@@ -98,6 +100,7 @@ Examples:
             ...(flags.baseManifest === undefined ? {} : { baseManifest: flags.baseManifest }),
             ...(flags.manifest === undefined ? {} : { manifest: flags.manifest }),
             ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+            ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
             ...(flags.dataFile === undefined ? {} : { dataFile: flags.dataFile }),
             ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
             ...(flags.size === undefined ? {} : { size: flags.size }),

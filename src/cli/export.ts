@@ -7,7 +7,7 @@
 import { isatty } from 'node:tty';
 import { createProgress } from './progress.js';
 import { InvalidArgumentError as CommanderInvalidArgument, type Command } from 'commander';
-import { action, formatBytes, printJson, processSignal } from './common.js';
+import { action, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, printJson, processSignal } from './common.js';
 import { InvalidArgumentError } from '../errors.js';
 import type { ImageFormat } from '../read/image.js';
 
@@ -17,6 +17,7 @@ interface ExportFlags {
   backing?: string;
   backingFormat?: ImageFormat;
   allowUnsafePaths?: boolean;
+  maxChainDepth?: number;
   quiet?: boolean;
   /** commander's --no-sync: false when given. */
   sync: boolean;
@@ -35,6 +36,7 @@ export function registerExport(program: Command): void {
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--backing-format <format>', 'format of --backing: qcow2 or raw (default: probed)', parseFormat)
     .option('--allow-unsafe-paths', 'follow data-file and backing names stored in the image even outside its directory')
+    .option(...MAX_CHAIN_DEPTH_OPTION, parseChainDepth)
     .option('--force', 'replace existing files at the output paths (never a file this run reads)')
     .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'no progress or summary')
@@ -62,6 +64,7 @@ Examples:
           ...(flags.backing ? { backing: flags.backing } : {}),
           ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
           ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+          ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
           onWarning: (message) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
         });
         try {

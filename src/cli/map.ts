@@ -4,7 +4,7 @@
  */
 
 import type { Command } from 'commander';
-import { action, writeStdout } from './common.js';
+import { action, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, writeStdout } from './common.js';
 import type { ImageFormat } from '../read/image.js';
 import { parseFormat } from './export.js';
 
@@ -14,6 +14,7 @@ interface MapFlags {
   dataFile?: string;
   backing?: string;
   allowUnsafePaths?: boolean;
+  maxChainDepth?: number;
 }
 
 export function registerMap(program: Command): void {
@@ -25,6 +26,7 @@ export function registerMap(program: Command): void {
     .option('--data-file <path>', 'use this external data file instead of the name stored in the image')
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--allow-unsafe-paths', 'follow names stored in the image even outside its directory')
+    .option(...MAX_CHAIN_DEPTH_OPTION, parseChainDepth)
     .option('--json', 'print JSON like qemu-img map --output=json')
     .addHelpText(
       'after',
@@ -44,6 +46,7 @@ Examples:
           ...(flags.dataFile ? { dataFile: flags.dataFile } : {}),
           ...(flags.backing ? { backing: flags.backing } : {}),
           ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+          ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
           onWarning: (message) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
         });
         try {

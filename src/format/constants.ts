@@ -124,6 +124,10 @@ export const MIN_EXTL2_CLUSTER_BITS = 14;
 
 /** qemu's limits at open, kept as ours (hostile-image bounds). */
 export const MAX_L1_BYTES = 32 * 1024 * 1024; // 4,194,304 entries
+/** The default maxChainDepth of the readers: images in a chain, the top and a raw bottom counted. */
+export const DEFAULT_MAX_CHAIN_DEPTH = 128;
+/** Bytes of L1 tables all the images of one chain may hold in memory together. */
+export const MAX_CHAIN_L1_BYTES = 64 * 1024 * 1024;
 /** The most L1 entries accepted ({@link MAX_L1_BYTES} / 8). */
 export const MAX_L1_ENTRIES = MAX_L1_BYTES / 8;
 /** The largest refcount table accepted, in bytes (qemu's limit). */

@@ -101,6 +101,8 @@ export interface OpenContext {
   chain: string[];
   /** Every warning of the chain, shared by its images. */
   warnings: string[];
+  /** L1 bytes the chain's images hold so far (bounded by MAX_CHAIN_L1_BYTES). */
+  l1Bytes: { total: number };
 }
 
 export abstract class BaseImage implements DiskImage {
@@ -209,6 +211,7 @@ export function newContext(options: OpenImageOptions): OpenContext {
     options,
     chain: [],
     warnings,
+    l1Bytes: { total: 0 },
     warn: (message) => {
       if (warnings.includes(message)) return;
       warnings.push(message);

@@ -13,6 +13,7 @@ import { openRaw } from './raw-reader.js';
 import { probeFormat } from './probe.js';
 
 export { extentFile, openSeekable, type ExtentFile } from './base-image.js';
+export { DEFAULT_MAX_CHAIN_DEPTH } from '../format/constants.js';
 export { isDataFileRaw, readHeader, validateTables } from './qcow2-reader.js';
 export { probeFormat } from './probe.js';
 
@@ -60,9 +61,15 @@ export interface OpenImageOptions {
   allowUnsafePaths?: boolean;
   /** Called once per distinct warning (a short data file, a dirty or corrupt bit…). */
   onWarning?: (message: string) => void;
-  /** Most backing images followed below the top image. Default 16. */
+  /**
+   * Most images in the chain, the top image and a raw file at the bottom included. Default
+   * {@link DEFAULT_MAX_CHAIN_DEPTH} (qemu sets no limit; nightly overlays make long chains).
+   */
   maxChainDepth?: number;
-  /** Bytes of L2 tables kept in memory per image. Default 8 MiB (at least 4 tables). */
+  /**
+   * Bytes of L2 tables kept in memory for the top image. Default 8 MiB (at least 4 tables);
+   * each backing image keeps an eighth of it, so a long chain stays small.
+   */
   l2CacheBytes?: number;
 }
 

@@ -56,12 +56,14 @@ import { resolveStoredName } from '../io/path-policy.js';
 import { LruCache } from './cache.js';
 import { decompressCluster } from './decompress.js';
 import { BaseImage, ByteSource, canMerge, openSeekable, plain, type OpenContext, type Segment } from './base-image.js';
+import { DEFAULT_MAX_CHAIN_DEPTH, MAX_CHAIN_L1_BYTES } from '../format/constants.js';
 import type { ImageFormat, OpenImageOptions } from './image.js';
 import { probeFormat } from './probe.js';
 import { openRaw } from './raw-reader.js';
 
-const DEFAULT_CHAIN_DEPTH = 16;
 const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
+/** Backing images keep this fraction of the top image's L2 cache: reads mostly hit the top. */
+const BACKING_L2_CACHE_SHARE = 8;
 const MIN_L2_CACHE_TABLES = 4;
 
 export class Qcow2Image extends BaseImage {
@@ -281,6 +283,7 @@ export class Qcow2Image extends BaseImage {
 }
 
 async function openByFormat(path: string, format: ImageFormat | undefined, context: OpenContext, depth: number): Promise<BaseImage> {
+  checkChainDepth(path, context, depth);
   const chosen = format ?? (await probeFormat(path));
   return (chosen === 'qcow2' ? openQcow2(path, context, depth) : openRaw(path, context)) as Promise<BaseImage>;
 }
@@ -293,15 +296,7 @@ export async function openQcow2(
   explicitBacking?: string,
   explicitBackingFormat?: ImageFormat,
 ): Promise<Qcow2Image> {
-  const maxDepth = context.options.maxChainDepth ?? DEFAULT_CHAIN_DEPTH;
-  if (depth > maxDepth) {
-    throw new LimitExceededError(`The backing chain is deeper than ${maxDepth} images (at '${path}')`, {
-      structure: 'backing chain',
-      limit: maxDepth,
-      actual: depth,
-      hint: 'A chain this deep is unusual; check the image for a loop, or raise maxChainDepth',
-    });
-  }
+  checkChainDepth(path, context, depth);
   const real = await realpath(resolve(path)).catch(() => resolve(path));
   if (context.chain.includes(real)) {
     throw new CorruptImageError(`The backing chain loops: '${path}' is its own backing image (directly or through others)`, {
@@ -336,6 +331,14 @@ export async function openQcow2(
     }
 
     const l1 = await readL1(file, header, path);
+    context.l1Bytes.total += l1.byteLength;
+    if (context.l1Bytes.total > MAX_CHAIN_L1_BYTES) {
+      throw new LimitExceededError(`The L1 tables of the backing chain need more than ${MAX_CHAIN_L1_BYTES} bytes together (at '${path}')`, {
+        structure: 'backing chain',
+        limit: MAX_CHAIN_L1_BYTES,
+        actual: context.l1Bytes.total,
+      });
+    }
 
     let backing: BaseImage | undefined;
     const backingPath = explicitBacking ?? (header.backingFileName === undefined ? undefined : await storedBacking(header, path, context.options));
@@ -344,7 +347,8 @@ export async function openQcow2(
       backing = await openByFormat(backingPath, format, { ...context, chain: [...context.chain, real] }, depth + 1);
     }
     try {
-      return new Qcow2Image(path, context.warnings, header, source, l1, dataSource, backing, context.options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES);
+      const l2CacheBytes = (context.options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES) / (depth === 0 ? 1 : BACKING_L2_CACHE_SHARE);
+      return new Qcow2Image(path, context.warnings, header, source, l1, dataSource, backing, l2CacheBytes);
     } catch (err) {
       await backing?.close();
       throw err;
@@ -352,6 +356,19 @@ export async function openQcow2(
   } catch (err) {
     for (const handle of opened) await handle.close().catch(() => {});
     throw err;
+  }
+}
+
+/** `depth` is 0 for the top image: the chain then holds depth + 1 images. */
+function checkChainDepth(path: string, context: OpenContext, depth: number): void {
+  const maxDepth = context.options.maxChainDepth ?? DEFAULT_MAX_CHAIN_DEPTH;
+  if (depth + 1 > maxDepth) {
+    throw new LimitExceededError(`The backing chain holds more than ${maxDepth} images (at '${path}')`, {
+      structure: 'backing chain',
+      limit: maxDepth,
+      actual: depth + 1,
+      hint: 'Raise the limit (--max-chain-depth, or maxChainDepth in the API), or merge the chain into a new base',
+    });
   }
 }
 

@@ -15,10 +15,11 @@ import { relative, dirname, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { blockEnd, type Block } from '../block.js';
 import type { Progress } from '../progress.js';
-import { DedupUnsupportedError, InvalidArgumentError } from '../errors.js';
+import { DedupUnsupportedError, InvalidArgumentError, LimitExceededError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import type { OutputTarget } from '../io/output.js';
 import type { DiskImage } from '../read/image.js';
+import { DEFAULT_MAX_CHAIN_DEPTH } from '../format/constants.js';
 import { zeroDetect } from '../../transforms/zero-detect.js';
 import type { DedupStats } from '../../transforms/dedup.js';
 import type { ManifestWriter } from '../../transforms/manifest.js';
@@ -93,6 +94,11 @@ export interface ConvertOptions extends ImageOptions {
   manifest?: string;
   /** Follow names stored inside the base image even outside its directory (see the path policy). */
   allowUnsafePaths?: boolean;
+  /**
+   * Most images the new overlay's chain may hold, itself included (default 128, as every
+   * reader here): `base` is refused when the overlay would pass it.
+   */
+  maxChainDepth?: number;
   /** Cancels the conversion: it rejects with an AbortedError and removes what it created. */
   signal?: AbortSignal;
   /** Called each time another `progressInterval` bytes of input are done, and once at the end. */
@@ -189,8 +195,10 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   try {
     const size = input ? input.size : options.size;
     if (size !== undefined) checkVirtualSize(roundUpToSector(size), settings.clusterBits);
-    const baseImage = options.base !== undefined && options.baseManifest === undefined ? await openBase(options) : undefined;
+    // Opened with a manifest too: its chain is counted, and its files are inputs of this run.
+    const baseImage = options.base !== undefined ? await openBase(options) : undefined;
     if (baseImage) opened.push(baseImage);
+    if (baseImage) checkNewChainDepth(baseImage, options.maxChainDepth);
     await refuseOverlaps(await readFiles(input, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
@@ -262,8 +270,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         blocks = zeroDetect(blocks);
         if (baseImage || baseManifest) {
           const { compareWithBase, compareWithManifest } = await import('../../transforms/base-compare.js');
-          if (baseImage) blocks = compareWithBase(blocks, baseImage, settings.clusterSize).blocks;
-          else blocks = compareWithManifest(blocks, baseManifest!, hasher!, settings.clusterBits).blocks;
+          if (baseManifest) blocks = compareWithManifest(blocks, baseManifest, hasher!, settings.clusterBits).blocks;
+          else blocks = compareWithBase(blocks, baseImage!, settings.clusterSize).blocks;
         }
 
         for await (const block of blocks) {
@@ -357,7 +365,24 @@ async function describeBacking(base: string, baseName: string | undefined, outpu
 /** Opens the base for byte comparison; names stored inside it go through the path policy. */
 async function openBase(options: ConvertOptions): Promise<DiskImage> {
   const { openDisk } = await import('../read/image.js');
-  return openDisk(options.base!, options.allowUnsafePaths ? { allowUnsafePaths: true } : {});
+  return openDisk(options.base!, {
+    ...(options.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+    ...(options.maxChainDepth === undefined ? {} : { maxChainDepth: options.maxChainDepth }),
+  });
+}
+
+/** Refuses an overlay that would make a chain longer than every reader here (and export) accepts. */
+function checkNewChainDepth(base: DiskImage, maxChainDepth = DEFAULT_MAX_CHAIN_DEPTH): void {
+  let images = 1;
+  for (let layer: DiskImage | undefined = base; layer; layer = layer.backing) images++;
+  if (images > maxChainDepth) {
+    throw new LimitExceededError(`The new overlay would make a backing chain of ${images} images, more than the ${maxChainDepth} that reading it allows`, {
+      structure: 'backing chain',
+      limit: maxChainDepth,
+      actual: images,
+      hint: 'Start a new full image (convert without --base), or raise the limit (--max-chain-depth, maxChainDepth in the API) here and when reading',
+    });
+  }
 }
 
 async function finishExternal(writer: ExternalWriter, dataFile: string | Writable | undefined, dataFileName: string | undefined) {

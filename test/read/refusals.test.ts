@@ -5,7 +5,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, readdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { openImage, type OpenImageOptions } from '../../src/read/image.js';
 import { exportToFile } from '../../src/read/export.js';
@@ -19,13 +19,14 @@ const COPIED = 1n << 63n;
 async function openAndExport(dir: string, image: string, options: OpenImageOptions = {}): Promise<void> {
   const opened = await openImage(join(dir, image), options);
   try {
-    await exportToFile(opened, join(dir, 'out.raw'));
+    await exportToFile(opened, join(dir, 'out.raw'), { overwrite: true });
   } finally {
     await opened.close();
   }
 }
 
 async function assertRefused(dir: string, image: string, code: ErrorCode, message: RegExp, options: OpenImageOptions = {}): Promise<void> {
+  rmSync(join(dir, 'out.raw'), { force: true }); // left by a successful export before this one
   await assert.rejects(openAndExport(dir, image, options), (err: unknown) => {
     assert.ok(isQcow2StreamError(err), `expected our error, got ${String(err)}`);
     assert.equal(err.code, code, `${image}: ${err.message}`);
@@ -150,8 +151,14 @@ test('backing chains: a loop, an image that is its own backing, and the depth li
   img(dir, 'create', '-f', 'qcow2', 'c0.qcow2', '1M');
   img(dir, 'create', '-f', 'qcow2', '-b', 'c0.qcow2', '-F', 'qcow2', 'c1.qcow2', '1M');
   img(dir, 'create', '-f', 'qcow2', '-b', 'c1.qcow2', '-F', 'qcow2', 'c2.qcow2', '1M');
-  await assertRefused(dir, 'c2.qcow2', 'QCOW_ERR_LIMIT_EXCEEDED', /deeper than 1 images/, { maxChainDepth: 1 });
-  await openAndExport(dir, 'c2.qcow2', { maxChainDepth: 2 });
+  // The limit counts every image of the chain, the top one included: c2 → c1 → c0 is 3.
+  await assertRefused(dir, 'c2.qcow2', 'QCOW_ERR_LIMIT_EXCEEDED', /holds more than 2 images/, { maxChainDepth: 2 });
+  await openAndExport(dir, 'c2.qcow2', { maxChainDepth: 3 });
+  // A raw file at the bottom counts too.
+  img(dir, 'create', '-f', 'raw', 'r.raw', '1M');
+  img(dir, 'create', '-f', 'qcow2', '-b', 'r.raw', '-F', 'raw', 'over-raw.qcow2', '1M');
+  await assertRefused(dir, 'over-raw.qcow2', 'QCOW_ERR_LIMIT_EXCEEDED', /holds more than 1 images/, { maxChainDepth: 1 });
+  await openAndExport(dir, 'over-raw.qcow2', { maxChainDepth: 2 });
 });
 
 test('a data file given for an image without one, and a data-file image without a name, are refused', async (t) => {
