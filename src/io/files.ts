@@ -40,13 +40,16 @@ export interface OpenForReadOptions {
    * path policy looked) would hang the process instead of being refused.
    */
   nonBlocking?: boolean;
+  /** Open with O_NOFOLLOW: a path whose last component is a symbolic link fails (ELOOP). */
+  noFollow?: boolean;
 }
 
 /** Opens a file for reading; a directory or a failure becomes a FileError naming the path. */
 export async function openForRead(path: string, options: OpenForReadOptions = {}): Promise<OpenedFile> {
   let handle: FileHandle;
   try {
-    handle = await open(path, options.nonBlocking ? constants.O_RDONLY | constants.O_NONBLOCK : 'r');
+    const flags = constants.O_RDONLY | (options.nonBlocking ? constants.O_NONBLOCK : 0) | (options.noFollow ? constants.O_NOFOLLOW : 0);
+    handle = await open(path, flags);
   } catch (err) {
     throw fileError(err, 'open', path);
   }

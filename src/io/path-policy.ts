@@ -41,7 +41,8 @@
  * @module
  */
 
-import { realpath, stat } from 'node:fs/promises';
+import { readlinkSync } from 'node:fs';
+import { realpath, stat, type FileHandle } from 'node:fs/promises';
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
 import { PathPolicyError } from '../errors.js';
 import { kindOf } from './files.js';
@@ -156,4 +157,33 @@ async function isRegularFile(path: string): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+/**
+ * Checks what was opened for a name the policy resolved (`resolved`, a real path that passed
+ * every rule): the descriptor's own path must still be `resolved`, and it must be a regular
+ * file. Between the checks above and the open, a directory on the way or the file itself can
+ * be swapped for a symbolic link to a file outside, a directory, or a device; the open then
+ * follows it, and only the descriptor tells. Linux names each descriptor's file in
+ * /proc/self/fd; elsewhere the device and inode of the path, looked up again, must match.
+ */
+export async function confirmOpened(handle: FileHandle, resolved: string, kind: StoredNameKind): Promise<void> {
+  const refuse = (why: string): never => {
+    throw new PathPolicyError(`Refusing the ${kind} '${resolved}': ${why}`, resolved, { hint: hintFor(kind) });
+  };
+  const stats = await handle.stat();
+  const fileKind = kindOf(stats);
+  if (fileKind !== 'file') refuse(`what was opened is not a regular file (it is a ${fileKind === 'pipe' ? 'FIFO' : fileKind}); was the path changed while it was opened?`);
+  let opened: string | undefined;
+  try {
+    opened = readlinkSync(`/proc/self/fd/${handle.fd}`);
+  } catch {
+    opened = undefined;
+  }
+  if (opened !== undefined) {
+    if (opened !== resolved) refuse(`what was opened is '${opened}': the path was changed while it was opened`);
+    return;
+  }
+  const now = await stat(resolved).catch(() => undefined);
+  if (!now || now.dev !== stats.dev || now.ino !== stats.ino) refuse('the path was changed while it was opened');
 }

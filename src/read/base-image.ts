@@ -11,6 +11,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import { InvalidArgumentError, NotSeekableError } from '../errors.js';
 import { openForRead, readFully, type OpenedFile } from '../io/files.js';
+import { confirmOpened, type StoredNameKind } from '../io/path-policy.js';
 import type { ParsedHeader } from '../format/index.js';
 import type { DiskImage, Extent, ExtentKind, ImageFormat, OpenImageOptions } from './image.js';
 
@@ -103,6 +104,8 @@ export interface OpenContext {
   warnings: string[];
   /** L1 bytes the chain's images hold so far (bounded by MAX_CHAIN_L1_BYTES). */
   l1Bytes: { total: number };
+  /** Paths the path policy resolved from names stored in images: opened, then confirmed. */
+  storedNames: Map<string, StoredNameKind>;
 }
 
 export abstract class BaseImage implements DiskImage {
@@ -212,6 +215,7 @@ export function newContext(options: OpenImageOptions): OpenContext {
     chain: [],
     warnings,
     l1Bytes: { total: 0 },
+    storedNames: new Map(),
     warn: (message) => {
       if (warnings.includes(message)) return;
       warnings.push(message);
@@ -221,8 +225,21 @@ export function newContext(options: OpenImageOptions): OpenContext {
 }
 
 /** Opens a file for positional reads (regular file or block device) with its size; pipes are refused. */
-export async function openSeekable(path: string, what: string): Promise<OpenedFile> {
-  const file = await openForRead(path, { nonBlocking: true });
+/**
+ * Opens an image, data file or other file a reader needs. `stored`: the path came from a name
+ * stored in an image (through the path policy), so what was opened is confirmed to be that
+ * regular file (src/io/path-policy.ts confirmOpened): a swap after the policy looked loses.
+ */
+export async function openSeekable(path: string, what: string, stored?: StoredNameKind): Promise<OpenedFile> {
+  const file = await openForRead(path, { nonBlocking: true, noFollow: stored !== undefined });
+  if (stored !== undefined) {
+    try {
+      await confirmOpened(file.handle, path, stored);
+    } catch (err) {
+      await file.handle.close().catch(() => {});
+      throw err;
+    }
+  }
   if (file.kind !== 'file' && file.kind !== 'block-device') {
     await file.handle.close().catch(() => {});
     throw new NotSeekableError(`The ${what} '${path}' is a ${file.kind}; reading an image needs a regular file or block device`);

@@ -304,7 +304,7 @@ export async function openQcow2(
     });
   }
 
-  const file = await openSeekable(path, 'image');
+  const file = await openSeekable(path, 'image', context.storedNames.get(path));
   const opened: FileHandle[] = [file.handle];
   try {
     const source = new ByteSource(file.handle, path, file.size, 'image file', context.warn);
@@ -316,7 +316,7 @@ export async function openQcow2(
     let dataSource = source;
     if (hasDataFile) {
       const dataPath = explicitDataFile ?? (await storedDataFile(header, path, context.options));
-      const dataFile = await openSeekable(dataPath, 'data file');
+      const dataFile = await openSeekable(dataPath, 'data file', explicitDataFile === undefined ? 'data file' : undefined);
       opened.push(dataFile.handle);
       if (await sameFile(file, dataFile)) {
         // Guest data would be read out of the image's own metadata; qemu would too, but no
@@ -342,6 +342,7 @@ export async function openQcow2(
 
     let backing: BaseImage | undefined;
     const backingPath = explicitBacking ?? (header.backingFileName === undefined ? undefined : await storedBacking(header, path, context.options));
+    if (backingPath !== undefined && explicitBacking === undefined) context.storedNames.set(backingPath, 'backing file');
     if (backingPath !== undefined) {
       const format = explicitBacking !== undefined ? explicitBackingFormat : backingFormatOf(header, path);
       backing = await openByFormat(backingPath, format, { ...context, chain: [...context.chain, real] }, depth + 1);

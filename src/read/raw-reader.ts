@@ -46,6 +46,6 @@ class RawImage extends BaseImage {
 }
 
 export async function openRaw(path: string, context: OpenContext): Promise<DiskImage> {
-  const file = await openSeekable(path, 'raw image');
+  const file = await openSeekable(path, 'raw image', context.storedNames.get(path));
   return new RawImage(path, context.warnings, new ByteSource(file.handle, path, file.size, 'raw image', context.warn));
 }
