@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { formatPercent } from '../../src/cli/check.js';
 import { runCli } from '../helpers/cli.js';
-import { needQemu, tempDir } from '../helpers/qemu.js';
+import { needQemu, qemuImg, tempDir } from '../helpers/qemu.js';
 import { img, io, locate, writeU32, writeU64 } from '../read/fixtures.js';
 
 test('check exits 0 on a clean image, 1 with findings (also in JSON), 2 when it cannot check', async (t) => {
@@ -44,4 +44,16 @@ test('percentages round like printf("%.2f") in qemu-img check: exact ties to eve
     [0, '0.00'],
   ];
   for (const [value, printed] of cases) assert.equal(formatPercent(value), printed, String(value));
+});
+
+test("the statistics line ('% fragmented') is qemu-img check's", async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', '-o', 'cluster_size=512', 'frag.qcow2', '2M');
+  io(dir, 'frag.qcow2', 'write -P 1 0 512', 'write -P 2 100000 3000', 'write -P 3 40000 2000', 'write -P 4 1500000 700', 'write -P 5 33000 100', 'write -P 6 700000 5000', 'write -P 7 65536 512');
+  const stats = (text: string) => text.split('\n').find((line) => line.includes('% fragmented'));
+  const ours = runCli(['check', 'frag.qcow2'], { cwd: dir });
+  const qemu = qemuImg(['check', 'frag.qcow2'], dir);
+  assert.equal(stats(ours.stdout), stats(qemu.stdout));
+  assert.match(stats(ours.stdout) ?? '', /3\.57% fragmented/);
 });
