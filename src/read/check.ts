@@ -17,10 +17,13 @@
  * errors); refcount blocks are counted last and must end with one reference; fragmentation is
  * counted within each L2 table.
  *
- * Only the image file is read; the data file and backing files are never opened. Memory is one
+ * Only the image file is read (and, with `repair`, written: wrong COPIED flags only); the data
+ * file and backing files are never opened. Memory is one
  * 16-bit counter per host cluster of the image file, bounded before it is allocated.
  */
 
+import { constants } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import {
   decodeL1Entry,
   decodeL2Entry,
@@ -30,6 +33,7 @@ import {
   getRefcount,
   imageGeometry,
   INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
   L2_RESERVED_MASK_HI,
   L2_RESERVED_MASK_LO,
@@ -41,13 +45,16 @@ import {
   type L2Entry,
   type ParsedHeader,
 } from '../format/index.js';
-import { LimitExceededError } from '../errors.js';
+import { fileError, InvalidArgumentError, LimitExceededError } from '../errors.js';
 import { readFully, type OpenedFile } from '../io/files.js';
 import { LruCache } from './cache.js';
 import { openSeekable, readHeader, validateTables } from './image.js';
 
-/** How bad a finding is: `error` (a corruption), `leak` (space wasted, data safe) or `warning`. */
-export type FindingSeverity = 'error' | 'leak' | 'warning';
+/**
+ * How bad a finding is: `error` (a corruption), `leak` (space wasted, data safe), `warning`, or
+ * `repaired` (a corruption that `repair` fixed; not counted in `corruptions`).
+ */
+export type FindingSeverity = 'error' | 'leak' | 'warning' | 'repaired';
 
 /** One problem found by {@link checkImage}. */
 export interface CheckFinding {
@@ -59,6 +66,13 @@ export interface CheckFinding {
   offset?: number;
   /** What is wrong, worded like qemu-img check. */
   message: string;
+  /** A stable name for findings a program may act on: `copied-flag` (COPIED disagrees with the refcount). */
+  kind?: 'copied-flag';
+  /**
+   * `check --repair` (option `repair`) can fix it safely: a COPIED flag on a cluster whose
+   * refcount is right, as qemu's copy-on-write leaves in deduplicated images.
+   */
+  repairable?: boolean;
 }
 
 /** What {@link checkImage} found, with qemu-img check's counts. */
@@ -89,6 +103,10 @@ export interface CheckResult {
   findings: CheckFinding[];
   /** Findings left out of the list once the cap was reached. */
   omittedFindings: number;
+  /** Corruptions (counted in `corruptions`) that `repair` would fix: see {@link CheckFinding.repairable}. */
+  repairable: number;
+  /** Corruptions fixed by `repair` (qemu's `corruptions-fixed`); no longer counted in `corruptions`. */
+  repaired: number;
 }
 
 /** Options of {@link checkImage}. */
@@ -100,6 +118,13 @@ export interface CheckOptions {
    * past it the remaining snapshots are reported as not checked.
    */
   maxSnapshotL1Entries?: number;
+  /**
+   * Fix the repairable findings (wrong COPIED flags on clusters whose refcount is right) in
+   * place: only those 8-byte entries are written, and the file is synced after each table, so
+   * an interrupted repair leaves every entry either old or fixed and running it again finishes
+   * it. Nothing else is ever written. The image must not be in use (no VM running on it).
+   */
+  repair?: boolean;
 }
 
 /** One counter per host cluster: 32 Mi clusters × 2 bytes = 64 MiB at most. */
@@ -117,6 +142,11 @@ export const MAX_CHECK_SNAPSHOT_L1_ENTRIES = 2 ** 24;
 
 const hex = (n: number | bigint) => `0x${n.toString(16)}`;
 
+/** `entry` with COPIED (bit 63) set or cleared. */
+function withCopied(entry: bigint, copied: boolean): bigint {
+  return copied ? entry | (1n << 63n) : entry & ~(1n << 63n);
+}
+
 /** The host offset of a standard L2 entry when it lies past 2^53 (decodeL2Entry refuses those). */
 function farOffset(view: DataView, pos: number): bigint | undefined {
   const offset = view.getBigUint64(pos) & 0x00ff_ffff_ffff_fe00n;
@@ -126,12 +156,34 @@ function farOffset(view: DataView, pos: number): bigint | undefined {
 /** Checks the qcow2 image at `path`. Throws only when the image cannot be opened at all. */
 export async function checkImage(path: string, options: CheckOptions = {}): Promise<CheckResult> {
   const file = await openSeekable(path, 'image');
+  let writer: FileHandle | undefined;
   try {
     const header = await readHeader(file);
     validateTables(header, file.size, path, 'inspect');
-    return await new Checker(file, header, options.maxFindings ?? 1000, options.maxSnapshotL1Entries ?? MAX_CHECK_SNAPSHOT_L1_ENTRIES).run();
+    if (options.repair) writer = await openForRepair(file);
+    return await new Checker(file, header, options.maxFindings ?? 1000, options.maxSnapshotL1Entries ?? MAX_CHECK_SNAPSHOT_L1_ENTRIES, writer).run();
   } finally {
+    await writer?.close().catch(() => {});
     await file.handle.close().catch(() => {});
+  }
+}
+
+/** A read-write handle on the very file being checked (same device and inode), a regular file. */
+async function openForRepair(file: OpenedFile): Promise<FileHandle> {
+  if (file.kind !== 'file') throw new InvalidArgumentError(`Cannot repair '${file.path}': only a regular file is repaired (it is a ${file.kind})`);
+  let handle: FileHandle;
+  try {
+    handle = await open(file.path, constants.O_RDWR | constants.O_NOFOLLOW);
+  } catch (err) {
+    throw fileError(err, 'open for repair', file.path);
+  }
+  try {
+    const [a, b] = await Promise.all([file.handle.stat(), handle.stat()]);
+    if (a.dev !== b.dev || a.ino !== b.ino) throw new InvalidArgumentError(`Cannot repair '${file.path}': the file was replaced while it was checked`);
+    return handle;
+  } catch (err) {
+    await handle.close().catch(() => {});
+    throw fileError(err, 'inspect', file.path);
   }
 }
 
@@ -168,6 +220,8 @@ class Checker {
     private readonly header: ParsedHeader,
     private readonly maxFindings: number,
     private readonly maxSnapshotL1Entries: number,
+    /** Set for `repair`: the read-write handle repairs are written through. */
+    private readonly writer: FileHandle | undefined = undefined,
   ) {
     this.cs = header.clusterSize;
     this.hostClusters = Math.ceil(file.size / this.cs);
@@ -196,6 +250,8 @@ class Checker {
       imageEndOffset: 0,
       findings: [],
       omittedFindings: 0,
+      repairable: 0,
+      repaired: 0,
     };
   }
 
@@ -212,6 +268,7 @@ class Checker {
     // Refcount blocks last, as qemu counts them: a block must then have exactly one reference.
     this.checkRefcountBlocks();
     await this.compareRefcounts();
+    await this.checkCopiedFlags();
     const r = this.result;
     r.clean = r.corruptions === 0 && r.leaks === 0 && r.checkErrors === 0;
     return r;
@@ -219,14 +276,14 @@ class Checker {
 
   // --- findings -------------------------------------------------------------------------------
 
-  private report(severity: FindingSeverity, structure: string, offset: number | undefined, message: string): void {
+  private report(severity: FindingSeverity, structure: string, offset: number | undefined, message: string, extra: Pick<CheckFinding, 'kind' | 'repairable'> = {}): void {
     if (severity === 'error') this.result.corruptions++;
     else if (severity === 'leak') this.result.leaks++;
     if (this.result.findings.length >= this.maxFindings) {
       this.result.omittedFindings++;
       return;
     }
-    const finding: CheckFinding = { severity, structure, message };
+    const finding: CheckFinding = { severity, structure, message, ...extra };
     if (offset !== undefined) finding.offset = offset;
     this.result.findings.push(finding);
   }
@@ -391,12 +448,6 @@ class Checker {
       if (entry.l2Offset % this.cs !== 0) {
         this.report('error', 'L1 entry', at, `ERROR l2_offset=${hex(entry.l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
       }
-      if (active) {
-        const refcount = await this.onDiskRefcount(Math.floor(entry.l2Offset / this.cs));
-        if (refcount !== undefined && (refcount === 1) !== entry.copied) {
-          this.report('error', 'L1 entry', at, `ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(view.getBigUint64(i * 8))} refcount=${refcount}`);
-        }
-      }
       if (active) await this.checkL2(entry.l2Offset, i, true);
       else {
         const seen = this.snapshotL2Visits.get(entry.l2Offset);
@@ -484,12 +535,108 @@ class Checker {
         // qemu-img check does not look for this; qemu fails the read with EIO (pitfall P5).
         this.report('error', 'L2 entry', at, `ERROR data file host offset ${hex(entry.hostOffset)} does not match guest offset ${hex(guest)}, entry=${raw}`);
       }
-      if (!active) continue;
-      // With a data file, data clusters are not refcounted and count as refcount 1.
-      const refcount = this.hasDataFile ? 1 : await this.onDiskRefcount(Math.floor(entry.hostOffset / this.cs));
-      if (refcount !== undefined && (refcount === 1) !== entry.copied) {
-        this.report('error', 'L2 entry', at, `ERROR OFLAG_COPIED data cluster: l2_entry=${raw} refcount=${refcount}`);
+    }
+  }
+
+  // --- COPIED flags ------------------------------------------------------------------------------
+
+  /**
+   * COPIED must equal (refcount == 1) on every active L1 entry and every allocated active L2
+   * entry; checked after the refcounts, in a pass of its own, as qemu does (check_oflag_copied).
+   *
+   * A wrong flag on a cluster whose refcount is itself right (counted references = on-disk
+   * refcount, and for an L2 entry, an L2 table referenced once) is repairable: setting the flag
+   * to what the refcount says changes nothing else. That is what qemu's copy-on-write leaves in a
+   * deduplicated image: the other sharer of a cluster drops to refcount 1 without COPIED. With
+   * `repair`, exactly those entries are rewritten (8 bytes each, the file synced after each table).
+   */
+  private async checkCopiedFlags(): Promise<void> {
+    const h = this.header;
+    if (h.l1Size === 0) return;
+    const l1 = await this.readBytes(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
+    if (!l1) return;
+    const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    const { l2Entries, l2EntrySize } = imageGeometry(h.size, h.clusterBits, this.l2Context.extendedL2);
+    // Dirty (lazy refcounts): the on-disk refcounts may be stale, so no flag is judged repairable.
+    const trustRefcounts = (h.incompatibleFeatures & INCOMPAT_DIRTY) === 0n;
+    for (let i = 0; i < h.l1Size; i++) {
+      let l1Entry;
+      try {
+        l1Entry = decodeL1Entry(l1View, i * 8);
+      } catch {
+        continue; // reported by the first pass
       }
+      const l2Offset = l1Entry.l2Offset;
+      if (l2Offset === 0) continue;
+      const l2Cluster = Math.floor(l2Offset / this.cs);
+      const l2Refcount = await this.onDiskRefcount(l2Cluster);
+      if (l2Refcount === undefined) continue; // qemu skips what it cannot read, silently
+      const l2Consistent = trustRefcounts && this.references[l2Cluster] === l2Refcount;
+      if ((l2Refcount === 1) !== l1Entry.copied) {
+        const at = h.l1TableOffset + i * 8;
+        const fix = l2Consistent && l2Offset % this.cs === 0 ? [{ at, value: withCopied(l1View.getBigUint64(i * 8), l2Refcount === 1) }] : [];
+        await this.copiedFinding('L1 entry', at, `OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(l1View.getBigUint64(i * 8))} refcount=${l2Refcount}`, fix);
+      }
+      const table = await this.readBytes(l2Offset, this.cs, 'L2 table', true);
+      if (!table) continue;
+      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+      // Entries of a table referenced more than once (shared with a snapshot) are never rewritten.
+      const tableWritable = l2Consistent && l2Refcount === 1 && l2Offset % this.cs === 0;
+      const fixes: { at: number; value: bigint; message: string }[] = [];
+      for (let j = 0; j < l2Entries; j++) {
+        const pos = j * l2EntrySize;
+        let entry: L2Entry;
+        try {
+          entry = decodeL2Entry(view, pos, this.l2Context);
+        } catch {
+          continue;
+        }
+        if (entry.type !== 'normal' && entry.type !== 'zero-alloc') continue;
+        const cluster = Math.floor(entry.hostOffset / this.cs);
+        // With a data file, data clusters are not refcounted and count as refcount 1.
+        const refcount = this.hasDataFile ? 1 : await this.onDiskRefcount(cluster);
+        if (refcount === undefined || (refcount === 1) === entry.copied) continue;
+        const raw = view.getBigUint64(pos);
+        const message = `OFLAG_COPIED data cluster: l2_entry=${hex(raw)} refcount=${refcount}`;
+        const consistent = this.hasDataFile || (trustRefcounts && entry.hostOffset % this.cs === 0 && this.references[cluster] === refcount);
+        if (tableWritable && consistent) fixes.push({ at: l2Offset + pos, value: withCopied(raw, refcount === 1), message });
+        else await this.copiedFinding('L2 entry', l2Offset + pos, message, []);
+      }
+      for (const fix of fixes) await this.copiedFinding('L2 entry', fix.at, fix.message, [fix], false);
+      if (fixes.length && this.writer) await this.syncRepairs();
+    }
+  }
+
+  /** Reports a wrong COPIED flag: repaired when `fix` is non-empty and repair was asked for. */
+  private async copiedFinding(structure: string, offset: number, message: string, fix: { at: number; value: bigint }[], sync = true): Promise<void> {
+    const repairable = fix.length > 0;
+    if (repairable && this.writer) {
+      for (const { at, value } of fix) await this.writeEntry(at, value);
+      if (sync) await this.syncRepairs();
+      this.result.repaired++;
+      this.report('repaired', structure, offset, `Repairing ${message}`, { kind: 'copied-flag', repairable: true });
+      return;
+    }
+    if (repairable) this.result.repairable++;
+    this.report('error', structure, offset, `ERROR ${message}`, repairable ? { kind: 'copied-flag', repairable: true } : { kind: 'copied-flag' });
+  }
+
+  private async writeEntry(at: number, value: bigint): Promise<void> {
+    const bytes = new Uint8Array(8);
+    new DataView(bytes.buffer).setBigUint64(0, value);
+    try {
+      const { bytesWritten } = await this.writer!.write(bytes, 0, 8, at);
+      if (bytesWritten !== 8) throw Object.assign(new Error('short write'), { code: 'EIO' });
+    } catch (err) {
+      throw fileError(err, 'repair', this.file.path);
+    }
+  }
+
+  private async syncRepairs(): Promise<void> {
+    try {
+      await this.writer!.datasync();
+    } catch (err) {
+      throw fileError(err, 'sync', this.file.path);
     }
   }
 

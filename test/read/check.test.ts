@@ -5,12 +5,13 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { checkImage, type CheckResult } from '../../src/read/check.js';
 import { needQemu, qemuImg, tempDir } from '../helpers/qemu.js';
-import { mixedExtents, writeRawImage } from '../helpers/images.js';
-import { img, io, locate, readU64, setRefcount16, writeU32, writeU64 } from './fixtures.js';
+import { mixedExtents, randomBytesAt, writeRawImage } from '../helpers/images.js';
+import { convert } from '../../src/write/convert.js';
+import { img, io, locate, qemuRaw, readU64, setRefcount16, writeU32, writeU64 } from './fixtures.js';
 
 const COPIED = 1n << 63n;
 
@@ -233,4 +234,65 @@ test('misaligned L2 tables, data clusters and refcount blocks: the counts qemu-i
     const ours = await checkImage(join(dir, image));
     assert.deepEqual(ourCounts(ours, qemu), qemu, `${image}: ${errorMessages(ours).slice(0, 5).join('; ')}`);
   }
+});
+
+test('a deduplicated image after a qemu write: the COPIED flag is a repairable finding, and repair leaves what qemu-img check -r all leaves', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  // Issue 13, item 12: two equal clusters share one host cluster; qemu's copy-on-write of the
+  // first leaves the second at refcount 1 without COPIED.
+  const cluster = randomBytesAt(7, 0, 65536);
+  writeFileSync(join(dir, 'in.raw'), Buffer.concat([cluster, cluster]));
+  await convert({ input: join(dir, 'in.raw'), output: join(dir, 'dedup.qcow2'), layout: 'internal', dedup: true });
+  io(dir, 'dedup.qcow2', 'write -P 0x55 0 64k');
+  const before = qemuImg(['check', 'dedup.qcow2'], dir);
+  assert.equal(before.code, 2);
+  assert.match(before.stderr, /ERROR OFLAG_COPIED data cluster: l2_entry=10000 refcount=1/);
+
+  const path = join(dir, 'dedup.qcow2');
+  const original = readFileSync(path);
+  const found = await checkImage(path);
+  assert.equal(found.corruptions, 1, 'qemu counts it as a corruption, and so do we');
+  assert.equal(found.repairable, 1);
+  assert.deepEqual(
+    found.findings.map((f) => [f.severity, f.kind, f.repairable, f.message]),
+    [['error', 'copied-flag', true, 'ERROR OFLAG_COPIED data cluster: l2_entry=0x10000 refcount=1']],
+  );
+  assert.deepEqual(readFileSync(path), original, 'a check without repair writes nothing');
+
+  copyFileSync(path, join(dir, 'by-qemu.qcow2'));
+  qemuImg(['check', '-r', 'all', 'by-qemu.qcow2'], dir);
+  const repaired = await checkImage(path, { repair: true });
+  assert.equal(repaired.repaired, 1);
+  assert.equal(repaired.corruptions, 0);
+  assert.ok(repaired.clean);
+  assert.equal(repaired.findings[0]?.severity, 'repaired');
+  assert.equal(qemuImg(['check', 'dedup.qcow2'], dir).code, 0, 'qemu-img check is clean after our repair');
+  assert.deepEqual(readFileSync(path), readFileSync(join(dir, 'by-qemu.qcow2')), 'the same bytes as qemu-img check -r all');
+  assert.deepEqual(qemuRaw(dir, 'dedup.qcow2'), Buffer.concat([Buffer.alloc(65536, 0x55), cluster]));
+
+  // Running it again finds nothing and writes nothing.
+  const again = await checkImage(path, { repair: true });
+  assert.equal(again.repaired, 0);
+  assert.ok(again.clean);
+  assert.deepEqual(readFileSync(path), readFileSync(join(dir, 'by-qemu.qcow2')));
+});
+
+test('a COPIED flag on a cluster whose refcount is wrong is not repairable, and repair leaves it alone', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', 'int.qcow2', '4M');
+  io(dir, 'int.qcow2', 'write -P 0x22 0 256k');
+  const path = join(dir, 'int.qcow2');
+  const l = locate(path);
+  const dataCluster = Number(readU64(path, l.l2EntryOffset(1)) & 0x00fffffffffffe00n) / l.header.clusterSize;
+  setRefcount16(path, dataCluster, 2); // COPIED now disagrees with a refcount that is itself wrong
+  const original = readFileSync(path);
+  const r = await checkImage(path, { repair: true });
+  assert.equal(r.repaired, 0);
+  assert.equal(r.repairable, 0);
+  const copied = r.findings.find((f) => f.kind === 'copied-flag');
+  assert.ok(copied && copied.repairable !== true && copied.severity === 'error');
+  assert.deepEqual(readFileSync(path), original);
+  await agreeWithQemu(dir, 'int.qcow2');
 });
