@@ -4,19 +4,20 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, openSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { openDisk } from '../../src/read/image.js';
 import { mapImage, formatMapJsonEntry, type MapEntry } from '../../src/read/map.js';
 import { compareImages } from '../../src/read/compare.js';
-import { needQemu, qemuImg, tempDir } from '../helpers/qemu.js';
+import { needQemu, qemuImg, run, tempDir } from '../helpers/qemu.js';
+import { extentProbeKind } from '../../src/io/extents.js';
 import { randomBytesAt } from '../helpers/images.js';
 import { img, io } from './fixtures.js';
 
 type QemuMapEntry = Omit<MapEntry, 'file' | 'compressed'>;
 
-async function ourMap(path: string): Promise<QemuMapEntry[]> {
-  const image = await openDisk(path);
+async function ourMap(path: string, format?: 'qcow2' | 'raw'): Promise<QemuMapEntry[]> {
+  const image = await openDisk(path, format ? { format } : {});
   const out: QemuMapEntry[] = [];
   // Through the JSON formatter, so what is compared is what the CLI prints.
   for await (const entry of mapImage(image)) out.push(JSON.parse(formatMapJsonEntry(entry)) as QemuMapEntry);
@@ -79,4 +80,53 @@ test('compareImages: identical, first differing sector, size mismatch with zero 
   const tail = await compare('longer-data.raw', 'a.qcow2');
   assert.equal(tail.identical, false);
   assert.match(qemuSays('longer-data.raw', 'a.qcow2'), new RegExp(`Content mismatch at offset ${tail.mismatchOffset}!`));
+});
+
+test('map of a 0-byte image is one entry of length 0, as qemu-img map prints it', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', 'empty.qcow2', '0');
+  writeFileSync(join(dir, 'empty.raw'), '');
+  for (const [image, format] of [['empty.qcow2', 'qcow2'], ['empty.raw', 'raw']] as const) {
+    const qemu = JSON.parse(qemuImg(['map', '--output=json', '-f', format, image], dir).stdout) as QemuMapEntry[];
+    assert.deepEqual(await ourMap(join(dir, image), format), qemu, image);
+    assert.equal(qemu.length, 1);
+  }
+});
+
+test('map asks the file below for its holes where qemu does: raw layers and metadata-preallocated qcow2', async (t) => {
+  if (!needQemu(t)) return;
+  if (extentProbeKind() !== 'native') {
+    t.skip('needs the native hole probe (SEEK_DATA/SEEK_HOLE); without it holes read as data, as documented');
+    return;
+  }
+  const dir = tempDir(t);
+  // A sparse raw file, as an image and as a backing file.
+  writeFileSync(join(dir, 'base.raw'), '');
+  truncateSync(join(dir, 'base.raw'), 4 * 1024 * 1024);
+  const fd = openSync(join(dir, 'base.raw'), 'r+');
+  writeSync(fd, randomBytesAt(3, 0, 8192), 0, 8192, 1024 * 1024);
+  closeSync(fd);
+  img(dir, 'create', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', 'top.qcow2');
+  io(dir, 'top.qcow2', 'write -P 1 2M 64k');
+  // preallocation=metadata: every cluster allocated, the file mostly holes.
+  img(dir, 'create', '-f', 'qcow2', '-o', 'preallocation=metadata', 'prealloc.qcow2', '4M');
+  io(dir, 'prealloc.qcow2', 'write -P 1 1M 4k');
+  // Data clusters refcounted but punched out of the file (as after `snapshot -a`): past qemu's
+  // threshold the holes read as zeros; one punched cluster is below it and still reads as data.
+  img(dir, 'create', '-f', 'qcow2', 'punched.qcow2', '4M');
+  io(dir, 'punched.qcow2', 'write -P 7 0 4M');
+  copyFileSync(join(dir, 'punched.qcow2'), join(dir, 'one-hole.qcow2'));
+  const firstData = 0x50000;
+  assert.equal(run('fallocate', ['-p', '-o', String(firstData + 65536), '-l', String(3 * 1024 * 1024), 'punched.qcow2'], dir).code, 0);
+  assert.equal(run('fallocate', ['-p', '-o', String(firstData + 65536), '-l', '65536', 'one-hole.qcow2'], dir).code, 0);
+  const cases = [['base.raw', 'raw'], ['top.qcow2', 'qcow2'], ['prealloc.qcow2', 'qcow2'], ['punched.qcow2', 'qcow2'], ['one-hole.qcow2', 'qcow2']] as const;
+  for (const [image, format] of cases) {
+    const qemu = JSON.parse(qemuImg(['map', '--output=json', '-f', format, image], dir).stdout) as QemuMapEntry[];
+    assert.deepEqual(await ourMap(join(dir, image), format), qemu, image);
+  }
+  const top = await ourMap(join(dir, 'top.qcow2'));
+  assert.ok(top.some((e) => e.depth === 1 && e.zero && !e.data), 'a hole of the raw backing file is zero, not data');
+  const prealloc = await ourMap(join(dir, 'prealloc.qcow2'));
+  assert.ok(prealloc.some((e) => e.zero && e.data), 'a hole under a preallocated cluster is zero');
 });
