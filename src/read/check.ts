@@ -422,7 +422,7 @@ class Checker {
 
   // --- mapping tables ---------------------------------------------------------------------------
 
-  /** Walks an L1 table and its L2 tables; `active` adds the COPIED checks and statistics. */
+  /** Walks an L1 table and its L2 tables; `active` adds the statistics (COPIED is a pass of its own). */
   private async checkL1(offset: number, entries: number, active: boolean, what: string): Promise<void> {
     if (entries === 0) return;
     const length = entries * 8;
