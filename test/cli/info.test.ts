@@ -7,7 +7,7 @@ import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { runCli } from '../helpers/cli.js';
 import { needQemu, qemuInfo, qemuIo, tempDir } from '../helpers/qemu.js';
-import { img, replaceStoredName } from '../read/fixtures.js';
+import { img, readU64, replaceStoredName, writeU64 } from '../read/fixtures.js';
 
 test('info --json matches qemu-img info and works with the data file and backing file gone', async (t) => {
   if (!needQemu(t)) return;
@@ -76,4 +76,18 @@ test('info lists bitmaps, snapshots and the full backing name as qemu-img info d
   assert.equal(section(text, '    bitmaps:', '    refcount bits'), section(qemuText, '    bitmaps:', '    refcount bits'));
   assert.match(section(text, 'Snapshot list:', 'Format specific'), /a longer snapshot name/);
   assert.deepEqual(text.split('\n').slice(0, 4), qemuText.split('\n').slice(0, 4), 'image, format, virtual size, disk size');
+});
+
+test('bitmaps left inconsistent (autoclear bit 0 clear) are not listed, as in qemu-img info', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', 'b.qcow2', '1M');
+  img(dir, 'bitmap', '--add', 'b.qcow2', 'b1');
+  const path = join(dir, 'b.qcow2');
+  writeU64(path, 88, readU64(path, 88) & ~1n); // autoclear_features
+  const qemu = qemuInfo('b.qcow2', dir);
+  const ours = JSON.parse(runCli(['info', '--json', 'b.qcow2'], { cwd: dir }).stdout) as Record<string, unknown>;
+  const specific = (v: Record<string, unknown>) => (v['format-specific'] as { data: Record<string, unknown> }).data;
+  assert.equal(specific(qemu)['bitmaps'], undefined);
+  assert.equal(specific(ours)['bitmaps'], undefined);
 });
