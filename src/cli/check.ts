@@ -13,19 +13,27 @@ export function registerCheck(program: Command): void {
     .description('Check the structure of a qcow2 image (refcounts, COPIED flags, offsets, data-file rules)')
     .argument('<image>', 'the qcow2 image to check (only this file is read)')
     .option('--json', 'print JSON (qemu-img check field names, plus the findings)')
+    .option('--repair', 'fix the repairable findings in place: COPIED flags whose cluster refcount is right (only those entries are written)')
     .addHelpText(
       'after',
       `
-Exit codes: 0 no problems, 1 corruptions or leaks found (listed), 2 the image cannot be checked.
+Exit codes: 0 no problems (or all repaired), 1 corruptions or leaks found (listed), 2 the image
+cannot be checked.
+
+--repair writes only COPIED flags that disagree with a refcount that is itself right — what
+qemu's copy-on-write leaves in a deduplicated image (qemu-img check: "ERROR OFLAG_COPIED data
+cluster"). Each entry is rewritten alone and the file synced after each table, so an interrupted
+repair can simply be run again. Do not repair an image a VM is using.
 
 Examples:
   qcow2-stream check disk.qcow2
-  qcow2-stream check --json disk.qcow2 > report.json   # exit code 1 when findings are listed`,
+  qcow2-stream check --json disk.qcow2 > report.json   # exit code 1 when findings are listed
+  qcow2-stream check --repair dedup.qcow2`,
     )
     .action(
-      action(async (imagePath: string, flags: { json?: boolean }) => {
+      action(async (imagePath: string, flags: { json?: boolean; repair?: boolean }) => {
         const { checkImage } = await import('../read/check.js');
-        const result = await checkImage(imagePath);
+        const result = await checkImage(imagePath, flags.repair ? { repair: true } : {});
         if (flags.json) printJson(checkJson(result));
         else writeStdout(formatCheck(result));
         return result.clean ? ExitCode.OK : ExitCode.FINDINGS;
@@ -46,6 +54,8 @@ export function checkJson(r: CheckResult): Record<string, unknown> {
     'compressed-clusters': r.compressedClusters,
     corruptions: r.corruptions,
     leaks: r.leaks,
+    ...(r.repaired ? { 'corruptions-fixed': r.repaired } : {}),
+    repairable: r.repairable,
     clean: r.clean,
     findings: r.findings,
     ...(r.omittedFindings ? { 'omitted-findings': r.omittedFindings } : {}),
@@ -56,10 +66,17 @@ export function checkJson(r: CheckResult): Record<string, unknown> {
 export function formatCheck(r: CheckResult): string {
   const lines: string[] = [];
   for (const f of r.findings) lines.push(f.severity === 'warning' ? `Warning: ${f.message}` : f.message);
+  if (r.repaired) lines.push(`The following inconsistencies were found and repaired:`, `    0 leaked clusters`, `    ${r.repaired} corruptions`);
   if (r.omittedFindings) lines.push(`(${r.omittedFindings} more findings not shown)`);
   if (lines.length) lines.push('');
   if (r.corruptions) {
     lines.push(`${r.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
+    if (r.repairable) {
+      lines.push(
+        `${r.repairable === r.corruptions ? 'All of them are' : `${r.repairable} of them are`} COPIED flags that disagree with a correct refcount (what qemu's copy-on-write leaves in a deduplicated image); the data is intact.`,
+        `Run 'qcow2-stream check --repair' (or 'qemu-img check -r all') to fix them.`,
+      );
+    }
   }
   if (r.leaks) {
     if (r.corruptions) lines.push('');

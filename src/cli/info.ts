@@ -4,8 +4,8 @@
  */
 
 import type { Command } from 'commander';
-import { action, formatBytes, printJson, writeStdout } from './common.js';
-import type { ImageInfo } from '../read/info.js';
+import { action, printJson, writeStdout } from './common.js';
+import type { ImageInfo, SnapshotInfo } from '../read/info.js';
 import { parseFormat } from './export.js';
 import type { ImageFormat } from '../read/image.js';
 
@@ -41,12 +41,20 @@ export function formatInfo(info: ImageInfo): string {
   const lines = [
     `image: ${info.filename}`,
     `file format: ${info.format}`,
-    `virtual size: ${formatBytes(info['virtual-size'])} (${info['virtual-size']} bytes)`,
-    `disk size: ${formatBytes(info['actual-size'])}`,
+    `virtual size: ${qemuSize(info['virtual-size'])} (${info['virtual-size']} bytes)`,
+    `disk size: ${qemuSize(info['actual-size'])}`,
   ];
   if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${info['cluster-size']}`);
-  if (info['backing-filename'] !== undefined) lines.push(`backing file: ${info['backing-filename']} (not opened)`);
+  const backing = info['backing-filename'];
+  if (backing !== undefined) {
+    const full = info['full-backing-filename'];
+    lines.push(`backing file: ${backing} (${full !== undefined && full !== backing ? `actual path: ${full}, ` : ''}not opened)`);
+  }
   if (info['backing-filename-format'] !== undefined) lines.push(`backing file format: ${info['backing-filename-format']}`);
+  if (info.snapshots?.length) {
+    lines.push('Snapshot list:', snapshotRow(undefined));
+    for (const snapshot of info.snapshots) lines.push(snapshotRow(snapshot));
+  }
   const specific = info['format-specific']?.data;
   if (specific) {
     lines.push('Format specific information:');
@@ -54,16 +62,51 @@ export function formatInfo(info: ImageInfo): string {
     item('compat', specific.compat);
     item('compression type', specific['compression-type']);
     item('lazy refcounts', specific['lazy-refcounts']);
+    if (specific.bitmaps?.length) {
+      // qemu's layout of a list of structs.
+      lines.push('    bitmaps:');
+      specific.bitmaps.forEach((bitmap, i) => {
+        lines.push(`        [${i}]:`, '            flags:');
+        bitmap.flags.forEach((flag, j) => lines.push(`                [${j}]: ${flag}`));
+        lines.push(`            name: ${bitmap.name}`, `            granularity: ${bitmap.granularity}`);
+      });
+    }
     item('refcount bits', specific['refcount-bits']);
     if ('data-file-raw' in specific) {
       item('data file', specific['data-file'] === undefined ? '(not named)' : `${specific['data-file']} (not opened)`);
       item('data file raw', specific['data-file-raw']);
     }
-    if (specific.bitmaps) item('bitmaps', specific.bitmaps.consistent ? 'present' : 'present, inconsistent');
     item('corrupt', specific.corrupt);
     item('extended l2', specific['extended-l2']);
     if (info['dirty-flag']) item('dirty', true);
     if (info.features) item('feature bits', `incompatible ${info.features.incompatible}, compatible ${info.features.compatible}, autoclear ${info.features.autoclear}`);
   }
   return `${lines.join('\n')}\n`;
+}
+
+/**
+ * One line of qemu's snapshot table (bdrv_snapshot_dump), or its header for `undefined`. The
+ * date is in local time, as qemu prints it.
+ */
+export function snapshotRow(snapshot: SnapshotInfo | undefined): string {
+  if (!snapshot) return `${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`;
+  const d = new Date(snapshot['date-sec'] * 1000);
+  const two = (n: number) => String(n).padStart(2, '0');
+  const date = `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
+  const secs = snapshot['vm-clock-sec'];
+  const millis = Math.floor(snapshot['vm-clock-nsec'] / 1_000_000) % 1000;
+  const clock = `${two(Math.floor(secs / 3600))}:${two(Math.floor(secs / 60) % 60)}:${two(secs % 60)}.${String(millis).padStart(3, '0')}`;
+  const icount = snapshot.icount === undefined ? '' : String(snapshot.icount);
+  return `${snapshot.id.padEnd(9)} ${snapshot.name.padEnd(16)} ${qemuSize(snapshot['vm-state-size']).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`;
+}
+
+/** qemu's size_to_str: three significant digits ("%0.3g") and a binary unit, switching at 1000. */
+export function qemuSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+  // frexp(bytes / (1000 / 1024)) gives floor(log2(bytes * 1024 / 1000)) + 1 as its exponent.
+  const scaled = bytes / (1000 / 1024);
+  const exponent = scaled === 0 ? 0 : Math.floor(Math.log2(scaled)) + 1;
+  const unit = Math.max(0, Math.min(units.length - 1, Math.floor((exponent - 1) / 10)));
+  const value = bytes / 2 ** (unit * 10);
+  return `${String(Number(value.toPrecision(3)))} ${units[unit]}`;
 }

@@ -10,19 +10,33 @@
  * 3. Reserved bits, alignment, tables inside the file, extended-L2 bitmaps, and the data-file
  *    rules (no compressed clusters, no snapshots, host == guest).
  *
- * Only the image file is read; the data file and backing files are never opened. Memory is one
+ * Counts follow qemu's check_refcounts_l1/l2 rule for rule, so damaged images get qemu's numbers:
+ * a misaligned L2 table or data cluster is still counted (over every cluster it touches) and an
+ * L2 table is walked where its L1 entry says; a reference ending a cluster or more past the end
+ * of the file counts nothing; refcounts behind a misaligned refcount block cannot be read (check
+ * errors); refcount blocks are counted last and must end with one reference; fragmentation is
+ * counted within each L2 table.
+ *
+ * Only the image file is read (and, with `repair`, written: wrong COPIED flags only); the data
+ * file and backing files are never opened. Memory is one
  * 16-bit counter per host cluster of the image file, bounded before it is allocated.
  */
 
+import { constants } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import {
   decodeL1Entry,
   decodeL2Entry,
   decodeRefcountTableEntry,
+  ENTRY_COMPRESSED_HI,
   EXT_BITMAPS,
   getRefcount,
   imageGeometry,
   INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
+  L2_RESERVED_MASK_HI,
+  L2_RESERVED_MASK_LO,
   MAX_L1_BYTES,
   refcountsPerBlock,
   SUBCLUSTERS,
@@ -31,13 +45,16 @@ import {
   type L2Entry,
   type ParsedHeader,
 } from '../format/index.js';
-import { LimitExceededError } from '../errors.js';
+import { fileError, InvalidArgumentError, LimitExceededError } from '../errors.js';
 import { readFully, type OpenedFile } from '../io/files.js';
 import { LruCache } from './cache.js';
 import { openSeekable, readHeader, validateTables } from './image.js';
 
-/** How bad a finding is: `error` (a corruption), `leak` (space wasted, data safe) or `warning`. */
-export type FindingSeverity = 'error' | 'leak' | 'warning';
+/**
+ * How bad a finding is: `error` (a corruption), `leak` (space wasted, data safe), `warning`, or
+ * `repaired` (a corruption that `repair` fixed; not counted in `corruptions`).
+ */
+export type FindingSeverity = 'error' | 'leak' | 'warning' | 'repaired';
 
 /** One problem found by {@link checkImage}. */
 export interface CheckFinding {
@@ -49,6 +66,13 @@ export interface CheckFinding {
   offset?: number;
   /** What is wrong, worded like qemu-img check. */
   message: string;
+  /** A stable name for findings a program may act on: `copied-flag` (COPIED disagrees with the refcount). */
+  kind?: 'copied-flag';
+  /**
+   * `check --repair` (option `repair`) can fix it safely: a COPIED flag on a cluster whose
+   * refcount is right, as qemu's copy-on-write leaves in deduplicated images.
+   */
+  repairable?: boolean;
 }
 
 /** What {@link checkImage} found, with qemu-img check's counts. */
@@ -79,6 +103,10 @@ export interface CheckResult {
   findings: CheckFinding[];
   /** Findings left out of the list once the cap was reached. */
   omittedFindings: number;
+  /** Corruptions (counted in `corruptions`) that `repair` would fix: see {@link CheckFinding.repairable}. */
+  repairable: number;
+  /** Corruptions fixed by `repair` (qemu's `corruptions-fixed`); no longer counted in `corruptions`. */
+  repaired: number;
 }
 
 /** Options of {@link checkImage}. */
@@ -90,6 +118,13 @@ export interface CheckOptions {
    * past it the remaining snapshots are reported as not checked.
    */
   maxSnapshotL1Entries?: number;
+  /**
+   * Fix the repairable findings (wrong COPIED flags on clusters whose refcount is right) in
+   * place: only those 8-byte entries are written, and the file is synced after each table, so
+   * an interrupted repair leaves every entry either old or fixed and running it again finishes
+   * it. Nothing else is ever written. The image must not be in use (no VM running on it).
+   */
+  repair?: boolean;
 }
 
 /** One counter per host cluster: 32 Mi clusters × 2 bytes = 64 MiB at most. */
@@ -107,28 +142,70 @@ export const MAX_CHECK_SNAPSHOT_L1_ENTRIES = 2 ** 24;
 
 const hex = (n: number | bigint) => `0x${n.toString(16)}`;
 
+/** `entry` with COPIED (bit 63) set or cleared. */
+function withCopied(entry: bigint, copied: boolean): bigint {
+  return copied ? entry | (1n << 63n) : entry & ~(1n << 63n);
+}
+
+/** The host offset of a standard L2 entry when it lies past 2^53 (decodeL2Entry refuses those). */
+function farOffset(view: DataView, pos: number): bigint | undefined {
+  const offset = view.getBigUint64(pos) & 0x00ff_ffff_ffff_fe00n;
+  return offset > BigInt(Number.MAX_SAFE_INTEGER) ? offset : undefined;
+}
+
 /** Checks the qcow2 image at `path`. Throws only when the image cannot be opened at all. */
 export async function checkImage(path: string, options: CheckOptions = {}): Promise<CheckResult> {
   const file = await openSeekable(path, 'image');
+  let writer: FileHandle | undefined;
   try {
     const header = await readHeader(file);
     validateTables(header, file.size, path, 'inspect');
-    return await new Checker(file, header, options.maxFindings ?? 1000, options.maxSnapshotL1Entries ?? MAX_CHECK_SNAPSHOT_L1_ENTRIES).run();
+    if (options.repair) writer = await openForRepair(file);
+    return await new Checker(file, header, options.maxFindings ?? 1000, options.maxSnapshotL1Entries ?? MAX_CHECK_SNAPSHOT_L1_ENTRIES, writer).run();
   } finally {
+    await writer?.close().catch(() => {});
     await file.handle.close().catch(() => {});
+  }
+}
+
+/** A read-write handle on the very file being checked (same device and inode), a regular file. */
+async function openForRepair(file: OpenedFile): Promise<FileHandle> {
+  if (file.kind !== 'file') throw new InvalidArgumentError(`Cannot repair '${file.path}': only a regular file is repaired (it is a ${file.kind})`);
+  let handle: FileHandle;
+  try {
+    handle = await open(file.path, constants.O_RDWR | constants.O_NOFOLLOW);
+  } catch (err) {
+    throw fileError(err, 'open for repair', file.path);
+  }
+  try {
+    const [a, b] = await Promise.all([file.handle.stat(), handle.stat()]);
+    if (a.dev !== b.dev || a.ino !== b.ino) throw new InvalidArgumentError(`Cannot repair '${file.path}': the file was replaced while it was checked`);
+    return handle;
+  } catch (err) {
+    await handle.close().catch(() => {});
+    throw fileError(err, 'inspect', file.path);
   }
 }
 
 class Checker {
   private readonly cs: number;
   private readonly hostClusters: number;
+  /**
+   * Counted references per host cluster. One slot more than the file has clusters: qemu lets a
+   * structure run less than one cluster past the end of the file (the last cluster may be
+   * partly written) and counts the cluster it reaches there.
+   */
   private readonly references: Uint16Array;
+  /** Clusters compared with their on-disk refcounts: the file's, or one more when a reference reached past it. */
+  private countedClusters: number;
   private readonly hasDataFile: boolean;
   private readonly l2Context: L2Context;
   private readonly refblocks = new LruCache<Uint8Array>(16);
+  /** Refcount block offset per refcount table entry: 0 none, -1 unaligned (its refcounts cannot be read, as in qemu). */
   private refblockOffsets: number[] = [];
+  /** Refcount table entries with reserved bits set: their blocks are read but not counted, as in qemu. */
+  private readonly uncountedRefblocks = new Set<number>();
   private readonly result: CheckResult;
-  private nextContiguous = 0;
   private suppressLeaks = false;
   /**
    * Snapshot L2 tables by offset, with how many L1 entries point at them. Snapshots share most
@@ -143,6 +220,8 @@ class Checker {
     private readonly header: ParsedHeader,
     private readonly maxFindings: number,
     private readonly maxSnapshotL1Entries: number,
+    /** Set for `repair`: the read-write handle repairs are written through. */
+    private readonly writer: FileHandle | undefined = undefined,
   ) {
     this.cs = header.clusterSize;
     this.hostClusters = Math.ceil(file.size / this.cs);
@@ -152,7 +231,8 @@ class Checker {
         { structure: 'image file', limit: MAX_CHECK_CLUSTERS, actual: this.hostClusters },
       );
     }
-    this.references = new Uint16Array(this.hostClusters);
+    this.references = new Uint16Array(this.hostClusters + 1);
+    this.countedClusters = this.hostClusters;
     this.hasDataFile = (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
     const extendedL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
     this.l2Context = { clusterBits: header.clusterBits, dataFile: this.hasDataFile, extendedL2 };
@@ -170,6 +250,8 @@ class Checker {
       imageEndOffset: 0,
       findings: [],
       omittedFindings: 0,
+      repairable: 0,
+      repaired: 0,
     };
   }
 
@@ -183,7 +265,10 @@ class Checker {
     await this.checkRefcountTable();
     await this.checkL1(h.l1TableOffset, h.l1Size, true, 'active L1 table');
     await this.checkSnapshots();
+    // Refcount blocks last, as qemu counts them: a block must then have exactly one reference.
+    this.checkRefcountBlocks();
     await this.compareRefcounts();
+    await this.checkCopiedFlags();
     const r = this.result;
     r.clean = r.corruptions === 0 && r.leaks === 0 && r.checkErrors === 0;
     return r;
@@ -191,14 +276,14 @@ class Checker {
 
   // --- findings -------------------------------------------------------------------------------
 
-  private report(severity: FindingSeverity, structure: string, offset: number | undefined, message: string): void {
+  private report(severity: FindingSeverity, structure: string, offset: number | undefined, message: string, extra: Pick<CheckFinding, 'kind' | 'repairable'> = {}): void {
     if (severity === 'error') this.result.corruptions++;
     else if (severity === 'leak') this.result.leaks++;
     if (this.result.findings.length >= this.maxFindings) {
       this.result.omittedFindings++;
       return;
     }
-    const finding: CheckFinding = { severity, structure, message };
+    const finding: CheckFinding = { severity, structure, message, ...extra };
     if (offset !== undefined) finding.offset = offset;
     this.result.findings.push(finding);
   }
@@ -208,23 +293,33 @@ class Checker {
     this.report('warning', structure, offset, message);
   }
 
-  /** Counts one reference for every cluster that [offset, offset+length) touches. */
+  /**
+   * Counts one reference for every cluster that [offset, offset+length) touches, by qemu's rule
+   * (qcow2_inc_refcounts_imrt): a range ending one cluster or more past the end of the file is a
+   * corruption and counts nothing; one ending less than a cluster past it counts every cluster.
+   */
   private reference(offset: number, length: number, what: string, count = 1): void {
     if (length <= 0) return;
+    if (offset + length - this.file.size >= this.cs) {
+      this.report('error', what, offset, `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset ${hex(offset)} size ${hex(length)} (${what})`);
+      return;
+    }
     const first = Math.floor(offset / this.cs);
     const last = Math.floor((offset + length - 1) / this.cs);
-    if (last >= this.hostClusters) {
-      this.report('error', what, offset, `ERROR: the ${what} at ${hex(offset)} (${length} bytes) exceeds the end of the file (${this.file.size} bytes)`);
-    }
-    for (let c = first; c <= Math.min(last, this.hostClusters - 1); c++) {
+    this.countedClusters = Math.max(this.countedClusters, last + 1);
+    for (let c = first; c <= last; c++) {
       this.references[c] = Math.min(MAX_REFCOUNT_COUNTER, (this.references[c] ?? 0) + count);
     }
   }
 
-  private async readBytes(offset: number, length: number, what: string): Promise<Uint8Array | undefined> {
+  /**
+   * Reads `length` bytes at `offset`; with `zeroFill` the part past the end of the file reads as
+   * zeros (as qemu's file driver does for an L2 table there), otherwise it is a check error.
+   */
+  private async readBytes(offset: number, length: number, what: string, zeroFill = false): Promise<Uint8Array | undefined> {
     const out = new Uint8Array(length);
     const got = offset < this.file.size ? await readFully(this.file.handle, out, 0, length, offset, this.file.path) : 0;
-    if (got < length) {
+    if (got < length && !zeroFill) {
       this.checkError(what, offset, `ERROR: cannot read the ${what} at ${hex(offset)}: the file ends at ${this.file.size}`);
       return undefined;
     }
@@ -251,15 +346,20 @@ class Checker {
         offsets.push(0);
         continue;
       }
-      if (entry.reservedBits) this.report('error', 'refcount table', at, `ERROR refcount table entry ${i} has reserved bits set`);
+      if (entry.reservedBits) {
+        // qemu still reads refcounts through such an entry but does not count its block as used.
+        this.report('error', 'refcount table', at, `ERROR refcount table entry ${i} has reserved bits set`);
+        this.uncountedRefblocks.add(i);
+      }
       const block = entry.blockOffset;
       if (block === 0) {
         offsets.push(0);
         continue;
       }
       if (block % this.cs !== 0) {
+        // qemu cannot read the refcounts this block covers: each is a check error, not a corruption.
         this.report('error', 'refcount table', at, `ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
-        offsets.push(0);
+        offsets.push(-1);
         continue;
       }
       if (block + this.cs > this.file.size) {
@@ -267,17 +367,30 @@ class Checker {
         offsets.push(0);
         continue;
       }
-      this.reference(block, this.cs, 'refcount block');
       offsets.push(block);
     }
     this.refblockOffsets = offsets;
   }
 
-  /** The on-disk refcount of host cluster `cluster` (0 where no refcount block covers it). */
-  private async onDiskRefcount(cluster: number): Promise<number> {
+  /** Counts the refcount blocks, after everything else: each must then be referenced exactly once. */
+  private checkRefcountBlocks(): void {
+    this.refblockOffsets.forEach((block, i) => {
+      if (block <= 0 || this.uncountedRefblocks.has(i)) return;
+      this.reference(block, this.cs, 'refcount block');
+      const counted = this.references[block / this.cs] ?? 0;
+      if (counted !== 1) this.report('error', 'refcount table', this.header.refcountTableOffset + i * 8, `ERROR refcount block ${i} refcount=${counted}`);
+    });
+  }
+
+  /**
+   * The on-disk refcount of host cluster `cluster` (0 where no refcount block covers it), or
+   * undefined where its refcount block is not cluster-aligned (qemu's read fails with EIO).
+   */
+  private async onDiskRefcount(cluster: number): Promise<number | undefined> {
     const perBlock = refcountsPerBlock(this.header.clusterBits, this.header.refcountOrder);
     const index = Math.floor(cluster / perBlock);
     const offset = this.refblockOffsets[index] ?? 0;
+    if (offset === -1) return undefined;
     if (offset === 0) return 0;
     let block = this.refblocks.get(offset);
     if (!block) {
@@ -289,9 +402,13 @@ class Checker {
   }
 
   private async compareRefcounts(): Promise<void> {
-    let highest = -1;
-    for (let c = 0; c < this.hostClusters; c++) {
+    let highest = 0; // qemu's starting value: the end offset is at least one cluster
+    for (let c = 0; c < this.countedClusters; c++) {
       const onDisk = await this.onDiskRefcount(c);
+      if (onDisk === undefined) {
+        this.checkError('refcount', c * this.cs, `Can't get refcount for cluster ${c}: its refcount block is not cluster aligned`);
+        continue;
+      }
       const counted = this.references[c] ?? 0;
       if (onDisk > 0 || counted > 0) highest = c;
       if (onDisk < counted) {
@@ -305,7 +422,7 @@ class Checker {
 
   // --- mapping tables ---------------------------------------------------------------------------
 
-  /** Walks an L1 table and its L2 tables; `active` adds the COPIED checks and statistics. */
+  /** Walks an L1 table and its L2 tables; `active` adds the statistics (COPIED is a pass of its own). */
   private async checkL1(offset: number, entries: number, active: boolean, what: string): Promise<void> {
     if (entries === 0) return;
     const length = entries * 8;
@@ -326,20 +443,10 @@ class Checker {
         this.report('error', 'L1 entry', at, `ERROR found L1 entry with reserved bits set: ${hex(view.getBigUint64(i * 8))}`);
       }
       if (entry.l2Offset === 0) continue;
+      // As qemu does: the table is counted and walked even where its offset is wrong.
+      this.reference(entry.l2Offset, this.cs, 'L2 table');
       if (entry.l2Offset % this.cs !== 0) {
         this.report('error', 'L1 entry', at, `ERROR l2_offset=${hex(entry.l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
-        continue;
-      }
-      if (entry.l2Offset + this.cs > this.file.size) {
-        this.report('error', 'L1 entry', at, `ERROR l2_offset=${hex(entry.l2Offset)}: L2 table lies beyond the end of the file; L1 entry corrupted`);
-        continue;
-      }
-      this.reference(entry.l2Offset, this.cs, 'L2 table');
-      if (active) {
-        const refcount = await this.onDiskRefcount(entry.l2Offset / this.cs);
-        if ((refcount === 1) !== entry.copied) {
-          this.report('error', 'L1 entry', at, `ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(view.getBigUint64(i * 8))} refcount=${refcount}`);
-        }
       }
       if (active) await this.checkL2(entry.l2Offset, i, true);
       else {
@@ -357,8 +464,10 @@ class Checker {
    * data file with snapshots is reported as a corruption anyway).
    */
   private async checkL2(l2Offset: number, l1Index: number, active: boolean, visits = 1): Promise<void> {
-    const table = await this.readBytes(l2Offset, this.cs, 'L2 table');
+    const table = await this.readBytes(l2Offset, this.cs, 'L2 table', true);
     if (!table) return;
+    // Fragmentation is counted within one L2 table, as qemu counts it (check_refcounts_l2).
+    let nextContiguous: number | bigint = 0;
     const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
     const { l2Entries, l2EntrySize } = imageGeometry(this.header.size, this.header.clusterBits, this.l2Context.extendedL2);
     for (let j = 0; j < l2Entries; j++) {
@@ -369,7 +478,24 @@ class Checker {
       try {
         entry = decodeL2Entry(view, pos, this.l2Context);
       } catch (err) {
-        this.report('error', 'L2 entry', at, `ERROR L2 entry for guest offset ${hex(guest)}: ${(err as Error).message}`);
+        const far = (view.getUint32(pos) & ENTRY_COMPRESSED_HI) === 0 ? farOffset(view, pos) : undefined;
+        if (far === undefined) {
+          this.report('error', 'L2 entry', at, `ERROR L2 entry for guest offset ${hex(guest)}: ${(err as Error).message}`);
+          continue;
+        }
+        // A host offset past 2^53 (a hostile or garbage entry): what qemu reports for it. It is
+        // necessarily past the end of the file, so it references nothing.
+        const raw = view.getBigUint64(pos);
+        if ((view.getUint32(pos) & L2_RESERVED_MASK_HI) !== 0 || (view.getUint32(pos + 4) & L2_RESERVED_MASK_LO) !== 0) {
+          this.report('error', 'L2 entry', at, `ERROR found L2 entry with reserved bits set: ${hex(raw)}`);
+        }
+        if (active) {
+          this.result.allocatedClusters++;
+          if (nextContiguous !== 0 && far !== nextContiguous) this.result.fragmentedClusters++;
+          nextContiguous = far + BigInt(this.cs);
+        }
+        if (far % BigInt(this.cs) !== 0n) this.report('error', 'L2 entry', at, `ERROR offset=${hex(far)}: Data cluster is not properly aligned; L2 entry corrupted`);
+        if (!this.hasDataFile) this.reference(Number(far), this.cs, 'data cluster', visits);
         continue;
       }
       const raw = hex(view.getBigUint64(pos));
@@ -393,27 +519,124 @@ class Checker {
         this.report('error', 'L2 entry', at, `ERROR zero cluster entry in a version 2 image: ${raw}`);
       }
       if (entry.type !== 'normal' && entry.type !== 'zero-alloc') continue;
-      if (entry.hostOffset % this.cs !== 0) {
-        this.report('error', 'L2 entry', at, `ERROR offset=${hex(entry.hostOffset)}: Cluster is not properly aligned; L2 entry corrupted`);
-        continue;
+      // qemu's order: statistics and the reference first, then the alignment (a misaligned
+      // cluster is still counted, over the clusters it touches).
+      if (active) {
+        this.result.allocatedClusters++;
+        if (nextContiguous !== 0 && entry.hostOffset !== nextContiguous) this.result.fragmentedClusters++;
+        nextContiguous = entry.hostOffset + this.cs;
       }
-      if (this.hasDataFile) {
-        if (entry.hostOffset !== guest) {
-          // qemu-img check does not look for this; qemu fails the read with EIO (pitfall P5).
-          this.report('error', 'L2 entry', at, `ERROR data file host offset ${hex(entry.hostOffset)} does not match guest offset ${hex(guest)}, entry=${raw}`);
+      if (!this.hasDataFile) this.reference(entry.hostOffset, this.cs, 'data cluster', visits);
+      const aligned = entry.hostOffset % this.cs === 0;
+      if (!aligned) {
+        const what = entry.type === 'zero-alloc' ? 'Preallocated cluster' : 'Data cluster';
+        this.report('error', 'L2 entry', at, `ERROR offset=${hex(entry.hostOffset)}: ${what} is not properly aligned; L2 entry corrupted`);
+      } else if (this.hasDataFile && entry.hostOffset !== guest) {
+        // qemu-img check does not look for this; qemu fails the read with EIO (pitfall P5).
+        this.report('error', 'L2 entry', at, `ERROR data file host offset ${hex(entry.hostOffset)} does not match guest offset ${hex(guest)}, entry=${raw}`);
+      }
+    }
+  }
+
+  // --- COPIED flags ------------------------------------------------------------------------------
+
+  /**
+   * COPIED must equal (refcount == 1) on every active L1 entry and every allocated active L2
+   * entry; checked after the refcounts, in a pass of its own, as qemu does (check_oflag_copied).
+   *
+   * A wrong flag on a cluster whose refcount is itself right (counted references = on-disk
+   * refcount, and for an L2 entry, an L2 table referenced once) is repairable: setting the flag
+   * to what the refcount says changes nothing else. That is what qemu's copy-on-write leaves in a
+   * deduplicated image: the other sharer of a cluster drops to refcount 1 without COPIED. With
+   * `repair`, exactly those entries are rewritten (8 bytes each, the file synced after each table).
+   */
+  private async checkCopiedFlags(): Promise<void> {
+    const h = this.header;
+    if (h.l1Size === 0) return;
+    const l1 = await this.readBytes(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
+    if (!l1) return;
+    const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    const { l2Entries, l2EntrySize } = imageGeometry(h.size, h.clusterBits, this.l2Context.extendedL2);
+    // Dirty (lazy refcounts): the on-disk refcounts may be stale, so no flag is judged repairable.
+    const trustRefcounts = (h.incompatibleFeatures & INCOMPAT_DIRTY) === 0n;
+    for (let i = 0; i < h.l1Size; i++) {
+      let l1Entry;
+      try {
+        l1Entry = decodeL1Entry(l1View, i * 8);
+      } catch {
+        continue; // reported by the first pass
+      }
+      const l2Offset = l1Entry.l2Offset;
+      if (l2Offset === 0) continue;
+      const l2Cluster = Math.floor(l2Offset / this.cs);
+      const l2Refcount = await this.onDiskRefcount(l2Cluster);
+      if (l2Refcount === undefined) continue; // qemu skips what it cannot read, silently
+      const l2Consistent = trustRefcounts && this.references[l2Cluster] === l2Refcount;
+      if ((l2Refcount === 1) !== l1Entry.copied) {
+        const at = h.l1TableOffset + i * 8;
+        const fix = l2Consistent && l2Offset % this.cs === 0 ? [{ at, value: withCopied(l1View.getBigUint64(i * 8), l2Refcount === 1) }] : [];
+        await this.copiedFinding('L1 entry', at, `OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(l1View.getBigUint64(i * 8))} refcount=${l2Refcount}`, fix);
+      }
+      const table = await this.readBytes(l2Offset, this.cs, 'L2 table', true);
+      if (!table) continue;
+      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+      // Entries of a table referenced more than once (shared with a snapshot) are never rewritten.
+      const tableWritable = l2Consistent && l2Refcount === 1 && l2Offset % this.cs === 0;
+      const fixes: { at: number; value: bigint; message: string }[] = [];
+      for (let j = 0; j < l2Entries; j++) {
+        const pos = j * l2EntrySize;
+        let entry: L2Entry;
+        try {
+          entry = decodeL2Entry(view, pos, this.l2Context);
+        } catch {
+          continue;
         }
-      } else {
-        this.reference(entry.hostOffset, this.cs, 'data cluster', visits);
+        if (entry.type !== 'normal' && entry.type !== 'zero-alloc') continue;
+        const cluster = Math.floor(entry.hostOffset / this.cs);
+        // With a data file, data clusters are not refcounted and count as refcount 1.
+        const refcount = this.hasDataFile ? 1 : await this.onDiskRefcount(cluster);
+        if (refcount === undefined || (refcount === 1) === entry.copied) continue;
+        const raw = view.getBigUint64(pos);
+        const message = `OFLAG_COPIED data cluster: l2_entry=${hex(raw)} refcount=${refcount}`;
+        const consistent = this.hasDataFile || (trustRefcounts && entry.hostOffset % this.cs === 0 && this.references[cluster] === refcount);
+        if (tableWritable && consistent) fixes.push({ at: l2Offset + pos, value: withCopied(raw, refcount === 1), message });
+        else await this.copiedFinding('L2 entry', l2Offset + pos, message, []);
       }
-      if (!active) continue;
-      this.result.allocatedClusters++;
-      if (this.nextContiguous !== 0 && entry.hostOffset !== this.nextContiguous) this.result.fragmentedClusters++;
-      this.nextContiguous = entry.hostOffset + this.cs;
-      // With a data file, data clusters are not refcounted and count as refcount 1.
-      const refcount = this.hasDataFile ? 1 : await this.onDiskRefcount(entry.hostOffset / this.cs);
-      if ((refcount === 1) !== entry.copied) {
-        this.report('error', 'L2 entry', at, `ERROR OFLAG_COPIED data cluster: l2_entry=${raw} refcount=${refcount}`);
-      }
+      for (const fix of fixes) await this.copiedFinding('L2 entry', fix.at, fix.message, [fix], false);
+      if (fixes.length && this.writer) await this.syncRepairs();
+    }
+  }
+
+  /** Reports a wrong COPIED flag: repaired when `fix` is non-empty and repair was asked for. */
+  private async copiedFinding(structure: string, offset: number, message: string, fix: { at: number; value: bigint }[], sync = true): Promise<void> {
+    const repairable = fix.length > 0;
+    if (repairable && this.writer) {
+      for (const { at, value } of fix) await this.writeEntry(at, value);
+      if (sync) await this.syncRepairs();
+      this.result.repaired++;
+      this.report('repaired', structure, offset, `Repairing ${message}`, { kind: 'copied-flag', repairable: true });
+      return;
+    }
+    if (repairable) this.result.repairable++;
+    this.report('error', structure, offset, `ERROR ${message}`, repairable ? { kind: 'copied-flag', repairable: true } : { kind: 'copied-flag' });
+  }
+
+  private async writeEntry(at: number, value: bigint): Promise<void> {
+    const bytes = new Uint8Array(8);
+    new DataView(bytes.buffer).setBigUint64(0, value);
+    try {
+      const { bytesWritten } = await this.writer!.write(bytes, 0, 8, at);
+      if (bytesWritten !== 8) throw Object.assign(new Error('short write'), { code: 'EIO' });
+    } catch (err) {
+      throw fileError(err, 'repair', this.file.path);
+    }
+  }
+
+  private async syncRepairs(): Promise<void> {
+    try {
+      await this.writer!.datasync();
+    } catch (err) {
+      throw fileError(err, 'sync', this.file.path);
     }
   }
 

@@ -17,8 +17,8 @@ import {
   INCOMPAT_EXTL2,
   type ParsedHeader,
 } from '../format/index.js';
-import { fileError } from '../errors.js';
-import { readFully } from '../io/files.js';
+import { CorruptImageError, fileError } from '../errors.js';
+import { readFully, type OpenedFile } from '../io/files.js';
 import { openSeekable, readHeader, validateTables, type ImageFormat } from './image.js';
 import { QCOW2_MAGIC } from '../format/index.js';
 
@@ -38,6 +38,13 @@ export interface ImageInfo {
   'backing-filename'?: string;
   /** qcow2: the backing file format as stored. */
   'backing-filename-format'?: string;
+  /**
+   * qcow2: the backing file name as qemu resolves it — relative names against the image's
+   * directory, taken from the path as given (never opened or checked).
+   */
+  'full-backing-filename'?: string;
+  /** qcow2: the internal snapshots (absent when there are none), as qemu-img info lists them. */
+  snapshots?: SnapshotInfo[];
   /** qcow2: incompatible bit 0 is set (refcounts may be stale after a crash). */
   'dirty-flag'?: boolean;
   /** qcow2: the fields `qemu-img info` shows under "Format specific information". */
@@ -62,11 +69,11 @@ export interface ImageInfo {
       'data-file'?: string;
       /** With a data file: autoclear bit 1, the data file alone is a valid raw image. */
       'data-file-raw'?: boolean;
-      /** Ours: the image keeps bitmaps (autoclear bit 0 tells whether they are consistent). */
-      bitmaps?: {
-        /** Autoclear bit 0 is set: the bitmaps were kept up to date. */
-        consistent: boolean;
-      };
+      /**
+       * The persistent dirty bitmaps, as qemu-img info lists them (absent when there are none,
+       * and, as in qemu, when autoclear bit 0 is clear: the bitmaps are then inconsistent).
+       */
+      bitmaps?: BitmapInfo[];
     };
   };
   /** Ours: the feature bits as hex, for people debugging images. */
@@ -78,6 +85,36 @@ export interface ImageInfo {
     /** `autoclear_features`, e.g. `0x2` (raw external data). */
     autoclear: string;
   };
+}
+
+/** One persistent dirty bitmap, as qemu-img info lists it. */
+export interface BitmapInfo {
+  /** The bitmap's name. */
+  name: string;
+  /** Bytes of guest data per bit. */
+  granularity: number;
+  /** `in-use` (the bitmap was not saved cleanly) and `auto` (it tracks writes), in qemu's order. */
+  flags: ('in-use' | 'auto')[];
+}
+
+/** One internal snapshot, with qemu-img info's field names. */
+export interface SnapshotInfo {
+  /** The snapshot's ID string. */
+  id: string;
+  /** Its name (qemu's TAG column). */
+  name: string;
+  /** Bytes of saved VM state. */
+  'vm-state-size': number;
+  /** When it was taken: seconds since the epoch. */
+  'date-sec': number;
+  /** The nanoseconds of the date. */
+  'date-nsec': number;
+  /** The guest clock at the snapshot: whole seconds. */
+  'vm-clock-sec': number;
+  /** The guest clock: nanoseconds past `vm-clock-sec`. */
+  'vm-clock-nsec': number;
+  /** The instruction count (record/replay), when the snapshot stores one. */
+  icount?: number;
 }
 
 /** Reads an image's header (probing qcow2 vs raw unless `format` is given). */
@@ -97,7 +134,13 @@ export async function readImageInfo(path: string, format?: ImageFormat): Promise
     if (!isQcow2) return { filename: path, format: 'raw', 'virtual-size': file.size, 'actual-size': actualSize };
     const header = await readHeader(file);
     validateTables(header, file.size, path, 'inspect');
-    return qcow2Info(path, header, actualSize);
+    const info = qcow2Info(path, header, actualSize);
+    const bitmaps = await readBitmaps(file, header);
+    const data = info['format-specific']?.data;
+    if (bitmaps.length && data) data.bitmaps = bitmaps;
+    const snapshots = await readSnapshots(file, header);
+    if (snapshots.length) info.snapshots = snapshots;
+    return info;
   } finally {
     await file.handle.close().catch(() => {});
   }
@@ -112,7 +155,10 @@ function qcow2Info(path: string, h: ParsedHeader, actualSize: number): ImageInfo
     'actual-size': actualSize,
     'cluster-size': h.clusterSize,
   };
-  if (h.backingFileName !== undefined) info['backing-filename'] = h.backingFileName;
+  if (h.backingFileName !== undefined) {
+    info['backing-filename'] = h.backingFileName;
+    info['full-backing-filename'] = fullBackingName(path, h.backingFileName);
+  }
   if (h.backingFormat !== undefined) info['backing-filename-format'] = h.backingFormat;
   info['dirty-flag'] = has(h.incompatibleFeatures, INCOMPAT_DIRTY);
   const data: NonNullable<ImageInfo['format-specific']>['data'] = {
@@ -127,9 +173,107 @@ function qcow2Info(path: string, h: ParsedHeader, actualSize: number): ImageInfo
     if (h.dataFileName !== undefined) data['data-file'] = h.dataFileName;
     data['data-file-raw'] = has(h.autoclearFeatures, AUTOCLEAR_DATA_FILE_RAW);
   }
-  if (h.extensions.some((e) => e.type === EXT_BITMAPS)) data.bitmaps = { consistent: has(h.autoclearFeatures, AUTOCLEAR_BITMAPS) };
   info['format-specific'] = { type: 'qcow2', data };
   const hex = (v: bigint) => `0x${v.toString(16)}`;
   info.features = { incompatible: hex(h.incompatibleFeatures), compatible: hex(h.compatibleFeatures), autoclear: hex(h.autoclearFeatures) };
   return info;
+}
+
+/** qemu's path_combine: a relative backing name is taken relative to the image's directory, as given. */
+function fullBackingName(imagePath: string, backing: string): string {
+  if (backing.startsWith('/')) return backing;
+  const slash = imagePath.lastIndexOf('/');
+  return slash < 0 ? backing : imagePath.slice(0, slash + 1) + backing;
+}
+
+/** qemu's bound on the bitmap directory (1 KiB per bitmap at most, 65,535 bitmaps). */
+const MAX_BITMAPS = 65535;
+const MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS;
+const BITMAP_ENTRY_HEADER = 24;
+const BITMAP_IN_USE = 1;
+const BITMAP_AUTO = 2;
+
+/**
+ * The bitmap directory (spec: "Bitmaps extension" / "Bitmap directory"), when autoclear bit 0
+ * says the bitmaps are consistent, as qemu lists them. Bounded like qemu's open: the directory
+ * lies inside the file and is at most 64 MiB; a malformed one is a CorruptImageError.
+ */
+async function readBitmaps(file: OpenedFile, h: ParsedHeader): Promise<BitmapInfo[]> {
+  const ext = h.extensions.find((e) => e.type === EXT_BITMAPS);
+  if (!ext || (h.autoclearFeatures & AUTOCLEAR_BITMAPS) === 0n) return [];
+  const corrupt = (message: string) => new CorruptImageError(`Bitmaps extension: ${message}`, { structure: 'header extension', field: 'bitmaps' });
+  if (ext.data.length < 24) throw corrupt(`${ext.data.length} bytes, expected 24`);
+  const view = new DataView(ext.data.buffer, ext.data.byteOffset, ext.data.byteLength);
+  const count = view.getUint32(0);
+  const size = Number(view.getBigUint64(8));
+  const offset = Number(view.getBigUint64(16));
+  if (count === 0 || count > MAX_BITMAPS) throw corrupt(`${count} bitmaps (1 to ${MAX_BITMAPS} allowed)`);
+  if (size > MAX_BITMAP_DIRECTORY || size < count * BITMAP_ENTRY_HEADER) throw corrupt(`a directory of ${size} bytes for ${count} bitmaps`);
+  if (offset % h.clusterSize !== 0 || offset === 0 || offset + size > file.size) throw corrupt(`the directory at ${offset} (${size} bytes) does not lie inside the file`);
+  const dir = new Uint8Array(size);
+  if ((await readFully(file.handle, dir, 0, size, offset, file.path)) < size) throw corrupt('the directory is cut short');
+  const d = new DataView(dir.buffer);
+  const names = new TextDecoder();
+  const bitmaps: BitmapInfo[] = [];
+  let pos = 0;
+  for (let i = 0; i < count; i++) {
+    if (pos + BITMAP_ENTRY_HEADER > size) throw corrupt(`entry ${i} runs past the directory`);
+    const flags = d.getUint32(pos + 12);
+    const granularityBits = d.getUint8(pos + 17);
+    const nameSize = d.getUint16(pos + 18);
+    const extraSize = d.getUint32(pos + 20);
+    const end = pos + BITMAP_ENTRY_HEADER + extraSize + nameSize;
+    if (end > size || granularityBits > 63) throw corrupt(`entry ${i} is malformed`);
+    const name = names.decode(dir.subarray(pos + BITMAP_ENTRY_HEADER + extraSize, end));
+    const listed: BitmapInfo['flags'] = [];
+    if (flags & BITMAP_IN_USE) listed.push('in-use');
+    if (flags & BITMAP_AUTO) listed.push('auto');
+    bitmaps.push({ name, granularity: 2 ** granularityBits, flags: listed });
+    pos = Math.ceil(end / 8) * 8;
+  }
+  return bitmaps;
+}
+
+const SNAPSHOT_HEADER = 40;
+const MAX_SNAPSHOT_EXTRA = 1024;
+const MAX_SNAPSHOT_TABLE = 64 * 1024 * 1024;
+
+/**
+ * The snapshot table (spec: "Snapshots"), read entry by entry: at most nb_snapshots entries
+ * (bounded by validateTables) and 64 MiB in all, each with at most 1 KiB of extra data, as
+ * qemu's open requires.
+ */
+async function readSnapshots(file: OpenedFile, h: ParsedHeader): Promise<SnapshotInfo[]> {
+  const snapshots: SnapshotInfo[] = [];
+  const corrupt = (message: string) => new CorruptImageError(`Snapshot table: ${message}`, { structure: 'snapshot table', offset: h.snapshotsOffset });
+  const fixed = new Uint8Array(SNAPSHOT_HEADER);
+  const f = new DataView(fixed.buffer);
+  const names = new TextDecoder();
+  let pos = h.snapshotsOffset;
+  for (let i = 0; i < h.nbSnapshots; i++) {
+    if ((await readFully(file.handle, fixed, 0, SNAPSHOT_HEADER, pos, file.path)) < SNAPSHOT_HEADER) throw corrupt(`entry ${i} is cut short by the end of the file`);
+    const idSize = f.getUint16(12);
+    const nameSize = f.getUint16(14);
+    const extraSize = f.getUint32(36);
+    if (extraSize > MAX_SNAPSHOT_EXTRA) throw corrupt(`entry ${i} has ${extraSize} bytes of extra data (at most ${MAX_SNAPSHOT_EXTRA})`);
+    const rest = new Uint8Array(extraSize + idSize + nameSize);
+    if ((await readFully(file.handle, rest, 0, rest.length, pos + SNAPSHOT_HEADER, file.path)) < rest.length) throw corrupt(`entry ${i} is cut short by the end of the file`);
+    const extra = new DataView(rest.buffer, 0, extraSize);
+    const vmClock = f.getBigUint64(24);
+    const entry: SnapshotInfo = {
+      id: names.decode(rest.subarray(extraSize, extraSize + idSize)),
+      name: names.decode(rest.subarray(extraSize + idSize)),
+      'vm-state-size': extraSize >= 8 ? Number(extra.getBigUint64(0)) : f.getUint32(32),
+      'date-sec': f.getUint32(16),
+      'date-nsec': f.getUint32(20),
+      'vm-clock-sec': Number(vmClock / 1_000_000_000n),
+      'vm-clock-nsec': Number(vmClock % 1_000_000_000n),
+    };
+    // qemu: no icount below 24 bytes of extra data, or all ones.
+    if (extraSize >= 24 && extra.getBigUint64(16) !== 0xffff_ffff_ffff_ffffn) entry.icount = Number(extra.getBigUint64(16));
+    snapshots.push(entry);
+    pos += Math.ceil((SNAPSHOT_HEADER + rest.length) / 8) * 8;
+    if (pos - h.snapshotsOffset > MAX_SNAPSHOT_TABLE) throw corrupt(`larger than ${MAX_SNAPSHOT_TABLE} bytes`);
+  }
+  return snapshots;
 }

@@ -2,10 +2,11 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { formatPercent } from '../../src/cli/check.js';
 import { runCli } from '../helpers/cli.js';
-import { needQemu, tempDir } from '../helpers/qemu.js';
+import { needQemu, qemuImg, tempDir } from '../helpers/qemu.js';
 import { img, io, locate, writeU32, writeU64 } from '../read/fixtures.js';
 
 test('check exits 0 on a clean image, 1 with findings (also in JSON), 2 when it cannot check', async (t) => {
@@ -44,4 +45,37 @@ test('percentages round like printf("%.2f") in qemu-img check: exact ties to eve
     [0, '0.00'],
   ];
   for (const [value, printed] of cases) assert.equal(formatPercent(value), printed, String(value));
+});
+
+test("the statistics line ('% fragmented') is qemu-img check's", async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', '-o', 'cluster_size=512', 'frag.qcow2', '2M');
+  io(dir, 'frag.qcow2', 'write -P 1 0 512', 'write -P 2 100000 3000', 'write -P 3 40000 2000', 'write -P 4 1500000 700', 'write -P 5 33000 100', 'write -P 6 700000 5000', 'write -P 7 65536 512');
+  const stats = (text: string) => text.split('\n').find((line) => line.includes('% fragmented'));
+  const ours = runCli(['check', 'frag.qcow2'], { cwd: dir });
+  const qemu = qemuImg(['check', 'frag.qcow2'], dir);
+  assert.equal(stats(ours.stdout), stats(qemu.stdout));
+  assert.match(stats(ours.stdout) ?? '', /3\.57% fragmented/);
+});
+
+test('check --repair fixes the COPIED flag qemu leaves in a deduplicated image; exit 1 before, 0 after', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  const cluster = Buffer.alloc(65536);
+  for (let i = 0; i < cluster.length; i++) cluster[i] = (i * 131 + 7) & 0xff;
+  writeFileSync(join(dir, 'in.raw'), Buffer.concat([cluster, cluster]));
+  const converted = runCli(['convert', 'in.raw', 'out.qcow2', '--internal', '--dedup', '-q'], { cwd: dir });
+  assert.equal(converted.code, 0, converted.stderr);
+  io(dir, 'out.qcow2', 'write -P 0x55 0 65536');
+  const found = runCli(['check', 'out.qcow2'], { cwd: dir });
+  assert.equal(found.code, 1);
+  assert.match(found.stdout, /^ERROR OFLAG_COPIED data cluster: l2_entry=0x10000 refcount=1$/m);
+  assert.match(found.stdout, /check --repair/);
+  const repaired = runCli(['check', '--repair', '--json', 'out.qcow2'], { cwd: dir });
+  assert.equal(repaired.code, 0, repaired.stdout);
+  const report = JSON.parse(repaired.stdout) as Record<string, unknown>;
+  assert.equal(report['corruptions-fixed'], 1);
+  assert.equal(report['corruptions'], 0);
+  assert.equal(qemuImg(['check', 'out.qcow2'], dir).code, 0);
 });

@@ -5,12 +5,13 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { checkImage, type CheckResult } from '../../src/read/check.js';
 import { needQemu, qemuImg, tempDir } from '../helpers/qemu.js';
-import { mixedExtents, writeRawImage } from '../helpers/images.js';
-import { img, io, locate, readU64, setRefcount16, writeU32, writeU64 } from './fixtures.js';
+import { mixedExtents, randomBytesAt, writeRawImage } from '../helpers/images.js';
+import { convert } from '../../src/write/convert.js';
+import { img, io, locate, qemuRaw, readU64, setRefcount16, writeU32, writeU64 } from './fixtures.js';
 
 const COPIED = 1n << 63n;
 
@@ -158,4 +159,140 @@ test('data-file rules: compressed clusters and snapshots are corruptions, as in 
   r = await checkImage(join(dir, 's.qcow2'));
   assert.ok(errorMessages(r).some((m) => /1 snapshots in image with data file/.test(m)));
   assert.notEqual(qemuCheckJson(dir, 's.qcow2').code, 0);
+});
+
+/** qemu-img check --output=json's counts, with the fields it leaves out as undefined. */
+function qemuCounts(dir: string, image: string): Record<string, number | undefined> {
+  const json = JSON.parse(qemuImg(['check', '--output=json', image], dir).stdout) as Record<string, number>;
+  return {
+    corruptions: json['corruptions'] ?? 0,
+    leaks: json['leaks'] ?? 0,
+    checkErrors: json['check-errors'],
+    allocated: json['allocated-clusters'],
+    fragmented: json['fragmented-clusters'],
+    end: json['image-end-offset'],
+  };
+}
+
+function ourCounts(r: CheckResult, like: Record<string, number | undefined>): Record<string, number | undefined> {
+  const ours: Record<string, number | undefined> = {
+    corruptions: r.corruptions,
+    leaks: r.leaks,
+    checkErrors: r.checkErrors,
+    allocated: r.allocatedClusters,
+    fragmented: r.fragmentedClusters,
+    end: r.imageEndOffset,
+  };
+  // qemu leaves out the statistics when the check could not complete.
+  for (const key of Object.keys(ours)) if (like[key] === undefined) ours[key] = undefined;
+  return ours;
+}
+
+test('fragmentation is counted per L2 table, as qemu-img check counts it', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  // The reproduction of issue 13, item 11: 512-byte clusters, writes out of guest order.
+  img(dir, 'create', '-f', 'qcow2', '-o', 'cluster_size=512', 'frag.qcow2', '2M');
+  io(dir, 'frag.qcow2', 'write -P 1 0 512', 'write -P 2 100000 3000', 'write -P 3 40000 2000', 'write -P 4 1500000 700', 'write -P 5 33000 100', 'write -P 6 700000 5000', 'write -P 7 65536 512');
+  const r = await checkImage(join(dir, 'frag.qcow2'));
+  const qemu = qemuCounts(dir, 'frag.qcow2');
+  assert.equal(qemu.fragmented, 1);
+  assert.deepEqual(ourCounts(r, qemu), qemu);
+});
+
+test('misaligned L2 tables, data clusters and refcount blocks: the counts qemu-img check gives', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', 'int.qcow2', '4M');
+  io(dir, 'int.qcow2', 'write -P 0x22 0 256k', 'write -P 0x23 2M 128k');
+  img(dir, 'create', '-f', 'qcow2', '-o', 'data_file=d.data', 'ext.qcow2', '4M');
+  io(dir, 'ext.qcow2', 'write -P 0x22 0 256k');
+  const patch = (from: string, to: string, at: (l: ReturnType<typeof locate>) => number, value: (old: bigint) => bigint) => {
+    copyFileSync(join(dir, from), join(dir, to));
+    const path = join(dir, to);
+    const offset = at(locate(path));
+    writeU64(path, offset, value(readU64(path, offset)));
+  };
+  const fileSize = statSync(join(dir, 'int.qcow2')).size;
+  const refblock = locate(join(dir, 'int.qcow2')).refblockOffset;
+  // An L1 entry 512 bytes into its L2 table: qemu counts and walks the table at that offset.
+  patch('int.qcow2', 'l1-misaligned.qcow2', (l) => l.l1EntryOffset(0), (v) => v + 512n);
+  // An L1 entry whose table starts half a cluster before the end of the file.
+  patch('int.qcow2', 'l1-past-end.qcow2', (l) => l.l1EntryOffset(0), (v) => (v & COPIED) | BigInt(fileSize - 32768));
+  // A data cluster 512 bytes off: counted over the two clusters it touches.
+  patch('int.qcow2', 'l2-misaligned.qcow2', (l) => l.l2EntryOffset(1), (v) => v + 512n);
+  patch('ext.qcow2', 'ext-l2-misaligned.qcow2', (l) => l.l2EntryOffset(1), (v) => v + 512n);
+  // A data cluster on top of the refcount block: the block is then referenced twice.
+  patch('int.qcow2', 'on-refblock.qcow2', (l) => l.l2EntryOffset(1), (v) => (v & COPIED) | BigInt(refblock));
+  // A misaligned refcount block: no refcount it covers can be read (check errors, as in qemu).
+  patch('int.qcow2', 'refblock-misaligned.qcow2', (l) => l.header.refcountTableOffset, (v) => v + 512n);
+  // Reserved bits in a refcount table entry: read through, but its block is not counted.
+  patch('int.qcow2', 'reftable-reserved.qcow2', (l) => l.header.refcountTableOffset, (v) => v | 1n);
+  for (const image of ['l1-misaligned.qcow2', 'l1-past-end.qcow2', 'l2-misaligned.qcow2', 'ext-l2-misaligned.qcow2', 'on-refblock.qcow2', 'refblock-misaligned.qcow2', 'reftable-reserved.qcow2']) {
+    const qemu = qemuCounts(dir, image);
+    assert.ok((qemu.corruptions ?? 0) > 0, `${image}: qemu finds the damage`);
+    const ours = await checkImage(join(dir, image));
+    assert.deepEqual(ourCounts(ours, qemu), qemu, `${image}: ${errorMessages(ours).slice(0, 5).join('; ')}`);
+  }
+});
+
+test('a deduplicated image after a qemu write: the COPIED flag is a repairable finding, and repair leaves what qemu-img check -r all leaves', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  // Issue 13, item 12: two equal clusters share one host cluster; qemu's copy-on-write of the
+  // first leaves the second at refcount 1 without COPIED.
+  const cluster = randomBytesAt(7, 0, 65536);
+  writeFileSync(join(dir, 'in.raw'), Buffer.concat([cluster, cluster]));
+  await convert({ input: join(dir, 'in.raw'), output: join(dir, 'dedup.qcow2'), layout: 'internal', dedup: true });
+  io(dir, 'dedup.qcow2', 'write -P 0x55 0 64k');
+  const before = qemuImg(['check', 'dedup.qcow2'], dir);
+  assert.equal(before.code, 2);
+  assert.match(before.stderr, /ERROR OFLAG_COPIED data cluster: l2_entry=10000 refcount=1/);
+
+  const path = join(dir, 'dedup.qcow2');
+  const original = readFileSync(path);
+  const found = await checkImage(path);
+  assert.equal(found.corruptions, 1, 'qemu counts it as a corruption, and so do we');
+  assert.equal(found.repairable, 1);
+  assert.deepEqual(
+    found.findings.map((f) => [f.severity, f.kind, f.repairable, f.message]),
+    [['error', 'copied-flag', true, 'ERROR OFLAG_COPIED data cluster: l2_entry=0x10000 refcount=1']],
+  );
+  assert.deepEqual(readFileSync(path), original, 'a check without repair writes nothing');
+
+  copyFileSync(path, join(dir, 'by-qemu.qcow2'));
+  qemuImg(['check', '-r', 'all', 'by-qemu.qcow2'], dir);
+  const repaired = await checkImage(path, { repair: true });
+  assert.equal(repaired.repaired, 1);
+  assert.equal(repaired.corruptions, 0);
+  assert.ok(repaired.clean);
+  assert.equal(repaired.findings[0]?.severity, 'repaired');
+  assert.equal(qemuImg(['check', 'dedup.qcow2'], dir).code, 0, 'qemu-img check is clean after our repair');
+  assert.deepEqual(readFileSync(path), readFileSync(join(dir, 'by-qemu.qcow2')), 'the same bytes as qemu-img check -r all');
+  assert.deepEqual(qemuRaw(dir, 'dedup.qcow2'), Buffer.concat([Buffer.alloc(65536, 0x55), cluster]));
+
+  // Running it again finds nothing and writes nothing.
+  const again = await checkImage(path, { repair: true });
+  assert.equal(again.repaired, 0);
+  assert.ok(again.clean);
+  assert.deepEqual(readFileSync(path), readFileSync(join(dir, 'by-qemu.qcow2')));
+});
+
+test('a COPIED flag on a cluster whose refcount is wrong is not repairable, and repair leaves it alone', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  img(dir, 'create', '-f', 'qcow2', 'int.qcow2', '4M');
+  io(dir, 'int.qcow2', 'write -P 0x22 0 256k');
+  const path = join(dir, 'int.qcow2');
+  const l = locate(path);
+  const dataCluster = Number(readU64(path, l.l2EntryOffset(1)) & 0x00fffffffffffe00n) / l.header.clusterSize;
+  setRefcount16(path, dataCluster, 2); // COPIED now disagrees with a refcount that is itself wrong
+  const original = readFileSync(path);
+  const r = await checkImage(path, { repair: true });
+  assert.equal(r.repaired, 0);
+  assert.equal(r.repairable, 0);
+  const copied = r.findings.find((f) => f.kind === 'copied-flag');
+  assert.ok(copied && copied.repairable !== true && copied.severity === 'error');
+  assert.deepEqual(readFileSync(path), original);
+  await agreeWithQemu(dir, 'int.qcow2');
 });
