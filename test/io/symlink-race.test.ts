@@ -12,9 +12,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { openImage } from '../../src/read/image.js';
+import { openImage, openSeekable } from '../../src/read/image.js';
+import { resolveStoredName } from '../../src/io/path-policy.js';
 import { exportToFile } from '../../src/read/export.js';
 import { isQcow2StreamError } from '../../src/errors.js';
 import { needQemu, qemuImg, tempDir } from '../helpers/qemu.js';
@@ -132,3 +133,50 @@ async function trialsAgainst(root: string, dir: string, inside: Buffer): Promise
     }
     assert.equal(leaked, 0, `${leaked} of ${exported} exports read something other than the image's own file`);
 }
+
+test('a swap between the policy check and the open is refused (deterministic)', async (t) => {
+  const root = tempDir(t);
+  const dir = join(root, 'images');
+  const outsideDir = join(root, 'outside');
+  mkdirSync(dir);
+  mkdirSync(outsideDir);
+  writeFileSync(join(outsideDir, 'secret.data'), secret);
+  writeFileSync(join(dir, 'd.data'), inside);
+  mkdirSync(join(dir, 'sub'));
+  writeFileSync(join(dir, 'sub', 'd.data'), inside);
+  mkdirSync(join(outsideDir, 'sub'));
+  writeFileSync(join(outsideDir, 'sub', 'd.data'), secret);
+  const image = join(dir, 'img.qcow2');
+  const moveAside = (entry: string, to: string) => () => {
+    renameSync(join(dir, entry), join(dir, `${entry}.keep`));
+    symlinkSync(to, join(dir, entry));
+  };
+  const putBack = (entry: string) => () => {
+    rmSync(join(dir, entry));
+    renameSync(join(dir, `${entry}.keep`), join(dir, entry));
+  };
+  const cases = [
+    { name: 'd.data', swap: moveAside('d.data', join(outsideDir, 'secret.data')), restore: putBack('d.data'), outside: true },
+    { name: 'sub/d.data', swap: moveAside('sub', join(outsideDir, 'sub')), restore: putBack('sub'), outside: true },
+    { name: 'd.data', swap: moveAside('d.data', '/dev/zero'), restore: putBack('d.data'), outside: false },
+  ];
+  for (const { name, swap, restore, outside } of cases) {
+    const resolved = await resolveStoredName(image, name, 'data file');
+    swap();
+    // Opened without confirmation, the swap wins: the outside file (or the device) is opened.
+    const unconfirmed = await openSeekable(resolved, 'data file').catch((err: unknown) => err);
+    if (outside) {
+      assert.ok(!(unconfirmed instanceof Error), String(unconfirmed));
+      const opened = unconfirmed as Awaited<ReturnType<typeof openSeekable>>;
+      const head = Buffer.alloc(16);
+      await opened.handle.read(head, 0, 16, 0);
+      await opened.handle.close();
+      assert.ok(head.equals(secret.subarray(0, 16)), 'the unconfirmed open did not reach the outside file');
+    }
+    await assert.rejects(openSeekable(resolved, 'data file', 'data file'), (err: unknown) => {
+      assert.ok(isQcow2StreamError(err), String(err));
+      return true;
+    });
+    restore();
+  }
+});
