@@ -103,6 +103,7 @@ Examples:
             ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
             ...(flags.dataFile === undefined ? {} : { dataFile: flags.dataFile }),
             ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
+            onWarning: (message: string) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
             ...(flags.size === undefined ? {} : { size: flags.size }),
           });
         } finally {

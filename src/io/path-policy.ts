@@ -112,6 +112,12 @@ export async function resolveStoredName(
     if (fromCwd !== candidate && (options.allowUnsafePaths || isInside(imageDir, fromCwd))) {
       found = await realpathOf(fromCwd);
       lookedFor += ` and '${fromCwd}'`;
+    } else if (fromCwd !== candidate) {
+      // Read qemu's way the name may well name a file beside the image directory, not in it:
+      // say why that is not opened. (Whether it exists is not said: the name is the image's.)
+      refuse(
+        `does not exist in the image directory (looked for '${candidate}'); read from the working directory as qemu reads it, it names '${fromCwd}', outside the image directory '${imageDir}', which the path policy refuses`,
+      );
     }
   }
   if (found.real === undefined) {
@@ -186,4 +192,17 @@ export async function confirmOpened(handle: FileHandle, resolved: string, kind: 
   }
   const now = await stat(resolved).catch(() => undefined);
   if (!now || now.dev !== stats.dev || now.ino !== stats.ino) refuse('the path was changed while it was opened');
+}
+
+/**
+ * Whether our readers will find the data file now at `actualPath` through the name stored in
+ * the image at `imagePath` (from the image's directory, or qemu's way from this working
+ * directory) and let it pass the containment rule: said at creation, so an image is not
+ * written that our own readers then refuse. Symbolic links are not followed here.
+ */
+export function storedNameFindsFile(imagePath: string, storedName: string, actualPath: string): boolean {
+  const imageDir = dirname(resolve(imagePath));
+  const actual = resolve(actualPath);
+  if (!isInside(imageDir, actual)) return false;
+  return resolve(imageDir, storedName) === actual || (!isAbsolute(storedName) && resolve(storedName) === actual);
 }

@@ -29,6 +29,7 @@ import { ExternalWriter } from './external-sink.js';
 import type { InternalImageWriter } from './internal-sink.js';
 import { defaultDataFilePath } from './paths.js';
 import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.js';
+import { storedNameFindsFile } from '../io/path-policy.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
 
@@ -101,6 +102,8 @@ export interface ConvertOptions extends ImageOptions {
   maxChainDepth?: number;
   /** Cancels the conversion: it rejects with an AbortedError and removes what it created. */
   signal?: AbortSignal;
+  /** Called with each warning as it arises (also listed in the summary's `warnings`). */
+  onWarning?: (message: string) => void;
   /** Called each time another `progressInterval` bytes of input are done, and once at the end. */
   onProgress?: (progress: ConvertProgress) => void;
   /** Bytes of input between two `onProgress` calls: a positive whole number. Default 32 MiB. */
@@ -133,6 +136,8 @@ export interface ConvertSummary extends ImageShape {
   manifest?: string;
   /** Dedup statistics (internal layout with dedup). */
   dedup?: DedupStats;
+  /** What the run warned about (e.g. a stored data-file name our readers will refuse). */
+  warnings: readonly string[];
   /** Wall-clock seconds. */
   seconds: number;
 }
@@ -153,6 +158,11 @@ interface BlockSink {
 export async function convert(options: ConvertOptions): Promise<ConvertSummary> {
   const started = performance.now();
   const layout = options.layout ?? 'external';
+  const warnings: string[] = [];
+  const warn = (message: string) => {
+    warnings.push(message);
+    options.onWarning?.(message);
+  };
   const { output, signal } = options;
   checkLayoutOptions(options, layout);
   const settings = resolveImageSettings({
@@ -180,6 +190,12 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     dataFileName = options.dataFileName ?? (typeof dataFile === 'string' ? dataFile : undefined);
     if (dataFileName === undefined) throw new InvalidArgumentError('dataFileName is required when the data file is a stream');
     checkDataFileName(dataFileName, settings);
+    if (typeof output === 'string' && output !== '-' && typeof dataFile === 'string' && !storedNameFindsFile(output, dataFileName, dataFile)) {
+      warn(
+        `The data-file name '${dataFileName}' stored in '${output}' does not lead from the image's directory to the data file, or leads outside it: qemu may open it (from the right working directory), ` +
+          `but qcow2-stream's readers refuse it unless given --data-file (dataFile) or --allow-unsafe-paths. Keep the data file in the image's directory or below it`,
+      );
+    }
   }
   const backing = options.base === undefined ? undefined : await describeBacking(options.base, options.baseName, output);
   if (signal?.aborted) throw abortError(signal);
@@ -298,6 +314,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         ...summary,
         ...(backing ? { backingFile: backing.name } : {}),
         ...(options.manifest !== undefined ? { manifest: options.manifest } : {}),
+        warnings,
         seconds: (performance.now() - started) / 1000,
       };
     } catch (err) {
