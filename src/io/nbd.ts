@@ -925,12 +925,12 @@ export class NbdClient {
     if (req.failure) return req.reject(req.failure);
     if (req.type === CMD.READ) {
       const covered = req.covered.reduce((n, [s, e]) => n + (e - s), 0);
-      if (covered !== req.length) return this.fail(this.protocol(`answered a read of ${req.length} bytes with ${covered}`));
+      if (covered !== req.length) return this.failWith(req, this.protocol(`answered a read of ${req.length} bytes with ${covered}`));
       return req.resolve({ holes: req.holes } satisfies NbdReadResult);
     }
     if (req.type === CMD.BLOCK_STATUS) {
       for (const id of this.contexts.values()) {
-        if (!req.statuses.has(id)) return this.fail(this.protocol(`answered BLOCK_STATUS without extents for meta context ${id}`));
+        if (!req.statuses.has(id)) return this.failWith(req, this.protocol(`answered BLOCK_STATUS without extents for meta context ${id}`));
       }
       return req.resolve(req.statuses);
     }
@@ -965,6 +965,12 @@ export class NbdClient {
     const what = req.type === CMD.READ ? `read [${req.offset}, +${req.length})` : `block status [${req.offset}, +${req.length})`;
     const text = message.replace(/[^\x20-\x7e]/g, ' ').trim().slice(0, 200);
     return new NbdServerError(`The NBD server at ${this.address.uri} failed a ${what}: ${errno}${text ? ` (${text})` : ''}`, { uri: this.address.uri, errno });
+  }
+
+  /** Fails the connection and `req`, which is no longer pending. */
+  private failWith(req: Pending, error: Qcow2StreamError): void {
+    req.reject(error);
+    this.fail(error);
   }
 
   /** Fails the connection: every pending and later request rejects with `error`. */
