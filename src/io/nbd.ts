@@ -123,8 +123,11 @@ export interface NbdAddress {
   uri: string;
   /** `tcp` (host, port) or `unix` (socket). */
   transport: 'tcp' | 'unix';
+  /** TCP: the host name or address (IPv6 without brackets). */
   host?: string;
+  /** TCP: the port (10809 by default). */
   port?: number;
+  /** Unix: the socket path (`?socket=`). */
   socket?: string;
   /** The export name ('' is the default export). */
   exportName: string;
@@ -210,15 +213,21 @@ export interface NbdConnectOptions {
 
 /** Block-size constraints from NBD_INFO_BLOCK_SIZE (defaults when the server sends none). */
 export interface NbdBlockSize {
+  /** Requests are multiples of this (a power of two up to 64 KiB). */
   minimum: number;
+  /** The size the server prefers. */
   preferred: number;
+  /** The largest request the server takes. */
   maximum: number;
 }
 
 /** One extent of a meta context: `length` bytes with `flags`. */
 export interface NbdExtent {
+  /** Guest byte offset. */
   offset: number;
+  /** Bytes. */
   length: number;
+  /** The context's flags (NBD_STATE_HOLE / NBD_STATE_ZERO, or NBD_STATE_DIRTY). */
   flags: number;
 }
 
@@ -269,6 +278,7 @@ export class NbdClient {
   size = 0;
   /** Transmission flags (NBD_FLAG). */
   flags = 0;
+  /** Block-size constraints from NBD_INFO_BLOCK_SIZE (requests honour them). */
   blockSize: NbdBlockSize = { minimum: 1, preferred: 4096, maximum: MAX_READ_REQUEST };
   /** Structured replies negotiated (else simple replies: no holes, no block status). */
   structuredReplies = false;
@@ -278,6 +288,7 @@ export class NbdClient {
   tls = false;
   /** Negotiated meta contexts: name → id. */
   readonly contexts = new Map<string, number>();
+  /** What this connection has transferred. */
   readonly stats: NbdStats = { reads: 0, dataBytes: 0, holeBytes: 0, blockStatusRequests: 0 };
 
   private stream!: Stream;
@@ -346,7 +357,7 @@ export class NbdClient {
     return this.failure;
   }
 
-  /** The largest read one request may ask for (the server's maximum, capped at {@link MAX_READ_REQUEST}). */
+  /** The largest read one request may ask for (the server's maximum, capped at 32 MiB). */
   get maxRead(): number {
     return Math.min(this.blockSize.maximum, MAX_READ_REQUEST);
   }

@@ -112,7 +112,12 @@ export interface ConvertOptions extends ImageOptions {
    */
   bitmap?: string;
   /** NBD inputs: TLS material (PEM files) for nbds:// URIs, and the stall timeout in milliseconds (default 30 s). */
-  nbd?: { tls?: NbdTlsOptions; timeout?: number };
+  nbd?: {
+    /** TLS material (PEM file paths) for nbds:// URIs. */
+    tls?: NbdTlsOptions;
+    /** Milliseconds without progress before the server counts as dead (default 30 s). */
+    timeout?: number;
+  };
   /** Called each time another `progressInterval` bytes of input are done, and once at the end. */
   onProgress?: (progress: ConvertProgress) => void;
   /** Bytes of input between two `onProgress` calls: a positive whole number. Default 32 MiB. */

@@ -26,11 +26,15 @@ export type ClusterKind = 'read' | 'zero' | 'clean';
 
 /** Consecutive clusters [index, index + count) of one kind. */
 export interface ClusterRun {
+  /** The first guest cluster. */
   index: number;
+  /** Clusters in the run. */
   count: number;
+  /** What they need. */
   kind: ClusterKind;
 }
 
+/** Options of {@link nbdBlocks}. */
 export interface NbdBlockSourceOptions {
   /** Bytes per cluster (512 B .. 2 MiB). Default 65536. */
   clusterSize?: number;
