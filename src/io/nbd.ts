@@ -294,6 +294,8 @@ export class NbdClient {
   private stream!: Stream;
   private readonly timeout: number;
   private readonly pending = new Map<number, Pending>();
+  /** Requests not sent yet because MAX_IN_FLIGHT are pending. */
+  private readonly waiting: Pending[] = [];
   private nextCookie = 1;
   private failure: Qcow2StreamError | undefined;
   private closing = false;
@@ -694,10 +696,9 @@ export class NbdClient {
   private request(type: number, offset: number, length: number, extra: { target?: Uint8Array; targetOffset?: number }): Promise<unknown> {
     if (this.failure) return Promise.reject(this.failure);
     if (this.closing) return Promise.reject(new NbdConnectionError(`The NBD connection to ${this.address.uri} is closed`, { uri: this.address.uri }));
-    if (this.pending.size >= MAX_IN_FLIGHT) throw new InvalidArgumentError(`More than ${MAX_IN_FLIGHT} NBD requests in flight`);
-    const cookie = this.nextCookie;
-    this.nextCookie = this.nextCookie >= 0xffff_fff0 ? 1 : this.nextCookie + 1;
     return new Promise((resolve, reject) => {
+      const cookie = this.nextCookie;
+      this.nextCookie = this.nextCookie >= 0xffff_fff0 ? 1 : this.nextCookie + 1;
       const entry: Pending = {
         cookie,
         type,
@@ -711,10 +712,16 @@ export class NbdClient {
         reject,
       };
       if (extra.target) entry.target = extra.target;
-      this.pending.set(cookie, entry);
-      // A fresh wait for the timeout starts with the first request after a quiet spell.
-      this.stream.write(this.encodeRequest(type, cookie, offset, length));
+      // Past MAX_IN_FLIGHT (a server with a small maximum block size splits a 2 MiB read into
+      // many), requests wait here and go out as earlier ones complete.
+      if (this.pending.size >= MAX_IN_FLIGHT) this.waiting.push(entry);
+      else this.send(entry);
     });
+  }
+
+  private send(entry: Pending): void {
+    this.pending.set(entry.cookie, entry);
+    this.stream.write(this.encodeRequest(entry.type, entry.cookie, entry.offset, entry.length));
   }
 
   private receive(chunk: Buffer): void {
@@ -933,6 +940,8 @@ export class NbdClient {
     if (!(this.chunkFlags & REPLY_FLAG_DONE)) return;
     this.current = undefined;
     this.pending.delete(req.cookie);
+    const next = this.waiting.shift();
+    if (next) this.send(next);
     if (req.failure) return req.reject(req.failure);
     if (req.type === CMD.READ) {
       const covered = req.covered.reduce((n, [s, e]) => n + (e - s), 0);
@@ -996,7 +1005,7 @@ export class NbdClient {
   }
 
   private failAll(error: Qcow2StreamError): void {
-    const pending = [...this.pending.values()];
+    const pending = [...this.pending.values(), ...this.waiting.splice(0)];
     this.pending.clear();
     for (const req of pending) req.reject(error);
   }

@@ -149,6 +149,8 @@ export interface FakeBehaviour {
   greeting?: Buffer;
   /** Accept NBD_OPT_EXTENDED_HEADERS (qemu-nbd 7.2 does not). */
   extendedHeaders?: boolean;
+  /** The maximum block size announced (default 1 MiB). */
+  maxBlock?: number;
   /** Refuse structured replies (a server with simple replies only). */
   noStructured?: boolean;
   /** Called for every option; return true when the hook answered it. */
@@ -277,7 +279,7 @@ function serve(socket: Socket, disk: Buffer, behaviour: FakeBehaviour): void {
           socket.write(optionReply(option, 1));
         } else if (option === 7) {
           socket.write(optionReply(option, 3, Buffer.concat([u16(0), u64(disk.length), u16(1 | 2)])));
-          socket.write(optionReply(option, 3, Buffer.concat([u16(3), u32(1), u32(4096), u32(1024 * 1024)])));
+          socket.write(optionReply(option, 3, Buffer.concat([u16(3), u32(1), u32(4096), u32(behaviour.maxBlock ?? 1024 * 1024)])));
           socket.write(optionReply(option, 1));
           phase = 'transmission';
         } else {

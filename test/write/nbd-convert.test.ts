@@ -7,7 +7,8 @@ import { ClusterSweep } from '../../src/write/nbd-source.js';
 import { InvalidArgumentError, NbdConnectionError, NbdServerError } from '../../src/errors.js';
 import { runCli } from '../helpers/cli.js';
 import { mixedExtents, writeRawImage } from '../helpers/images.js';
-import { needQemuNbd, startQemuNbd } from '../helpers/nbd.js';
+import { needQemuNbd, startFakeServer, startQemuNbd } from '../helpers/nbd.js';
+import { randomBytes } from 'node:crypto';
 import { qemuCheck, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
 
 const MiB = 1024 * 1024;
@@ -95,6 +96,23 @@ test('convert from NBD: holes inside read clusters (OFFSET_HOLE) read as zeros t
   const internal = await convert({ input: server.uri, output: join(dir, 'int.qcow2'), clusterSize: 2 * MiB, layout: 'internal', sync: false });
   assert.equal(internal.dataClusters, 16);
   compareWith(served, 'qcow2', 'int.qcow2', dir);
+});
+
+test('convert from NBD: extended headers and a 4 KiB maximum block size (hundreds of requests per read), against our fake server', async (t) => {
+  const dir = tempDir(t);
+  // 3 MiB: random, zeros (reported as holes), random.
+  const disk = Buffer.concat([randomBytes(MiB + 65536), Buffer.alloc(MiB), randomBytes(MiB - 65536)]);
+  writeFileSync(join(dir, 'disk.raw'), disk);
+  const server = await startFakeServer(t, dir, disk, { extendedHeaders: true, maxBlock: 4096 });
+  const summary = await convert({ input: server.uri, output: join(dir, 'out.qcow2'), sync: false });
+  assert.equal(summary.sourceBytesRead, 2 * MiB);
+  compareWith(join(dir, 'disk.raw'), 'raw', 'out.qcow2', dir);
+  // The fake publishes b0 with every other 64 KiB block dirty.
+  writeFileSync(join(dir, 'zero.raw'), Buffer.alloc(disk.length));
+  assert.equal(qemuImg(['convert', '-q', '-f', 'raw', '-O', 'qcow2', join(dir, 'zero.raw'), join(dir, 'base.qcow2')]).code, 0);
+  const inc = await convert({ input: server.uri, output: join(dir, 'inc.qcow2'), base: join(dir, 'base.qcow2'), bitmap: 'b0', sync: false });
+  assert.equal(inc.unchangedClusters, 24);
+  assert.equal(inc.sourceBytesRead, 16 * 65536);
 });
 
 test('convert from NBD: a sparse raw file over TCP reads only its data', async (t) => {
