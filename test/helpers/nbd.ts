@@ -171,6 +171,8 @@ export interface FakeServer {
   uri: string;
   /** Connections accepted so far. */
   connections: number;
+  /** NBD_CMD_DISC requests received so far. */
+  disconnects: number;
   close(): Promise<void>;
 }
 
@@ -210,13 +212,13 @@ export { u16, u32, u64 };
 export async function startFakeServer(t: TestContext, dir: string, disk: Buffer, behaviour: FakeBehaviour = {}): Promise<FakeServer> {
   const path = join(dir, `fake-${Math.random().toString(36).slice(2)}.sock`);
   const sockets = new Set<Socket>();
-  const state = { connections: 0 };
+  const state = { connections: 0, disconnects: 0 };
   const server: Server = createServer((socket) => {
     state.connections++;
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
     socket.on('error', () => {});
-    serve(socket, disk, behaviour);
+    serve(socket, disk, behaviour, state);
   });
   await new Promise<void>((resolve) => server.listen(path, resolve));
   const close = async () => {
@@ -229,11 +231,14 @@ export async function startFakeServer(t: TestContext, dir: string, disk: Buffer,
     get connections() {
       return state.connections;
     },
+    get disconnects() {
+      return state.disconnects;
+    },
     close,
   };
 }
 
-function serve(socket: Socket, disk: Buffer, behaviour: FakeBehaviour): void {
+function serve(socket: Socket, disk: Buffer, behaviour: FakeBehaviour, state: { disconnects: number }): void {
   let buffered = Buffer.alloc(0);
   let phase: 'flags' | 'options' | 'transmission' = 'flags';
   let structured = false;
@@ -297,6 +302,7 @@ function serve(socket: Socket, disk: Buffer, behaviour: FakeBehaviour): void {
         };
         buffered = buffered.subarray(size);
         if (command.type === 2) {
+          state.disconnects++;
           socket.end();
           return;
         }

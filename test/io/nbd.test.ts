@@ -164,6 +164,7 @@ test('NBD client: extended headers (64-bit replies) and simple replies, against 
   await client.read(0, disk.length, buffer);
   assert.ok(buffer.equals(disk));
   await client.close();
+  assert.equal(extended.disconnects, 1, 'close() sends NBD_CMD_DISC');
 
   const simple = await startFakeServer(t, dir, disk, { noStructured: true });
   const old = await NbdClient.connect(simple.uri, { metaContexts: [BASE_ALLOCATION] });
