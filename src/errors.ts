@@ -23,7 +23,10 @@ export type ErrorCode =
   | 'QCOW_ERR_INPUT_SIZE'
   | 'QCOW_ERR_NOT_SEEKABLE'
   | 'QCOW_ERR_DEDUP_UNSUPPORTED'
-  | 'QCOW_ERR_ABORTED';
+  | 'QCOW_ERR_ABORTED'
+  | 'QCOW_ERR_NBD_CONNECTION'
+  | 'QCOW_ERR_NBD_PROTOCOL'
+  | 'QCOW_ERR_NBD_SERVER';
 
 /** Context that errors about image structures carry as real properties. */
 export interface StructureContext {
@@ -229,6 +232,54 @@ export class AbortedError extends Qcow2StreamError {
   static readonly CODE = 'QCOW_ERR_ABORTED';
   constructor(message = 'The operation was aborted', options?: ErrorOptions) {
     super(message, options, AbortedError.CODE);
+  }
+}
+
+/** Facts every NBD error carries: the server's URI as the caller gave it (no credentials in it). */
+export interface NbdErrorOptions extends ErrorOptions {
+  /** The NBD URI of the server. */
+  uri: string;
+}
+
+/** The NBD server could not be reached, went away, or stopped answering (a timeout). */
+export class NbdConnectionError extends Qcow2StreamError {
+  /** The stable code of this class. */
+  static readonly CODE = 'QCOW_ERR_NBD_CONNECTION';
+  /** The NBD URI of the server. */
+  readonly uri: string;
+  constructor(message: string, options: NbdErrorOptions) {
+    super(message, options, NbdConnectionError.CODE);
+    this.uri = options.uri;
+  }
+}
+
+/** The NBD server broke the protocol: bad magic, a length or offset out of bounds, an unknown reply. */
+export class NbdProtocolError extends Qcow2StreamError {
+  /** The stable code of this class. */
+  static readonly CODE = 'QCOW_ERR_NBD_PROTOCOL';
+  /** The NBD URI of the server. */
+  readonly uri: string;
+  constructor(message: string, options: NbdErrorOptions) {
+    super(message, options, NbdProtocolError.CODE);
+    this.uri = options.uri;
+  }
+}
+
+/**
+ * The NBD server refused or failed a request: an unknown export, TLS required, a dirty bitmap it
+ * does not publish, or an error reply to a read (`errno` holds the NBD error name, e.g. `EIO`).
+ */
+export class NbdServerError extends Qcow2StreamError {
+  /** The stable code of this class. */
+  static readonly CODE = 'QCOW_ERR_NBD_SERVER';
+  /** The NBD URI of the server. */
+  readonly uri: string;
+  /** The NBD error (EIO, EINVAL…) or option reply (NBD_REP_ERR_UNKNOWN…) the server sent, when it sent one. */
+  readonly errno: string | undefined;
+  constructor(message: string, options: NbdErrorOptions & { errno?: string }) {
+    super(message, options, NbdServerError.CODE);
+    this.uri = options.uri;
+    this.errno = options.errno;
   }
 }
 

@@ -26,3 +26,21 @@ export { OffsetWriter, type CopySource, type OutputTarget, type OutputOptions } 
 export { resolveStoredName, type PathPolicyOptions, type StoredNameKind } from './io/path-policy.js';
 /** The pure codec (header, tables, refcounts, layout), for tools that build or inspect images. */
 export * as format from './format/index.js';
+/** The NBD client (reads, block status, dirty bitmaps) that convert() uses for nbd:// inputs. */
+export {
+  NbdClient,
+  parseNbdUri,
+  isNbdUri,
+  dirtyBitmapContext,
+  BASE_ALLOCATION,
+  NBD_STATE_HOLE,
+  NBD_STATE_ZERO,
+  NBD_STATE_DIRTY,
+  type NbdAddress,
+  type NbdBlockSize,
+  type NbdConnectOptions,
+  type NbdExtent,
+  type NbdReadResult,
+  type NbdStats,
+  type NbdTlsOptions,
+} from './io/nbd.js';

@@ -158,6 +158,23 @@ export class ManifestWriter {
     else await this.push(block.zero ? this.zeroFingerprint(guestLength(block.data.length)) : guestFingerprint(block, this.hasher));
   }
 
+  /**
+   * Records a block left unchanged from the base (`sameAsBase`, often a run whose bytes were
+   * never read, as an incremental from a dirty bitmap yields): each cluster's fingerprint is
+   * copied from the base's manifest; past the base's end it is the zero fingerprint.
+   */
+  async addUnchanged(block: Block, base: ManifestReader): Promise<void> {
+    if (!block.sameAsBase) return this.add(block);
+    if (base.header.clusterBits !== this.clusterBits) throw new InvalidArgumentError(`The base manifest '${base.path}' uses another cluster size`);
+    const clusterSize = 2 ** this.clusterBits;
+    if (this.nextIndex < block.index) await this.pushRepeated(this.zeroFingerprint(clusterSize), block.index - this.nextIndex);
+    if (block.index !== this.nextIndex) throw new RangeError(`ManifestWriter: block ${block.index} out of order`);
+    const end = block.index + (block.count ?? 1);
+    for (let index = block.index; index < end; index++) {
+      await this.push((await base.fingerprintAt(index)) ?? this.zeroFingerprint(index === end - 1 && block.count === undefined ? guestLength(block.data.length) : clusterSize));
+    }
+  }
+
   /** Writes the header for the image's size (rounded up to 512, as the virtual size is) and moves the file into place. */
   async finish(inputLength: number): Promise<void> {
     const virtualSize = guestLength(inputLength);

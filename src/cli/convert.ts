@@ -28,13 +28,18 @@ interface ConvertFlags {
   /** commander's --no-sync: false when given. */
   sync: boolean;
   json?: boolean;
+  bitmap?: string;
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  nbdTimeout?: number;
 }
 
 export function registerConvert(program: Command): void {
   program
     .command('convert')
     .description('Convert a raw image into qcow2 metadata plus a raw external data file')
-    .argument('<input>', "raw image file, or '-' for standard input")
+    .argument('<input>', "raw image file, '-' for standard input, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://…)")
     .argument('<output>', "qcow2 metadata file, or '-' for standard output")
     .option('--data-file <path>', 'the data file to write (default: OUTPUT with its extension replaced by .data; required when OUTPUT is -)')
     .option('--data-file-name <name>', 'the data-file name stored in the image (default: the --data-file path as given)')
@@ -51,6 +56,11 @@ export function registerConvert(program: Command): void {
     .option('--manifest <path>', 'also write the fingerprint of every cluster to this file, for a later --base-manifest')
     .option('--allow-unsafe-paths', 'follow data-file and backing names stored in --base even outside its directory')
     .option(...MAX_CHAIN_DEPTH_OPTION, parseChainDepth)
+    .option('--bitmap <name>', 'NBD input: read only the clusters this dirty bitmap marks (qemu:dirty-bitmap:NAME), into an overlay of --base')
+    .option('--tls-ca <file>', 'nbds:// input: the CA certificate (PEM) the server\'s certificate must chain to')
+    .option('--tls-cert <file>', 'nbds:// input: our client certificate (PEM), for servers that check clients')
+    .option('--tls-key <file>', 'nbds:// input: the private key (PEM) of --tls-cert')
+    .option('--nbd-timeout <seconds>', 'NBD input: give up when the server sends nothing for this long', parseInteger, 30)
     .option('--force', 'replace existing files at the output paths (never a file this run reads)')
     .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'print nothing on success')
@@ -72,7 +82,9 @@ Examples:
   qcow2-stream convert disk.raw disk.qcow2 --internal --dedup   # one file, duplicates stored once
   qcow2-stream convert day2.raw day2.qcow2 --data-file day2.data --base day1.qcow2 --manifest day2.xxh
   curl -s URL | qcow2-stream convert - disk.qcow2 --size 20G
-  qcow2-stream convert disk.raw - --data-file disk.data > disk.qcow2`,
+  qcow2-stream convert disk.raw - --data-file disk.data > disk.qcow2
+  qcow2-stream convert 'nbd+unix:///vda?socket=/run/backup.sock' full.qcow2     # reads only allocated data
+  qcow2-stream convert 'nbd+unix:///vda?socket=/run/backup.sock' day2.qcow2 --bitmap b1 --base full.qcow2`,
     )
     .action(
       action(async (input: string, output: string, flags: ConvertFlags) => {
@@ -105,6 +117,13 @@ Examples:
             ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
             onWarning: (message: string) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
             ...(flags.size === undefined ? {} : { size: flags.size }),
+            ...(flags.bitmap === undefined ? {} : { bitmap: flags.bitmap }),
+            nbd: {
+              timeout: (flags.nbdTimeout ?? 30) * 1000,
+              ...(flags.tlsCa || flags.tlsCert || flags.tlsKey
+                ? { tls: { ...(flags.tlsCa ? { ca: flags.tlsCa } : {}), ...(flags.tlsCert ? { cert: flags.tlsCert } : {}), ...(flags.tlsKey ? { key: flags.tlsKey } : {}) } }
+                : {}),
+            },
           });
         } finally {
           progress.stop();

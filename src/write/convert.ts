@@ -32,8 +32,12 @@ import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.j
 import { storedNameFindsFile } from '../io/path-policy.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
+import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
 
-/** A raw image: a path, '-' for standard input, a Node Readable or any async iterable of bytes. */
+/**
+ * A raw image: a path, '-' for standard input, an NBD URI (nbd://, nbd+unix://, nbds://,
+ * nbds+unix://), a Node Readable or any async iterable of bytes.
+ */
 export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 
 /** Progress of a conversion (the input size is the total, when known). */
@@ -104,6 +108,19 @@ export interface ConvertOptions extends ImageOptions {
   signal?: AbortSignal;
   /** Called with each warning as it arises (also listed in the summary's `warnings`). */
   onWarning?: (message: string) => void;
+  /**
+   * NBD inputs: read only the clusters this dirty bitmap (meta context `qemu:dirty-bitmap:NAME`)
+   * marks as changed, into an overlay of `base` (required); clean clusters stay unallocated. A
+   * server that does not publish the bitmap fails before any output exists.
+   */
+  bitmap?: string;
+  /** NBD inputs: TLS material (PEM files) for nbds:// URIs, and the stall timeout in milliseconds (default 30 s). */
+  nbd?: {
+    /** TLS material (PEM file paths) for nbds:// URIs. */
+    tls?: NbdTlsOptions;
+    /** Milliseconds without progress before the server counts as dead (default 30 s). */
+    timeout?: number;
+  };
   /** Called each time another `progressInterval` bytes of input are done, and once at the end. */
   onProgress?: (progress: ConvertProgress) => void;
   /** Bytes of input between two `onProgress` calls: a positive whole number. Default 32 MiB. */
@@ -138,6 +155,8 @@ export interface ConvertSummary extends ImageShape {
   dedup?: DedupStats;
   /** What the run warned about (e.g. a stored data-file name our readers will refuse). */
   warnings: readonly string[];
+  /** NBD inputs: bytes of guest data the server actually sent (zero, hole and clean extents are not read). */
+  sourceBytesRead?: number;
   /** Wall-clock seconds. */
   seconds: number;
 }
@@ -207,10 +226,16 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   // Every file this run writes is fsynced unless the caller opted out.
   const sync = options.sync ?? true;
   const opened: Array<{ close(): Promise<void> }> = [];
-  const input = typeof options.input === 'string' ? await openInput(options.input, options.size) : undefined;
+  const nbdUri = typeof options.input === 'string' && isNbdUri(options.input) ? options.input : undefined;
+  // Connected (and the bitmap checked) before any output is created.
+  const nbd = nbdUri === undefined ? undefined : await (await import('./nbd-source.js')).openNbdInput(nbdUri, options);
+  if (nbd) opened.push(nbd);
+  const input = typeof options.input === 'string' && !nbd ? await openInput(options.input, options.size) : undefined;
   try {
-    const size = input ? input.size : options.size;
+    const size = nbd ? nbd.size : input ? input.size : options.size;
     if (size !== undefined) checkVirtualSize(roundUpToSector(size), settings.clusterBits);
+    // An incremental from a dirty bitmap knows what changed: the base is only the backing file.
+    const incremental = options.bitmap !== undefined;
     // Opened with a manifest too: its chain is counted, and its files are inputs of this run.
     const baseImage = options.base !== undefined ? await openBase(options) : undefined;
     if (baseImage) opened.push(baseImage);
@@ -218,7 +243,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     await refuseOverlaps(await readFiles(input, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
-    const pool = input ? new BufferPool() : undefined;
+    const pool = input || nbd ? new BufferPool() : undefined;
     // Every stage below is ours and lets go of a Block once the sink is done with it.
     const onBlockDone = pool ? (block: Block) => pool.release(block.data) : undefined;
 
@@ -272,7 +297,11 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
       async function writeBlocks(): Promise<void> {
         const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
         let blocks: AsyncIterable<Block>;
-        if (input) {
+        if (nbd) {
+          // A server can stall (up to the client's timeout): race each Block against the signal.
+          blocks = nbd.blocks(settings.clusterSize, pool);
+          if (signal) blocks = abortable(blocks, signal);
+        } else if (input) {
           // Holes come as zero runs, never read: every stage below handles runs.
           blocks = readBlocks(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
           // A pipe can block for ever: race each read against the abort signal. (File reads
@@ -284,7 +313,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
           if (signal) blocks = abortable(blocks, signal);
         }
         blocks = zeroDetect(blocks);
-        if (baseImage || baseManifest) {
+        if ((baseImage || baseManifest) && !incremental) {
           const { compareWithBase, compareWithManifest } = await import('../../transforms/base-compare.js');
           if (baseManifest) blocks = compareWithManifest(blocks, baseManifest, hasher!, settings.clusterBits).blocks;
           else blocks = compareWithBase(blocks, baseImage!, settings.clusterSize).blocks;
@@ -293,7 +322,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         for await (const block of blocks) {
           if (signal?.aborted) throw abortError(signal);
           // The manifest reads the bytes first: the sink may recycle them once written.
-          await manifest?.add(block);
+          if (incremental && baseManifest) await manifest?.addUnchanged(block, baseManifest);
+          else await manifest?.add(block);
           await sink.write(block);
           advance(blockEnd(block, settings.clusterSize));
         }
@@ -315,6 +345,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         ...(backing ? { backingFile: backing.name } : {}),
         ...(options.manifest !== undefined ? { manifest: options.manifest } : {}),
         warnings,
+        ...(nbd ? { sourceBytesRead: nbd.bytesRead } : {}),
         seconds: (performance.now() - started) / 1000,
       };
     } catch (err) {
@@ -357,6 +388,19 @@ function checkLayoutOptions(options: ConvertOptions, layout: 'external' | 'inter
   }
   if (options.baseManifest !== undefined && options.base === undefined) {
     throw new InvalidArgumentError('--base-manifest needs --base: the base image becomes the backing file of the new image');
+  }
+  if (options.bitmap !== undefined) {
+    if (typeof options.input !== 'string' || !isNbdUri(options.input)) {
+      throw new InvalidArgumentError('--bitmap reads a dirty bitmap over NBD: the input must be an NBD URI (nbd://…, nbd+unix://…)');
+    }
+    if (options.base === undefined) {
+      throw new InvalidArgumentError('--bitmap needs --base: the clusters it leaves out come from the previous backup', {
+        hint: 'Pass --base PREVIOUS.qcow2 (the image the bitmap was started against)',
+      });
+    }
+    if (options.manifest !== undefined && options.baseManifest === undefined) {
+      throw new InvalidArgumentError('--bitmap with --manifest needs --base-manifest: the clean clusters are not read, so their fingerprints come from the base\'s manifest');
+    }
   }
   if (options.baseName !== undefined && options.base === undefined) {
     throw new InvalidArgumentError('--base-name needs --base');

@@ -9,3 +9,4 @@ export { wrap, type WrapOptions, type WrapSummary } from './wrap.js';
 export { resolveImageSettings, type ImageOptions, type ImageSettings } from './settings.js';
 export { InternalImageWriter, createInternalSink, type InternalImageOptions, type InternalSummary } from './internal-sink.js';
 export { type ImageShape } from './settings.js';
+export { nbdBlocks, planClusterRuns, ClusterSweep, type ClusterKind, type ClusterRun, type NbdBlockSourceOptions } from './nbd-source.js';

@@ -1,0 +1,231 @@
+import assert from 'node:assert/strict';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { convert } from '../../src/write/convert.js';
+import { ClusterSweep } from '../../src/write/nbd-source.js';
+import { InvalidArgumentError, NbdConnectionError, NbdServerError } from '../../src/errors.js';
+import { runCli } from '../helpers/cli.js';
+import { mixedExtents, writeRawImage } from '../helpers/images.js';
+import { needQemuNbd, startFakeServer, startQemuNbd } from '../helpers/nbd.js';
+import { randomBytes } from 'node:crypto';
+import { qemuCheck, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
+
+const MiB = 1024 * 1024;
+const KiB = 1024;
+
+/** `qemu-img compare` of the served image with a converted one (0 = identical). */
+function compareWith(served: string, servedFormat: string, image: string, cwd: string): void {
+  const r = qemuImg(['compare', '-f', servedFormat, '-F', 'qcow2', served, image], cwd);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  const check = qemuCheck(image, cwd);
+  assert.equal(check.code, 0, check.stdout + check.stderr);
+}
+
+/** The guest ranges an image itself stores (depth 0 in qemu-img map), with their zero flag. */
+function ownExtents(image: string, cwd: string): Array<{ start: number; length: number; zero: boolean }> {
+  const r = qemuImg(['map', '--output=json', image], cwd);
+  assert.equal(r.code, 0, r.stderr);
+  const out: Array<{ start: number; length: number; zero: boolean }> = [];
+  for (const e of JSON.parse(r.stdout) as Array<{ start: number; length: number; depth: number; zero: boolean }>) {
+    if (e.depth !== 0) continue;
+    const last = out[out.length - 1];
+    if (last && last.start + last.length === e.start && last.zero === e.zero) last.length += e.length;
+    else out.push({ start: e.start, length: e.length, zero: e.zero });
+  }
+  return out;
+}
+
+test('ClusterSweep: extents become cluster runs; a cluster touched by two kinds is read', () => {
+  const sweep = new ClusterSweep(10 * 1024 + 100, 1024);
+  const runs = [
+    ...sweep.add(0, 2048, 'zero'),
+    ...sweep.add(2048, 2560, 'clean'),
+    ...sweep.add(2560, 3072, 'zero'), // cluster 2: clean + zero → read
+    ...sweep.add(3072, 5000, 'clean'), // clusters 3, and 4 partly
+    ...sweep.add(5000, 5120, 'clean'), // cluster 4 finishes clean
+    ...sweep.add(5120, 10 * 1024 + 100, 'zero'), // through the short last cluster
+    ...sweep.finish(),
+  ];
+  assert.deepEqual(runs, [
+    { index: 0, count: 2, kind: 'zero' },
+    { index: 2, count: 1, kind: 'read' },
+    { index: 3, count: 2, kind: 'clean' },
+    { index: 5, count: 6, kind: 'zero' },
+  ]);
+});
+
+test('convert from NBD: a qcow2 served on a Unix socket, every layout, equal to the served image', async (t) => {
+  if (!needQemuNbd(t)) return;
+  const dir = tempDir(t);
+  const raw = join(dir, 'src.raw');
+  const size = 24 * MiB + 3 * 512;
+  writeRawImage(raw, size, mixedExtents(size, 65536, 7));
+  const served = join(dir, 'served.qcow2');
+  assert.equal(qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', raw, served]).code, 0);
+  const server = await startQemuNbd(t, dir, served, { format: 'qcow2' });
+
+  const ext = await convert({ input: server.uri, output: join(dir, 'ext.qcow2'), sync: false });
+  assert.equal(ext.virtualSize, size);
+  assert.equal(ext.dataFileRaw, true);
+  compareWith(served, 'qcow2', 'ext.qcow2', dir);
+  const sparse = await convert({ input: server.uri, output: join(dir, 'sparse.qcow2'), dataFileRaw: false, clusterSize: 4096, sync: false });
+  assert.equal(sparse.clusterSize, 4096);
+  compareWith(served, 'qcow2', 'sparse.qcow2', dir);
+  const internal = await convert({ input: server.uri, output: join(dir, 'int.qcow2'), layout: 'internal', sync: false });
+  assert.equal(internal.layout, 'internal');
+  compareWith(served, 'qcow2', 'int.qcow2', dir);
+  // Only the data qemu stores was transferred: never more than the served image's allocation.
+  const allocated = (JSON.parse(qemuImg(['map', '--output=json', served]).stdout) as Array<{ length: number; data: boolean }>).filter((e) => e.data).reduce((n, e) => n + e.length, 0);
+  assert.ok(ext.sourceBytesRead! <= allocated, `${ext.sourceBytesRead} read, ${allocated} allocated`);
+});
+
+test('convert from NBD: holes inside read clusters (OFFSET_HOLE) read as zeros through recycled buffers', async (t) => {
+  if (!needQemuNbd(t)) return;
+  const dir = tempDir(t);
+  const served = join(dir, 'half.qcow2');
+  assert.equal(qemuImg(['create', '-q', '-f', 'qcow2', served, '32M']).code, 0);
+  // Each 2 MiB: 1 MiB of data, then 1 MiB never written. With 2 MiB clusters every cluster is
+  // read, and qemu answers its second half with a hole chunk, not bytes.
+  const writes = Array.from({ length: 16 }, (_, i) => ['-c', `write -P ${0x10 + i} ${i * 2}M 1M`]).flat();
+  assert.equal(qemuIo([...writes, served]).code, 0);
+  const server = await startQemuNbd(t, dir, served, { format: 'qcow2' });
+  const summary = await convert({ input: server.uri, output: join(dir, 'out.qcow2'), clusterSize: 2 * MiB, sync: false });
+  assert.equal(summary.sourceBytesRead, 16 * MiB, 'the holes were not transferred');
+  compareWith(served, 'qcow2', 'out.qcow2', dir);
+  const internal = await convert({ input: server.uri, output: join(dir, 'int.qcow2'), clusterSize: 2 * MiB, layout: 'internal', sync: false });
+  assert.equal(internal.dataClusters, 16);
+  compareWith(served, 'qcow2', 'int.qcow2', dir);
+});
+
+test('convert from NBD: extended headers and a 4 KiB maximum block size (hundreds of requests per read), against our fake server', async (t) => {
+  const dir = tempDir(t);
+  // 3 MiB: random, zeros (reported as holes), random.
+  const disk = Buffer.concat([randomBytes(MiB + 65536), Buffer.alloc(MiB), randomBytes(MiB - 65536)]);
+  writeFileSync(join(dir, 'disk.raw'), disk);
+  const server = await startFakeServer(t, dir, disk, { extendedHeaders: true, maxBlock: 4096 });
+  const summary = await convert({ input: server.uri, output: join(dir, 'out.qcow2'), sync: false });
+  assert.equal(summary.sourceBytesRead, 2 * MiB);
+  compareWith(join(dir, 'disk.raw'), 'raw', 'out.qcow2', dir);
+  // The fake publishes b0 with every other 64 KiB block dirty.
+  writeFileSync(join(dir, 'zero.raw'), Buffer.alloc(disk.length));
+  assert.equal(qemuImg(['convert', '-q', '-f', 'raw', '-O', 'qcow2', join(dir, 'zero.raw'), join(dir, 'base.qcow2')]).code, 0);
+  const inc = await convert({ input: server.uri, output: join(dir, 'inc.qcow2'), base: join(dir, 'base.qcow2'), bitmap: 'b0', sync: false });
+  assert.equal(inc.unchangedClusters, 24);
+  assert.equal(inc.sourceBytesRead, 16 * 65536);
+});
+
+test('convert from NBD: a sparse raw file over TCP reads only its data', async (t) => {
+  if (!needQemuNbd(t)) return;
+  const dir = tempDir(t);
+  const raw = join(dir, 'sparse.raw');
+  const size = 256 * MiB;
+  // 3 data extents (2 MiB + 64 KiB + 1 MiB) in a 256 MiB hole.
+  writeRawImage(raw, size, [
+    { offset: 0, length: 2 * MiB, kind: 'random' },
+    { offset: 100 * MiB, length: 64 * KiB, kind: 'random' },
+    { offset: 255 * MiB, length: MiB, kind: 'random' },
+  ]);
+  const server = await startQemuNbd(t, dir, raw, { format: 'raw', tcp: true });
+  const summary = await convert({ input: server.uri, output: join(dir, 'out.qcow2'), sync: false });
+  assert.equal(summary.sourceBytesRead, 2 * MiB + 64 * KiB + MiB);
+  assert.equal(summary.dataClusters, (2 * MiB + 64 * KiB + MiB) / 65536);
+  compareWith(raw, 'raw', 'out.qcow2', dir);
+});
+
+test('convert --bitmap: an overlay of exactly the dirty clusters, equal to the served image, and its manifest', async (t) => {
+  if (!needQemuNbd(t)) return;
+  const dir = tempDir(t);
+  const disk = join(dir, 'vm.qcow2');
+  assert.equal(qemuImg(['create', '-q', '-f', 'qcow2', disk, '32M']).code, 0);
+  assert.equal(qemuIo(['-c', 'write -P 0x11 0 4M', '-c', 'write -P 0x22 16M 2M', disk]).code, 0);
+  // The first backup: full, with a manifest. Then the bitmap starts (as a checkpoint would).
+  let server = await startQemuNbd(t, dir, disk, { format: 'qcow2' });
+  await convert({ input: server.uri, output: join(dir, 'full.qcow2'), manifest: join(dir, 'full.xxh'), sync: false });
+  server.kill();
+  assert.equal(qemuImg(['bitmap', '--add', disk, 'b0']).code, 0);
+  // The day's writes: new data, a rewrite, a zeroed range over old data, a write of 1 KiB
+  // inside a cluster (the whole cluster must come along).
+  assert.equal(
+    qemuIo(['-c', 'write -P 0x33 1M 128K', '-c', 'write -P 0x44 24M 64K', '-c', 'write -z 16M 128K', '-c', 'write -P 0x55 3M 1K', disk]).code,
+    0,
+  );
+  server = await startQemuNbd(t, dir, disk, { format: 'qcow2', bitmap: 'b0' });
+  const inc = await convert({
+    input: server.uri,
+    output: join(dir, 'inc.qcow2'),
+    base: join(dir, 'full.qcow2'),
+    bitmap: 'b0',
+    baseManifest: join(dir, 'full.xxh'),
+    manifest: join(dir, 'inc.xxh'),
+    sync: false,
+  });
+  assert.equal(inc.backingFile, 'full.qcow2');
+  compareWith(disk, 'qcow2', 'inc.qcow2', dir);
+  // Allocated in the overlay: the dirty clusters, and nothing else; the zeroed range zero-flagged.
+  assert.deepEqual(ownExtents('inc.qcow2', dir), [
+    { start: 1 * MiB, length: 128 * KiB, zero: false },
+    { start: 3 * MiB, length: 64 * KiB, zero: false },
+    { start: 16 * MiB, length: 128 * KiB, zero: true },
+    { start: 24 * MiB, length: 64 * KiB, zero: false },
+  ]);
+  // Only dirty data crossed the wire: the zeroed range is known from block status.
+  assert.equal(inc.sourceBytesRead, 128 * KiB + 64 * KiB + 64 * KiB);
+  assert.equal(inc.unchangedClusters, 512 - 6);
+  // The updated manifest is the one a full conversion of today's disk records.
+  await convert({ input: server.uri, output: join(dir, 'today.qcow2'), manifest: join(dir, 'today.xxh'), sync: false });
+  assert.ok(readFileSync(join(dir, 'inc.xxh')).equals(readFileSync(join(dir, 'today.xxh'))), 'manifest of the incremental = manifest of a full run');
+  // The same through the CLI.
+  const cli = runCli(['convert', server.uri, 'cli.qcow2', '--bitmap', 'b0', '--base', 'full.qcow2', '--json', '--no-sync'], { cwd: dir });
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.equal((JSON.parse(cli.stdout) as { dataClusters: number }).dataClusters, 4);
+  compareWith(disk, 'qcow2', 'cli.qcow2', dir);
+});
+
+test('convert --bitmap: a bitmap the server does not publish fails before any output exists', async (t) => {
+  if (!needQemuNbd(t)) return;
+  const dir = tempDir(t);
+  const disk = join(dir, 'vm.qcow2');
+  assert.equal(qemuImg(['create', '-q', '-f', 'qcow2', disk, '4M']).code, 0);
+  const server = await startQemuNbd(t, dir, disk, { format: 'qcow2' });
+  writeFileSync(join(dir, 'base.qcow2'), readFileSync(disk));
+  const out = join(dir, 'out');
+  const before = readdirSync(dir).sort();
+  await assert.rejects(
+    convert({ input: server.uri, output: join(dir, 'inc.qcow2'), base: join(dir, 'base.qcow2'), bitmap: 'missing' }),
+    (err: unknown) => err instanceof NbdServerError && /does not publish the dirty bitmap 'missing'/.test(err.message),
+  );
+  assert.deepEqual(readdirSync(dir).sort(), before);
+  const cli = runCli(['convert', server.uri, out, '--bitmap', 'missing', '--base', 'base.qcow2'], { cwd: dir });
+  assert.equal(cli.code, 2);
+  assert.match(cli.stderr, /^qcow2-stream: The NBD server at .* does not publish the dirty bitmap 'missing'/);
+  assert.doesNotMatch(cli.stderr, /\n\s+at /, 'no stack trace');
+  assert.deepEqual(readdirSync(dir).sort(), before);
+  // --bitmap without --base, or on a file input: refused up front.
+  await assert.rejects(convert({ input: server.uri, output: out, bitmap: 'b0' }), InvalidArgumentError);
+  await assert.rejects(convert({ input: disk, output: out, bitmap: 'b0', base: join(dir, 'base.qcow2') }), InvalidArgumentError);
+});
+
+test('convert from NBD: a server killed mid-transfer → NbdConnectionError and no output', async (t) => {
+  if (!needQemuNbd(t)) return;
+  const dir = tempDir(t);
+  const raw = join(dir, 'big.raw');
+  writeRawImage(raw, 64 * MiB, [{ offset: 0, length: 64 * MiB, kind: 'random' }]);
+  const server = await startQemuNbd(t, dir, raw, { format: 'raw' });
+  const before = readdirSync(dir).sort();
+  let killed = false;
+  await assert.rejects(
+    convert({
+      input: server.uri,
+      output: join(dir, 'out.qcow2'),
+      progressInterval: MiB,
+      onProgress: () => {
+        if (!killed) server.kill();
+        killed = true;
+      },
+    }),
+    (err: unknown) => err instanceof NbdConnectionError && err.uri === server.uri,
+  );
+  assert.ok(killed);
+  assert.deepEqual(readdirSync(dir).sort(), before);
+});
