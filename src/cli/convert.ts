@@ -5,7 +5,7 @@
 import type { Command } from 'commander';
 import type { ConvertSummary } from '../write/convert.js';
 import { createProgress } from './progress.js';
-import { action, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
+import { action, deferWarning, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
 
 interface ConvertFlags {
   internal?: boolean;
@@ -115,7 +115,7 @@ Examples:
             ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
             ...(flags.dataFile === undefined ? {} : { dataFile: flags.dataFile }),
             ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
-            onWarning: (message: string) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
+            onWarning: deferWarning,
             ...(flags.size === undefined ? {} : { size: flags.size }),
             ...(flags.bitmap === undefined ? {} : { bitmap: flags.bitmap }),
             nbd: {

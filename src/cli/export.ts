@@ -7,7 +7,7 @@
 import { isatty } from 'node:tty';
 import { createProgress } from './progress.js';
 import { InvalidArgumentError as CommanderInvalidArgument, type Command } from 'commander';
-import { action, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, printJson, processSignal } from './common.js';
+import { action, deferWarning, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, printJson, processSignal } from './common.js';
 import { InvalidArgumentError } from '../errors.js';
 import type { ImageFormat } from '../read/image.js';
 
@@ -65,7 +65,7 @@ Examples:
           ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
           ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
           ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
-          onWarning: (message) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
+          onWarning: deferWarning,
         });
         try {
           const progress = await createProgress({ label: 'export', quiet: Boolean(flags.quiet || flags.json) });
