@@ -13,7 +13,7 @@
  * after it, so once commit() resolves the output survives a crash or power loss.
  */
 
-import { link, open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { link, lstat, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { readSync, write as fsWrite } from 'node:fs';
 import { getSystemErrorName } from 'node:util';
 import { basename, dirname, join } from 'node:path';
@@ -137,7 +137,8 @@ export class OffsetWriter {
         hint: 'Remove it first, or replace it with --force (overwrite: true in the API)',
       });
     }
-    const tempPath = join(dirname(target), `.${basename(target)}.${randomBytes(4).toString('hex')}.partial`);
+    await removeStalePartials(target);
+    const tempPath = partialPath(target);
     let handle: FileHandle;
     try {
       handle = await open(tempPath, 'wx+', existing ? existing.mode & 0o777 : 0o644);
@@ -414,6 +415,52 @@ function writableSink(stream: Writable): SequentialSink {
       });
     },
   };
+}
+
+/**
+ * The temporary name of an output: `.NAME.qs<PID>-<8 hex>.partial` beside it. The writer's
+ * process id is the ownership marker that lets a later run remove what a killed one left.
+ */
+function partialPath(target: string): string {
+  return join(dirname(target), `.${basename(target)}.qs${process.pid}-${randomBytes(4).toString('hex')}.partial`);
+}
+
+/**
+ * Removes the temporary files a run killed while writing `target` left behind (SIGKILL, a
+ * power cut: nothing of ours ran to remove them). Only ours: the exact name pattern of
+ * {@link partialPath} for this output name, a regular file owned by this user, and a writer
+ * process that no longer exists. Failures are ignored: this is tidying, not the run's work.
+ */
+async function removeStalePartials(target: string): Promise<void> {
+  const dir = dirname(target);
+  const prefix = `.${basename(target)}.qs`;
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    if (!name.startsWith(prefix)) continue;
+    const match = /^(\d+)-[0-9a-f]{8}\.partial$/.exec(name.slice(prefix.length));
+    if (!match) continue;
+    const pid = Number(match[1]);
+    if (pid === process.pid || processExists(pid)) continue;
+    const path = join(dir, name);
+    const stats = await lstat(path).catch(() => undefined);
+    if (!stats?.isFile() || (process.getuid && stats.uid !== process.getuid())) continue;
+    await unlink(path).catch(() => {});
+  }
+}
+
+function processExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM: it exists, owned by someone else.
+    return (err as NodeJS.ErrnoException).code !== 'ESRCH';
+  }
 }
 
 async function syncDirectory(dir: string): Promise<void> {
