@@ -356,8 +356,9 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   } finally {
     for (const resource of opened) await resource.close().catch(() => {});
     // After an abort a read of a quiet pipe may never return, and closing its handle would wait
-    // for that read: close in the background instead (the CLI exits right after).
-    if (signal?.aborted) void input?.close().catch(() => {});
+    // for that read: close it in the background instead (the CLI exits right after). A file's
+    // reads return promptly, so it is closed before convert() settles, like every other path.
+    if (signal?.aborted && !input?.target.positional) void input?.close().catch(() => {});
     else await input?.close();
   }
 }
