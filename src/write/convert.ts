@@ -15,7 +15,7 @@ import { relative, dirname, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { blockEnd, type Block } from '../block.js';
 import type { Progress } from '../progress.js';
-import { CompressionUnsupportedError, DedupUnsupportedError, InvalidArgumentError, LimitExceededError } from '../errors.js';
+import { CompressionUnsupportedError, DedupUnsupportedError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import type { OutputTarget } from '../io/output.js';
 import type { DiskImage } from '../read/image.js';
@@ -28,6 +28,7 @@ import { clusterize } from './clusterize.js';
 import { checkCompressionType, type CompressionType, type CompressorPool } from './compress.js';
 import { ExternalWriter } from './external-sink.js';
 import type { InternalImageWriter } from './internal-sink.js';
+import type { PlannedImageWriter } from './internal-stream.js';
 import { defaultDataFilePath } from './paths.js';
 import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.js';
 import { storedNameFindsFile } from '../io/path-policy.js';
@@ -264,7 +265,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     const onBlockDone = pool ? (block: Block) => pool.release(block.data) : undefined;
 
     let external: ExternalWriter | undefined;
-    let internal: InternalImageWriter | undefined;
+    let internal: InternalImageWriter | PlannedImageWriter | undefined;
     let compressor: CompressorPool | undefined;
     if (layout === 'external') {
       external = await ExternalWriter.open({
@@ -282,7 +283,14 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         ...(onBlockDone ? { onBlockDone } : {}),
       });
     } else {
-      const { InternalImageWriter } = await import('./internal-sink.js');
+      // A pipe or a Writable takes the image in order: plan in a first pass over the input, then emit.
+      const toStream = typeof output !== 'string' || output === '-';
+      if (toStream && !input?.target.positional) {
+        throw new NotSeekableError(
+          'A single-file image to a pipe or stream needs a seekable input (a regular file): it is read twice, once to plan the layout and once for the data',
+          { hint: 'Convert from a file, write the image to a file, or use the default external data-file layout, which streams from and to pipes' },
+        );
+      }
       if (options.compression) {
         const { CompressorPool } = await import('./compress.js');
         compressor = CompressorPool.create({
@@ -291,7 +299,27 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
           ...(options.compressionThreads === undefined ? {} : { threads: options.compressionThreads }),
         });
       }
-      internal = await InternalImageWriter.create({
+      if (toStream) {
+        const { PlannedImageWriter } = await import('./internal-stream.js');
+        const target = input!.target;
+        const pool2 = compressor;
+        const compressBlocks = pool2 ? (await import('./compress.js')).compressBlocks : undefined;
+        internal = await PlannedImageWriter.create({
+          output,
+          size: size!,
+          clusterBits: settings.clusterBits,
+          refcountOrder: settings.refcountOrder,
+          compression: options.compression,
+          dedup: options.dedup ? { hasher: hasher!, ...dedupLimits(options.dedup) } : undefined,
+          backing,
+          sync,
+          overwrite: options.overwrite ?? false,
+          onBlockDone,
+          readInput: (buffer, position, length) => target.read(buffer, 0, length, position),
+          reread: () => readBlocks(target, { clusterSize: settings.clusterSize, size: size!, zeroRuns: true, ...(pool ? { pool } : {}) }),
+          compress: pool2 && compressBlocks ? (blocks) => compressBlocks(blocks, pool2) : undefined,
+        });
+      } else internal = await (await import('./internal-sink.js')).InternalImageWriter.create({
         compression: options.compression,
         output: output as string,
         clusterBits: settings.clusterBits,
@@ -510,7 +538,7 @@ async function finishExternal(writer: ExternalWriter, dataFile: string | Writabl
   };
 }
 
-async function finishInternal(writer: InternalImageWriter, settings: ImageSettings, compression: CompressionType | undefined) {
+async function finishInternal(writer: InternalImageWriter | PlannedImageWriter, settings: ImageSettings, compression: CompressionType | undefined) {
   const inputBytes = writer.inputBytes;
   const result = await writer.finish();
   const virtualSize = roundUpToSector(inputBytes);
