@@ -11,3 +11,4 @@ export { InternalImageWriter, createInternalSink, type InternalImageOptions, typ
 export { type ImageShape } from './settings.js';
 export { nbdBlocks, planClusterRuns, ClusterSweep, type ClusterKind, type ClusterRun, type NbdBlockSourceOptions } from './nbd-source.js';
 export { CompressorPool, compressBlocks, canCompressZstd, checkCompressionType, type CompressionType, type CompressorPoolOptions, type CompressBlocksOptions } from './compress.js';
+export { measure, type MeasureOptions, type MeasureResult, type FileMeasure } from './measure.js';

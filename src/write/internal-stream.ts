@@ -2,7 +2,7 @@
  * A single-file qcow2 written strictly in order, so the output can be a pipe: plan first, then
  * emit (as qemu's scripts/qcow2-to-stdout.py does, with dedup, overlays and compression too).
  *
- * Pass 1 ({@link planInternalImage}) reads the seekable input once through the same stages as a
+ * Pass 1 ({@link InternalPlan.record}) reads the seekable input once through the same stages as a
  * file conversion (holes via SEEK_DATA/SEEK_HOLE, the zero check, the base comparison,
  * compression) and keeps only the plan: 2 bits per guest cluster (unallocated / zero / stored /
  * duplicate), the compressed size of each stored cluster, the target of each duplicate (dedup
@@ -10,7 +10,7 @@
  * from the same HostAllocator the file writer packs with. Memory is bounded by the plan, not by
  * the image. `measure` uses this pass alone.
  *
- * Pass 2 ({@link emitPlannedImage}) writes, in increasing offset order:
+ * Pass 2 ({@link InternalPlan.emitMetadata}, {@link InternalPlan.emitData}) writes, in increasing offset order:
  *
  *   header · refcount table · refcount blocks · L1 · L2 tables (the non-empty ones) · data
  *
