@@ -91,14 +91,15 @@ test('measure --size: an empty image, and the fully-allocated bound, match real 
     const result = runCli(['measure', '--size', String(size), '--json', ...flags], { cwd: dir });
     assert.equal(result.code, 0, result.stderr);
     const m = JSON.parse(result.stdout) as { required: number; 'fully-allocated': number; metadata?: { required: number } };
-    assert.equal(runCli(['convert', '-q', '--no-sync', 'empty.raw', 'e.qcow2', ...flags], { cwd: dir }).code, 0);
-    assert.equal(runCli(['convert', '-q', '--no-sync', 'full.raw', 'f.qcow2', ...flags], { cwd: dir }).code, 0);
+    const [e, f] = flags.length ? ['e-i.qcow2', 'f-i.qcow2'] : ['e.qcow2', 'f.qcow2'];
+    assert.equal(runCli(['convert', '-q', '--no-sync', 'empty.raw', e, ...flags], { cwd: dir }).code, 0);
+    assert.equal(runCli(['convert', '-q', '--no-sync', 'full.raw', f, ...flags], { cwd: dir }).code, 0);
     if (flags.length) {
-      within(statSync(join(dir, 'e.qcow2')).size, m.required, cs, 'empty internal image');
-      within(statSync(join(dir, 'f.qcow2')).size, m['fully-allocated'], cs, 'fully allocated internal image');
+      within(statSync(join(dir, e)).size, m.required, cs, 'empty internal image');
+      within(statSync(join(dir, f)).size, m['fully-allocated'], cs, 'fully allocated internal image');
     } else {
-      assert.equal(statSync(join(dir, 'e.qcow2')).size, m.metadata!.required);
-      assert.equal(m['fully-allocated'], statSync(join(dir, 'f.qcow2')).size + size);
+      assert.equal(statSync(join(dir, e)).size, m.metadata!.required);
+      assert.equal(m['fully-allocated'], statSync(join(dir, f)).size + size);
     }
   }
   const human = runCli(['measure', '--size', '1G', '--internal', '--compress'], { cwd: dir });
