@@ -22,7 +22,9 @@ export interface Block {
   sameAsBase?: boolean;
   /**
    * Set by compressBlocks: the cluster compressed (raw deflate or one zstd frame, of the
-   * cluster zero-padded to full size), when that is smaller than a cluster.
+   * cluster zero-padded to full size), when that is smaller than a cluster. A view into a
+   * buffer the compressor reuses once the Blocks after this one's batch are asked for: a sink
+   * copies it (or writes it) before it asks for the next Block.
    */
   compressed?: Uint8Array;
   /**

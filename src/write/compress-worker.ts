@@ -5,12 +5,14 @@
  * It imports nothing of ours, so the same file runs from dist/ next to the CLI bundle and from
  * the TypeScript source under tsx.
  *
- * Message in:  { id, type: 'zlib' | 'zstd', clusterSize, data: ArrayBuffer, lengths: number[] }
- *              (clusters back to back; a short last cluster is zero-padded to clusterSize, as qemu
- *              pads the image's last cluster before compressing it)
- * Message out: { id, out: ArrayBuffer, sizes: Int32Array } — the compressed streams back to back,
- *              sizes[i] = −1 where the stream would not be smaller than a cluster (stored as is)
- *           or { id, error: string }
+ * Message in:  { id, type: 'zlib' | 'zstd', clusterSize, input, output: SharedArrayBuffer, lengths }
+ *              (clusters back to back in `input`; a short last cluster is zero-padded to
+ *              clusterSize, as qemu pads the image's last cluster before compressing it)
+ * Message out: { id, sizes: Int32Array } — the compressed streams written back to back into
+ *              `output`, sizes[i] = −1 where the stream would not be smaller than a cluster
+ *              (stored as is); or { id, error: string }
+ *
+ * The buffers are shared and reused batch after batch, so no per-batch garbage builds up.
  */
 
 import { parentPort } from 'node:worker_threads';
@@ -20,7 +22,8 @@ interface Job {
   id: number;
   type: 'zlib' | 'zstd';
   clusterSize: number;
-  data: ArrayBuffer;
+  input: SharedArrayBuffer;
+  output: SharedArrayBuffer;
   lengths: number[];
 }
 
@@ -45,9 +48,9 @@ parentPort!.on('message', (job: Job) => {
   try {
     let compress = compressors.get(job.type);
     if (!compress) compressors.set(job.type, (compress = compressor(job.type)));
-    const input = new Uint8Array(job.data);
+    const input = new Uint8Array(job.input);
+    const output = new Uint8Array(job.output);
     const sizes = new Int32Array(job.lengths.length);
-    const outputs: Buffer[] = [];
     let total = 0;
     let pos = 0;
     let padded: Uint8Array | undefined;
@@ -66,17 +69,12 @@ parentPort!.on('message', (job: Job) => {
         sizes[i] = -1;
         return;
       }
+      if (total + out.length > output.length) throw new Error('the output buffer is too small');
       sizes[i] = out.length;
-      outputs.push(out);
+      output.set(out, total);
       total += out.length;
     });
-    const out = new Uint8Array(total);
-    let at = 0;
-    for (const chunk of outputs) {
-      out.set(chunk, at);
-      at += chunk.length;
-    }
-    parentPort!.postMessage({ id: job.id, out: out.buffer, sizes }, [out.buffer, sizes.buffer]);
+    parentPort!.postMessage({ id: job.id, sizes }, [sizes.buffer]);
   } catch (err) {
     parentPort!.postMessage({ id: job.id, error: err instanceof Error ? err.message : String(err) });
   }

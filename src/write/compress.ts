@@ -49,9 +49,29 @@ export interface CompressorPoolOptions {
 }
 
 interface Pending {
-  resolve: (result: Array<Uint8Array | undefined>) => void;
+  resolve: (sizes: Int32Array) => void;
   reject: (err: Error) => void;
 }
+
+/** One batch's input and output, shared with the workers and reused. */
+interface SharedBuffers {
+  input: Uint8Array;
+  output: Uint8Array;
+}
+
+/** What {@link CompressorPool.compress} gives back. */
+export interface CompressedBatch {
+  /** Per cluster: its compressed bytes (a view into a reused buffer), or undefined where it did not shrink. */
+  results: Array<Uint8Array | undefined>;
+  /** Lets the pool reuse the batch's buffers: call once the results are no longer read. */
+  release(): void;
+}
+
+/**
+ * A worker holds one batch at a time: a small young generation makes V8 free each batch's
+ * buffers soon after, instead of letting them pile up to the default heap sizes per thread.
+ */
+const WORKER_LIMITS = { maxYoungGenerationSizeMb: 4, maxOldGenerationSizeMb: 64 };
 
 /**
  * Starts one worker: the built compress-worker.js next to this module ('../write/' resolves
@@ -61,10 +81,10 @@ interface Pending {
  */
 function startWorker(): Worker {
   const built = new URL('../write/compress-worker.js', import.meta.url);
-  if (existsSync(fileURLToPath(built))) return new Worker(built);
+  if (existsSync(fileURLToPath(built))) return new Worker(built, { resourceLimits: WORKER_LIMITS });
   const source = fileURLToPath(new URL('../write/compress-worker.ts', import.meta.url));
   const tsx = createRequire(source).resolve('tsx/cjs/api');
-  return new Worker(`require(${JSON.stringify(tsx)}).register(); require(${JSON.stringify(source)});`, { eval: true });
+  return new Worker(`require(${JSON.stringify(tsx)}).register(); require(${JSON.stringify(source)});`, { eval: true, resourceLimits: WORKER_LIMITS });
 }
 
 /** Worker threads that compress batches of clusters; `close()` when done. */
@@ -76,6 +96,7 @@ export class CompressorPool {
   private nextId = 0;
   private nextWorker = 0;
   private failure: Error | undefined;
+  private readonly free: SharedBuffers[] = [];
 
   private constructor(
     /** What the pool was made with. */
@@ -85,7 +106,7 @@ export class CompressorPool {
     for (let i = 0; i < this.threads; i++) {
       const worker = startWorker();
       worker.unref();
-      worker.on('message', (message: { id: number; out?: ArrayBuffer; sizes?: Int32Array; error?: string }) => this.settle(message));
+      worker.on('message', (message: { id: number; sizes?: Int32Array; error?: string }) => this.settle(message));
       worker.on('error', (err) => this.fail(err));
       worker.on('exit', (code) => {
         if (code !== 0 && !this.closed) this.fail(new Error(`A compression worker exited with code ${code}`));
@@ -106,28 +127,64 @@ export class CompressorPool {
   }
 
   /**
-   * Compresses each cluster of `clusters` on its own; resolves to the compressed bytes of each,
-   * or undefined where it would not shrink below a cluster.
+   * Compresses each cluster of `clusters` on its own: the compressed bytes of each, or
+   * undefined where it would not shrink below a cluster. The results live in buffers the pool
+   * reuses once `release()` is called.
    */
-  compress(clusters: readonly Uint8Array[]): Promise<Array<Uint8Array | undefined>> {
-    if (this.failure) return Promise.reject(this.failure);
+  async compress(clusters: readonly Uint8Array[]): Promise<CompressedBatch> {
+    if (this.failure) throw this.failure;
     let total = 0;
     for (const c of clusters) total += c.length;
-    const data = new Uint8Array(total);
+    const buffers = this.take(total);
     let at = 0;
     for (const c of clusters) {
-      data.set(c, at);
+      buffers.input.set(c, at);
       at += c.length;
     }
     const id = this.nextId++;
     const worker = this.workers[this.nextWorker++ % this.workers.length]!;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      worker.postMessage(
-        { id, type: this.options.type, clusterSize: this.options.clusterSize, data: data.buffer, lengths: clusters.map((c) => c.length) },
-        [data.buffer],
-      );
-    });
+    let sizes: Int32Array;
+    try {
+      sizes = await new Promise<Int32Array>((resolve, reject) => {
+        this.pending.set(id, { resolve, reject });
+        worker.postMessage({
+          id,
+          type: this.options.type,
+          clusterSize: this.options.clusterSize,
+          input: buffers.input.buffer,
+          output: buffers.output.buffer,
+          lengths: clusters.map((c) => c.length),
+        });
+      });
+    } catch (err) {
+      this.free.push(buffers);
+      throw err;
+    }
+    const results: Array<Uint8Array | undefined> = [];
+    let pos = 0;
+    for (const size of sizes) {
+      if (size < 0) results.push(undefined);
+      else {
+        results.push(buffers.output.subarray(pos, pos + size));
+        pos += size;
+      }
+    }
+    let released = false;
+    return {
+      results,
+      release: () => {
+        if (!released) this.free.push(buffers);
+        released = true;
+      },
+    };
+  }
+
+  /** Shared buffers for a batch of `bytes` (the output holds one more cluster: a short last one may grow). */
+  private take(bytes: number): SharedBuffers {
+    const index = this.free.findIndex((b) => b.input.length >= bytes);
+    if (index >= 0) return this.free.splice(index, 1)[0]!;
+    const size = Math.max(bytes, BATCH_BYTES + this.options.clusterSize);
+    return { input: new Uint8Array(new SharedArrayBuffer(size)), output: new Uint8Array(new SharedArrayBuffer(size + this.options.clusterSize)) };
   }
 
   /** Stops the workers. */
@@ -137,7 +194,7 @@ export class CompressorPool {
     this.fail(new Error('The compression pool was closed'));
   }
 
-  private settle(message: { id: number; out?: ArrayBuffer; sizes?: Int32Array; error?: string }): void {
+  private settle(message: { id: number; sizes?: Int32Array; error?: string }): void {
     const job = this.pending.get(message.id);
     if (!job) return;
     this.pending.delete(message.id);
@@ -145,17 +202,7 @@ export class CompressorPool {
       job.reject(new CompressionUnsupportedError(`Compression failed: ${message.error}`, 'runtime'));
       return;
     }
-    const out = new Uint8Array(message.out!);
-    const results: Array<Uint8Array | undefined> = [];
-    let pos = 0;
-    for (const size of message.sizes!) {
-      if (size < 0) results.push(undefined);
-      else {
-        results.push(out.subarray(pos, pos + size));
-        pos += size;
-      }
-    }
-    job.resolve(results);
+    job.resolve(message.sizes!);
   }
 
   private fail(err: Error): void {
@@ -165,11 +212,14 @@ export class CompressorPool {
   }
 }
 
+/** Data bytes per batch sent to a worker, by default. */
+const BATCH_BYTES = 1024 * 1024;
+
 /** Options of {@link compressBlocks}. */
 export interface CompressBlocksOptions {
   /** Data bytes per batch sent to a worker. Default 1 MiB. */
   batchBytes?: number;
-  /** Batches in flight. Default twice the pool's threads. */
+  /** Batches in flight. Default: one more than the pool has threads. */
   inFlight?: number;
 }
 
@@ -184,10 +234,10 @@ function storable(block: Block): boolean {
  * the order they went in; memory is `inFlight` batches.
  */
 export async function* compressBlocks(blocks: AsyncIterable<Block>, pool: CompressorPool, options: CompressBlocksOptions = {}): AsyncGenerator<Block> {
-  const batchBytes = options.batchBytes ?? 1024 * 1024;
-  const inFlight = options.inFlight ?? pool.threads * 2;
+  const batchBytes = options.batchBytes ?? BATCH_BYTES;
+  const inFlight = options.inFlight ?? pool.threads + 1;
   // Each entry: blocks in order, and the compression of those that are storable.
-  const queue: Array<{ blocks: Block[]; done: Promise<void> }> = [];
+  const queue: Array<{ blocks: Block[]; done: Promise<(() => void) | undefined> }> = [];
   let current: Block[] = [];
   let currentBytes = 0;
   const dispatch = () => {
@@ -197,12 +247,13 @@ export async function* compressBlocks(blocks: AsyncIterable<Block>, pool: Compre
     const targets = batch.filter(storable);
     const done =
       targets.length === 0
-        ? Promise.resolve()
-        : pool.compress(targets.map((b) => b.data)).then((results) => {
+        ? Promise.resolve(undefined)
+        : pool.compress(targets.map((b) => b.data)).then(({ results, release }) => {
             targets.forEach((block, i) => {
               const compressed = results[i];
               if (compressed) block.compressed = compressed;
             });
+            return release;
           });
     // Handled when awaited in order; avoid an unhandled rejection meanwhile.
     done.catch(() => {});
@@ -215,14 +266,18 @@ export async function* compressBlocks(blocks: AsyncIterable<Block>, pool: Compre
     if (currentBytes >= batchBytes || current.length >= 1024) dispatch();
     while (queue.length >= inFlight) {
       const head = queue.shift()!;
-      await head.done;
+      const release = await head.done;
+      // Each block is handled before the next is asked for: after the last, the batch's
+      // compressed bytes (views into the pool's reused buffers) are no longer read.
       yield* head.blocks;
+      release?.();
     }
   }
   if (current.length > 0) dispatch();
   while (queue.length > 0) {
     const head = queue.shift()!;
-    await head.done;
+    const release = await head.done;
     yield* head.blocks;
+    release?.();
   }
 }

@@ -260,7 +260,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     await refuseOverlaps(await readFiles(input, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
-    const pool = input || nbd ? new BufferPool() : undefined;
+    // Compression holds more Blocks at once (batches in flight): recycle their buffers rather than drop them to the GC.
+    const pool = input || nbd ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
     // Every stage below is ours and lets go of a Block once the sink is done with it.
     const onBlockDone = pool ? (block: Block) => pool.release(block.data) : undefined;
 
