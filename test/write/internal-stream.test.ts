@@ -101,3 +101,26 @@ test('a Writable takes the image too; a non-seekable input to a pipe is refused,
   await assert.rejects(convert({ input: bytes(), output: new MemoryWritable(), layout: 'internal' }), NotSeekableError);
   assert.deepEqual(readdirSync(dir).sort(), ['in.raw', 'w.qcow2']);
 });
+
+test('an input that changed between the two passes fails the run instead of writing a wrong image', async () => {
+  const { PlannedImageWriter } = await import('../../src/write/internal-stream.js');
+  const { CorruptImageError } = await import('../../src/errors.js');
+  const { zeroRun } = await import('../../src/block.js');
+  const cs = 65536;
+  const data = buildCompressible('tt', cs);
+  const writer = await PlannedImageWriter.create({
+    output: new MemoryWritable(),
+    size: data.length,
+    clusterBits: 16,
+    refcountOrder: 4,
+    readInput: async () => 0,
+    // Pass 2 finds a hole where pass 1 read data.
+    reread: async function* () {
+      yield zeroRun(0, 2, cs);
+    },
+  });
+  await writer.write({ index: 0, data: data.subarray(0, cs) });
+  await writer.write({ index: 1, data: data.subarray(cs) });
+  await assert.rejects(writer.finish(), (err: unknown) => err instanceof CorruptImageError && /changed while it was converted/.test((err as Error).message));
+  await writer.abort();
+});
