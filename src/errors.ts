@@ -26,7 +26,8 @@ export type ErrorCode =
   | 'QCOW_ERR_ABORTED'
   | 'QCOW_ERR_NBD_CONNECTION'
   | 'QCOW_ERR_NBD_PROTOCOL'
-  | 'QCOW_ERR_NBD_SERVER';
+  | 'QCOW_ERR_NBD_SERVER'
+  | 'QCOW_ERR_COMPRESSION_UNSUPPORTED';
 
 /** Context that errors about image structures carry as real properties. */
 export interface StructureContext {
@@ -223,6 +224,21 @@ export class DedupUnsupportedError extends Qcow2StreamError {
   static readonly CODE = 'QCOW_ERR_DEDUP_UNSUPPORTED';
   constructor(message: string, options?: ErrorOptions) {
     super(message, options, DedupUnsupportedError.CODE);
+  }
+}
+
+/**
+ * Compressed output was asked for where it cannot be written: with an external data file (the
+ * spec forbids compressed clusters there), or zstd on a Node.js whose zlib lacks it.
+ */
+export class CompressionUnsupportedError extends Qcow2StreamError {
+  /** The stable code of this class. */
+  static readonly CODE = 'QCOW_ERR_COMPRESSION_UNSUPPORTED';
+  /** `layout`: the image layout forbids compressed clusters; `runtime`: this Node.js cannot compress the type. */
+  readonly reason: 'layout' | 'runtime';
+  constructor(message: string, reason: 'layout' | 'runtime', options?: ErrorOptions) {
+    super(message, options, CompressionUnsupportedError.CODE);
+    this.reason = reason;
   }
 }
 

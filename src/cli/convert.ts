@@ -11,6 +11,9 @@ interface ConvertFlags {
   internal?: boolean;
   dedup?: boolean;
   dedupIndexLimit?: number;
+  compress?: boolean;
+  compressionType?: string;
+  threads?: number;
   base?: string;
   baseName?: string;
   baseManifest?: string;
@@ -49,6 +52,9 @@ export function registerConvert(program: Command): void {
     .option('--no-data-file-raw', 'clear the raw-data-file bit: zero clusters stay unallocated in the metadata')
     .option('--internal', 'write one self-contained qcow2 file (no data file); OUTPUT must be a regular file')
     .option('--dedup', 'with --internal: store identical clusters once (matches confirmed byte for byte)')
+    .option('-c, --compress', 'with --internal: store clusters compressed (zlib unless --compression-type), like qemu-img convert -c')
+    .option('--compression-type <type>', 'zlib (default) or zstd (Node.js 22.15+); implies --compress')
+    .option('--threads <n>', 'compression threads (default: one per core; the image is the same whatever the count)', parseInteger)
     .option('--dedup-index-limit <n>', 'most distinct clusters the dedup index holds (~23 bytes each); past it, new content is not deduplicated', parseInteger)
     .option('--base <image>', 'an earlier image of this disk: write an overlay backed by it, holding only the clusters that changed')
     .option('--base-name <name>', 'the backing-file name stored in the overlay (default: --base relative to OUTPUT\'s directory)')
@@ -74,12 +80,13 @@ against its working directory, so run qemu from the directory you converted in, 
 absolute --data-file.
 
 Overlays (--base) always clear the raw-data-file bit: the spec forbids it with a backing file.
-Dedup needs --internal: with a data file every cluster must sit at its own guest offset, so no
-two clusters can share storage.
+Dedup and --compress need --internal: with a data file every cluster must sit at its own guest
+offset, so no two clusters can share storage, and the spec forbids compressed clusters.
 
 Examples:
   qcow2-stream convert disk.raw disk.qcow2                      # writes disk.data
   qcow2-stream convert disk.raw disk.qcow2 --internal --dedup   # one file, duplicates stored once
+  qcow2-stream convert disk.raw disk.qcow2 --internal --compress # one compressed file (zlib)
   qcow2-stream convert day2.raw day2.qcow2 --data-file day2.data --base day1.qcow2 --manifest day2.xxh
   curl -s URL | qcow2-stream convert - disk.qcow2 --size 20G
   qcow2-stream convert disk.raw - --data-file disk.data > disk.qcow2
@@ -106,6 +113,8 @@ Examples:
             onProgress: progress.update,
             // Often enough for a smooth bar on a slow pipe; the bar itself redraws at most every 100 ms.
             progressInterval: 1024 * 1024,
+            ...(flags.compress || flags.compressionType !== undefined ? { compression: (flags.compressionType ?? 'zlib') as 'zlib' | 'zstd' } : {}),
+            ...(flags.threads === undefined ? {} : { compressionThreads: flags.threads }),
             ...(flags.dedup ? { dedup: flags.dedupIndexLimit === undefined ? true : { maxEntries: flags.dedupIndexLimit } } : {}),
             ...(flags.base === undefined ? {} : { base: flags.base }),
             ...(flags.baseName === undefined ? {} : { baseName: flags.baseName }),
@@ -138,7 +147,7 @@ export function describeConvert(output: string, s: ConvertSummary): string {
   const target = output === '-' ? 'standard output' : output;
   const shape =
     s.layout === 'internal'
-      ? 'single file'
+      ? `single file${s.compression ? `, ${s.compression.clusters} clusters compressed (${s.compression.type})` : ''}`
       : `${s.dataFileRaw ? 'raw data file' : 'sparse metadata'}, data file ${s.dataFile ?? s.dataFileName}`;
   const backing = s.backingFile === undefined ? '' : `, overlay of ${s.backingFile}`;
   const counts = [

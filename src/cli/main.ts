@@ -15,6 +15,7 @@ import { registerInfo } from './info.js';
 import { registerMap } from './map.js';
 import { registerCheck } from './check.js';
 import { registerCompare } from './compare.js';
+import { registerMeasure } from './measure.js';
 
 /** The package version, from package.json two levels up (src/cli) or three (dist/src/cli, the bundle too). */
 function packageVersion(): string {
@@ -51,7 +52,7 @@ Examples:
   qcow2-stream compare disk.raw disk.qcow2
   qcow2-stream convert --help                    # every option of a command`,
     );
-  for (const register of [registerConvert, registerWrap, registerExport, registerInfo, registerMap, registerCheck, registerCompare]) {
+  for (const register of [registerConvert, registerWrap, registerExport, registerInfo, registerMap, registerCheck, registerCompare, registerMeasure]) {
     register(program);
   }
   for (const command of program.commands) command.exitOverride().configureOutput(usageOutput(`qcow2-stream ${command.name()}`));

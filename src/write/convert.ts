@@ -15,7 +15,7 @@ import { relative, dirname, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { blockEnd, type Block } from '../block.js';
 import type { Progress } from '../progress.js';
-import { DedupUnsupportedError, InvalidArgumentError, LimitExceededError } from '../errors.js';
+import { CompressionUnsupportedError, DedupUnsupportedError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import type { OutputTarget } from '../io/output.js';
 import type { DiskImage } from '../read/image.js';
@@ -25,8 +25,10 @@ import type { DedupStats } from '../../transforms/dedup.js';
 import type { ManifestWriter } from '../../transforms/manifest.js';
 import { abortable, abortError } from './abort.js';
 import { clusterize } from './clusterize.js';
+import { checkCompressionType, type CompressionType, type CompressorPool } from './compress.js';
 import { ExternalWriter } from './external-sink.js';
 import type { InternalImageWriter } from './internal-sink.js';
+import type { PlannedImageWriter } from './internal-stream.js';
 import { defaultDataFilePath } from './paths.js';
 import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.js';
 import { storedNameFindsFile } from '../io/path-policy.js';
@@ -104,6 +106,14 @@ export interface ConvertOptions extends ImageOptions {
    * reader here): `base` is refused when the overlay would pass it.
    */
   maxChainDepth?: number;
+  /**
+   * Store clusters compressed (internal layout only: the spec forbids compressed clusters with
+   * a data file), like `qemu-img convert -c`: `zlib` (raw deflate, qemu's default) or `zstd`
+   * (Node.js ≥ 22.15). A cluster that does not shrink is stored as is. Default: none.
+   */
+  compression?: CompressionType;
+  /** Worker threads compressing clusters. Default: one per core. The image is the same whatever the count. */
+  compressionThreads?: number;
   /** Cancels the conversion: it rejects with an AbortedError and removes what it created. */
   signal?: AbortSignal;
   /** Called with each warning as it arises (also listed in the summary's `warnings`). */
@@ -157,6 +167,13 @@ export interface ConvertSummary extends ImageShape {
   warnings: readonly string[];
   /** NBD inputs: bytes of guest data the server actually sent (zero, hole and clean extents are not read). */
   sourceBytesRead?: number;
+  /** The compression type, and clusters stored compressed (compressed images). */
+  compression?: {
+    /** The compression type written in the header. */
+    type: CompressionType;
+    /** Clusters stored compressed (the others did not shrink, or were zero or shared). */
+    clusters: number;
+  };
   /** Wall-clock seconds. */
   seconds: number;
 }
@@ -243,12 +260,14 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     await refuseOverlaps(await readFiles(input, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
-    const pool = input || nbd ? new BufferPool() : undefined;
+    // Compression holds more Blocks at once (batches in flight): recycle their buffers rather than drop them to the GC.
+    const pool = input || nbd ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
     // Every stage below is ours and lets go of a Block once the sink is done with it.
     const onBlockDone = pool ? (block: Block) => pool.release(block.data) : undefined;
 
     let external: ExternalWriter | undefined;
-    let internal: InternalImageWriter | undefined;
+    let internal: InternalImageWriter | PlannedImageWriter | undefined;
+    let compressor: CompressorPool | undefined;
     if (layout === 'external') {
       external = await ExternalWriter.open({
         clusterSize: settings.clusterSize,
@@ -265,8 +284,44 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         ...(onBlockDone ? { onBlockDone } : {}),
       });
     } else {
-      const { InternalImageWriter } = await import('./internal-sink.js');
-      internal = await InternalImageWriter.create({
+      // A pipe or a Writable takes the image in order: plan in a first pass over the input, then emit.
+      const toStream = typeof output !== 'string' || output === '-';
+      if (toStream && !input?.target.positional) {
+        throw new NotSeekableError(
+          'A single-file image to a pipe or stream needs a seekable input (a regular file): it is read twice, once to plan the layout and once for the data',
+          { hint: 'Convert from a file, write the image to a file, or use the default external data-file layout, which streams from and to pipes' },
+        );
+      }
+      if (options.compression) {
+        const { CompressorPool } = await import('./compress.js');
+        compressor = CompressorPool.create({
+          type: options.compression,
+          clusterSize: settings.clusterSize,
+          ...(options.compressionThreads === undefined ? {} : { threads: options.compressionThreads }),
+        });
+      }
+      if (toStream) {
+        const { PlannedImageWriter } = await import('./internal-stream.js');
+        const target = input!.target;
+        const pool2 = compressor;
+        const compressBlocks = pool2 ? (await import('./compress.js')).compressBlocks : undefined;
+        internal = await PlannedImageWriter.create({
+          output,
+          size: size!,
+          clusterBits: settings.clusterBits,
+          refcountOrder: settings.refcountOrder,
+          compression: options.compression,
+          dedup: options.dedup ? { hasher: hasher!, ...dedupLimits(options.dedup) } : undefined,
+          backing,
+          sync,
+          overwrite: options.overwrite ?? false,
+          onBlockDone,
+          readInput: (buffer, position, length) => target.read(buffer, 0, length, position),
+          reread: () => readBlocks(target, { clusterSize: settings.clusterSize, size: size!, zeroRuns: true, ...(pool ? { pool } : {}) }),
+          compress: pool2 && compressBlocks ? (blocks) => compressBlocks(blocks, pool2) : undefined,
+        });
+      } else internal = await (await import('./internal-sink.js')).InternalImageWriter.create({
+        compression: options.compression,
         output: output as string,
         clusterBits: settings.clusterBits,
         refcountOrder: settings.refcountOrder,
@@ -318,6 +373,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
           if (baseManifest) blocks = compareWithManifest(blocks, baseManifest, hasher!, settings.clusterBits).blocks;
           else blocks = compareWithBase(blocks, baseImage!, settings.clusterSize).blocks;
         }
+        if (compressor) blocks = (await import('./compress.js')).compressBlocks(blocks, compressor);
 
         for await (const block of blocks) {
           if (signal?.aborted) throw abortError(signal);
@@ -337,7 +393,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         await writeBlocks();
       }
       if (signal?.aborted) throw abortError(signal);
-      const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings);
+      const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings, options.compression);
       await manifest?.finish(summary.virtualSize);
       report();
       return {
@@ -352,6 +408,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
       await sink.abort();
       await manifest?.abort();
       throw err;
+    } finally {
+      await compressor?.close();
     }
   } finally {
     for (const resource of opened) await resource.close().catch(() => {});
@@ -405,6 +463,19 @@ function checkLayoutOptions(options: ConvertOptions, layout: 'external' | 'inter
   }
   if (options.baseName !== undefined && options.base === undefined) {
     throw new InvalidArgumentError('--base-name needs --base');
+  }
+  if (options.compression !== undefined) {
+    if (layout === 'external') {
+      throw new CompressionUnsupportedError(
+        'Compressed clusters cannot be written with an external data file: the qcow2 spec forbids them there (every guest cluster sits at its own offset in the data file)',
+        'layout',
+        { hint: 'Add --internal for one compressed qcow2 file' },
+      );
+    }
+    checkCompressionType(options.compression);
+  }
+  if (options.compressionThreads !== undefined && options.compression === undefined) {
+    throw new InvalidArgumentError('compressionThreads needs compression');
   }
 }
 
@@ -469,7 +540,7 @@ async function finishExternal(writer: ExternalWriter, dataFile: string | Writabl
   };
 }
 
-async function finishInternal(writer: InternalImageWriter, settings: ImageSettings) {
+async function finishInternal(writer: InternalImageWriter | PlannedImageWriter, settings: ImageSettings, compression: CompressionType | undefined) {
   const inputBytes = writer.inputBytes;
   const result = await writer.finish();
   const virtualSize = roundUpToSector(inputBytes);
@@ -486,11 +557,12 @@ async function finishInternal(writer: InternalImageWriter, settings: ImageSettin
     zeroClusters: result.clusters.total - result.clusters.stored - result.clusters.duplicate - result.clusters.unchangedFromBase,
     duplicateClusters: result.clusters.duplicate,
     unchangedClusters: result.clusters.unchangedFromBase,
-    dataBytesWritten: Math.min(inputBytes, result.clusters.stored * settings.clusterSize),
+    dataBytesWritten: result.dataBytes,
     metadataBytesWritten: metadataClusters * settings.clusterSize,
     dataFile: undefined,
     dataFileName: undefined,
     ...(result.dedup ? { dedup: result.dedup } : {}),
+    ...(compression ? { compression: { type: compression, clusters: result.clusters.compressed } } : {}),
   };
 }
 

@@ -14,7 +14,7 @@ import { mixedExtents, writeRawImage } from '../helpers/images.js';
 import { tempDir } from '../helpers/qemu.js';
 import { setRefcount16 } from '../read/fixtures.js';
 
-const COMMANDS = ['convert', 'wrap', 'export', 'info', 'map', 'check', 'compare'];
+const COMMANDS = ['convert', 'wrap', 'export', 'info', 'map', 'check', 'compare', 'measure'];
 const packageJson = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
 
 /** A usage or runtime error: exit 2, one line naming the code, at most a hint line, no stack trace. */
@@ -53,7 +53,7 @@ for (const command of COMMANDS) {
     const result = runCli([command, '--help']);
     assert.equal(result.code, 0, result.stderr);
     assert.equal(result.stderr, '');
-    assert.match(result.stdout, new RegExp(`^Usage: qcow2-stream ${command} \\[options\\] <`));
+    assert.match(result.stdout, new RegExp(`^Usage: qcow2-stream ${command} \\[options\\] [<[]`));
     assert.match(result.stdout, /\nOptions:\n/);
     assert.match(result.stdout, /\nExamples?:\n/);
     assert.match(result.stdout, new RegExp(`\\n {2}qcow2-stream ${command} \\S`), 'an example line runs the command itself');
