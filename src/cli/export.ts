@@ -30,14 +30,14 @@ export function registerExport(program: Command): void {
     .command('export')
     .description('Write the guest bytes of an image as a raw image (sparse file, or a stream with -)')
     .argument('<image>', 'the qcow2 (or raw) image to read')
-    .argument('<output>', "the raw file to write, or '-' for standard output")
+    .argument('<output>', "the raw file to write, s3://bucket/key, or '-' for standard output")
     .option('-f, --format <format>', 'format of <image>: qcow2 or raw (default: probed)', parseFormat)
     .option('--data-file <path>', "use this external data file instead of the name stored in the image")
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--backing-format <format>', 'format of --backing: qcow2 or raw (default: probed)', parseFormat)
     .option('--allow-unsafe-paths', 'follow data-file and backing names stored in the image even outside its directory')
     .option(...MAX_CHAIN_DEPTH_OPTION, parseChainDepth)
-    .option('--force', 'replace existing files at the output paths (never a file this run reads)')
+    .option('--force', 'replace existing files or s3:// objects at the output paths (never a file this run reads)')
     .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'no progress or summary')
     .option('--json', 'print a JSON summary (to standard error when the image goes to standard output)')
@@ -50,7 +50,8 @@ Names stored in the image (data file, backing file) are resolved inside its dire
 Examples:
   qcow2-stream export disk.qcow2 disk.raw
   qcow2-stream export disk.qcow2 - | gzip > disk.raw.gz
-  qcow2-stream export moved.qcow2 moved.raw --data-file /mnt/backup/disk.data`,
+  qcow2-stream export moved.qcow2 moved.raw --data-file /mnt/backup/disk.data
+  qcow2-stream export disk.qcow2 s3://backups/disk.raw    # multipart upload; zeros are sent as bytes`,
     )
     .action(
       action(async (imagePath: string, output: string, flags: ExportFlags) => {
