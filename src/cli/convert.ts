@@ -2,12 +2,13 @@
  * `qcow2-stream convert <input|-> <output|->`: raw → qcow2 with an external data file.
  */
 
-import type { Command } from 'commander';
-import type { ConvertSummary } from '../write/convert.js';
+import { Command } from 'commander';
+import type { ConvertOptions, ConvertSummary } from '../write/convert.js';
 import { createProgress } from './progress.js';
 import { action, deferWarning, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
 
-interface ConvertFlags {
+/** convert's parsed options, as commander hands them over. */
+export interface ConvertFlags {
   internal?: boolean;
   dedup?: boolean;
   dedupIndexLimit?: number;
@@ -36,8 +37,36 @@ interface ConvertFlags {
 }
 
 export function registerConvert(program: Command): void {
-  program
-    .command('convert')
+  program.addCommand(
+    defineConvert(new Command('convert')).action(
+      action(async (input: string, output: string, flags: ConvertFlags) => {
+        const progress = await createProgress({ label: 'convert', quiet: Boolean(flags.quiet || flags.json) });
+        const { convert } = await import('../write/convert.js');
+        let summary: ConvertSummary;
+        try {
+          summary = await convert({
+            ...convertOptions(input, output, flags),
+            signal: processSignal(),
+            onProgress: progress.update,
+            // Often enough for a smooth bar on a slow pipe; the bar itself redraws at most every 100 ms.
+            progressInterval: 1024 * 1024,
+            onWarning: deferWarning,
+          });
+        } finally {
+          progress.stop();
+        }
+        reportSummary(summary, flags, output === '-', () => describeConvert(output, summary));
+      }),
+    ),
+  );
+}
+
+/**
+ * convert's arguments, options and help on `command`, without an action: the CLI adds one,
+ * and fleet jobs (src/fleet/job.ts) parse their payloads with exactly the same definition.
+ */
+export function defineConvert(command: Command): Command {
+  return command
     .description('Convert a raw image into qcow2 metadata plus a raw external data file')
     .argument('<input>', "raw image file, s3://bucket/key, '-' for standard input, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://…)")
     .argument('<output>', "qcow2 metadata file, s3://bucket/key, or '-' for standard output")
@@ -94,52 +123,39 @@ Examples:
   qcow2-stream convert 'nbd+unix:///vda?socket=/run/backup.sock' full.qcow2     # reads only allocated data
   qcow2-stream convert 'nbd+unix:///vda?socket=/run/backup.sock' day2.qcow2 --bitmap b1 --base full.qcow2
   qcow2-stream convert disk.raw s3://backups/vm1/disk.qcow2     # + s3://backups/vm1/disk.data`,
-    )
-    .action(
-      action(async (input: string, output: string, flags: ConvertFlags) => {
-        const progress = await createProgress({ label: 'convert', quiet: Boolean(flags.quiet || flags.json) });
-        const { convert } = await import('../write/convert.js');
-        let summary: ConvertSummary;
-        try {
-          summary = await convert({
-            sync: flags.sync,
-            input,
-            output,
-            layout: flags.internal ? 'internal' : 'external',
-            clusterSize: flags.clusterSize ?? 65536,
-            refcountBits: flags.refcountBits ?? 16,
-            // --no-data-file-raw clears the bit; otherwise convert() picks (overlays clear it).
-            ...(flags.dataFileRaw ? {} : { dataFileRaw: false }),
-            overwrite: flags.force ?? false,
-            signal: processSignal(),
-            onProgress: progress.update,
-            // Often enough for a smooth bar on a slow pipe; the bar itself redraws at most every 100 ms.
-            progressInterval: 1024 * 1024,
-            ...(flags.dedup ? { dedup: flags.dedupIndexLimit === undefined ? true : { maxEntries: flags.dedupIndexLimit } } : {}),
-            ...(flags.base === undefined ? {} : { base: flags.base }),
-            ...(flags.baseName === undefined ? {} : { baseName: flags.baseName }),
-            ...(flags.baseManifest === undefined ? {} : { baseManifest: flags.baseManifest }),
-            ...(flags.manifest === undefined ? {} : { manifest: flags.manifest }),
-            ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
-            ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
-            ...(flags.dataFile === undefined ? {} : { dataFile: flags.dataFile }),
-            ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
-            onWarning: deferWarning,
-            ...(flags.size === undefined ? {} : { size: flags.size }),
-            ...(flags.bitmap === undefined ? {} : { bitmap: flags.bitmap }),
-            nbd: {
-              timeout: (flags.nbdTimeout ?? 30) * 1000,
-              ...(flags.tlsCa || flags.tlsCert || flags.tlsKey
-                ? { tls: { ...(flags.tlsCa ? { ca: flags.tlsCa } : {}), ...(flags.tlsCert ? { cert: flags.tlsCert } : {}), ...(flags.tlsKey ? { key: flags.tlsKey } : {}) } }
-                : {}),
-            },
-          });
-        } finally {
-          progress.stop();
-        }
-        reportSummary(summary, flags, output === '-', () => describeConvert(output, summary));
-      }),
     );
+}
+
+/** The convert() options a command line asks for (everything but signal and progress). */
+export function convertOptions(input: string, output: string, flags: ConvertFlags): ConvertOptions {
+  return {
+    sync: flags.sync,
+    input,
+    output,
+    layout: flags.internal ? 'internal' : 'external',
+    clusterSize: flags.clusterSize ?? 65536,
+    refcountBits: flags.refcountBits ?? 16,
+    // --no-data-file-raw clears the bit; otherwise convert() picks (overlays clear it).
+    ...(flags.dataFileRaw ? {} : { dataFileRaw: false }),
+    overwrite: flags.force ?? false,
+    ...(flags.dedup ? { dedup: flags.dedupIndexLimit === undefined ? true : { maxEntries: flags.dedupIndexLimit } } : {}),
+    ...(flags.base === undefined ? {} : { base: flags.base }),
+    ...(flags.baseName === undefined ? {} : { baseName: flags.baseName }),
+    ...(flags.baseManifest === undefined ? {} : { baseManifest: flags.baseManifest }),
+    ...(flags.manifest === undefined ? {} : { manifest: flags.manifest }),
+    ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+    ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
+    ...(flags.dataFile === undefined ? {} : { dataFile: flags.dataFile }),
+    ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
+    ...(flags.size === undefined ? {} : { size: flags.size }),
+    ...(flags.bitmap === undefined ? {} : { bitmap: flags.bitmap }),
+    nbd: {
+      timeout: (flags.nbdTimeout ?? 30) * 1000,
+      ...(flags.tlsCa || flags.tlsCert || flags.tlsKey
+        ? { tls: { ...(flags.tlsCa ? { ca: flags.tlsCa } : {}), ...(flags.tlsCert ? { cert: flags.tlsCert } : {}), ...(flags.tlsKey ? { key: flags.tlsKey } : {}) } }
+        : {}),
+    },
+  };
 }
 
 /** Two lines: what was made, and what it cost. */

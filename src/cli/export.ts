@@ -6,12 +6,15 @@
 
 import { isatty } from 'node:tty';
 import { createProgress } from './progress.js';
-import { InvalidArgumentError as CommanderInvalidArgument, type Command } from 'commander';
+import { Command, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
 import { action, deferWarning, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, printJson, processSignal } from './common.js';
 import { InvalidArgumentError } from '../errors.js';
 import type { ImageFormat } from '../read/image.js';
+import type { ExportResult } from '../read/export.js';
+import type { Progress } from '../progress.js';
 
-interface ExportFlags {
+/** export's parsed options, as commander hands them over. */
+export interface ExportFlags {
   format?: ImageFormat;
   dataFile?: string;
   backing?: string;
@@ -26,8 +29,39 @@ interface ExportFlags {
 }
 
 export function registerExport(program: Command): void {
-  program
-    .command('export')
+  program.addCommand(
+    defineExport(new Command('export')).action(
+      action(async (imagePath: string, output: string, flags: ExportFlags) => {
+        if (output === '-' && isatty(1)) {
+          throw new InvalidArgumentError('Refusing to write a disk image to a terminal', { hint: "Redirect standard output, e.g. '> disk.raw' or '| gzip > disk.raw.gz'" });
+        }
+        const progress = await createProgress({ label: 'export', quiet: Boolean(flags.quiet || flags.json) });
+        let result;
+        try {
+          result = await runExport(imagePath, output, flags, {
+            signal: processSignal(),
+            onProgress: progress.update,
+            onWarning: deferWarning,
+          });
+        } finally {
+          progress.stop();
+        }
+        if (flags.json) {
+          const summary = { image: imagePath, output, 'virtual-size': result.bytes, 'bytes-written': result.bytesWritten, warnings: result.warnings };
+          // Standard output may be carrying the image itself.
+          if (output === '-') process.stderr.write(`${JSON.stringify(summary)}\n`);
+          else printJson(summary);
+        } else if (!flags.quiet && output !== '-') {
+          process.stderr.write(`Exported ${formatBytes(result.bytes)} to '${output}' (${formatBytes(result.bytesWritten)} written)\n`);
+        }
+      }),
+    ),
+  );
+}
+
+/** export's arguments, options and help on `command`, without an action (fleet jobs parse with it too). */
+export function defineExport(command: Command): Command {
+  return command
     .description('Write the guest bytes of an image as a raw image (sparse file, or a stream with -)')
     .argument('<image>', 'the qcow2 (or raw) image to read')
     .argument('<output>', "the raw file to write, s3://bucket/key, or '-' for standard output")
@@ -52,43 +86,36 @@ Examples:
   qcow2-stream export disk.qcow2 - | gzip > disk.raw.gz
   qcow2-stream export moved.qcow2 moved.raw --data-file /mnt/backup/disk.data
   qcow2-stream export disk.qcow2 s3://backups/disk.raw    # multipart upload; zeros are sent as bytes`,
-    )
-    .action(
-      action(async (imagePath: string, output: string, flags: ExportFlags) => {
-        if (output === '-' && isatty(1)) {
-          throw new InvalidArgumentError('Refusing to write a disk image to a terminal', { hint: "Redirect standard output, e.g. '> disk.raw' or '| gzip > disk.raw.gz'" });
-        }
-        const [{ openDisk }, { exportToFile }] = await Promise.all([import('../read/image.js'), import('../read/export.js')]);
-        const image = await openDisk(imagePath, {
-          ...(flags.format ? { format: flags.format } : {}),
-          ...(flags.dataFile ? { dataFile: flags.dataFile } : {}),
-          ...(flags.backing ? { backing: flags.backing } : {}),
-          ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
-          ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
-          ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
-          onWarning: deferWarning,
-        });
-        try {
-          const progress = await createProgress({ label: 'export', quiet: Boolean(flags.quiet || flags.json) });
-          let result;
-          try {
-            result = await exportToFile(image, output, { signal: processSignal(), onProgress: progress.update, sync: flags.sync, overwrite: flags.force ?? false });
-          } finally {
-            progress.stop();
-          }
-          if (flags.json) {
-            const summary = { image: imagePath, output, 'virtual-size': result.bytes, 'bytes-written': result.bytesWritten, warnings: result.warnings };
-            // Standard output may be carrying the image itself.
-            if (output === '-') process.stderr.write(`${JSON.stringify(summary)}\n`);
-            else printJson(summary);
-          } else if (!flags.quiet && output !== '-') {
-            process.stderr.write(`Exported ${formatBytes(result.bytes)} to '${output}' (${formatBytes(result.bytesWritten)} written)\n`);
-          }
-        } finally {
-          await image.close();
-        }
-      }),
     );
+}
+
+/** Opens the image as the flags say and exports it to `output`. */
+export async function runExport(
+  imagePath: string,
+  output: string,
+  flags: ExportFlags,
+  hooks: { signal?: AbortSignal; onProgress?: (progress: Progress) => void; onWarning?: (message: string) => void },
+): Promise<ExportResult> {
+  const [{ openDisk }, { exportToFile }] = await Promise.all([import('../read/image.js'), import('../read/export.js')]);
+  const image = await openDisk(imagePath, {
+    ...(flags.format ? { format: flags.format } : {}),
+    ...(flags.dataFile ? { dataFile: flags.dataFile } : {}),
+    ...(flags.backing ? { backing: flags.backing } : {}),
+    ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
+    ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+    ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
+    ...(hooks.onWarning ? { onWarning: hooks.onWarning } : {}),
+  });
+  try {
+    return await exportToFile(image, output, {
+      ...(hooks.signal ? { signal: hooks.signal } : {}),
+      ...(hooks.onProgress ? { onProgress: hooks.onProgress } : {}),
+      sync: flags.sync,
+      overwrite: flags.force ?? false,
+    });
+  } finally {
+    await image.close();
+  }
 }
 
 /**
