@@ -319,9 +319,11 @@ function describeErrno(errno: string): string {
  * `denied` (credentials or permissions), or `failed` (network, throttling, a 5xx: worth a retry).
  */
 export class ObjectStorageError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_OBJECT_STORAGE';
   /** The object, as `s3://bucket/key`. */
   readonly uri: string;
+  /** What kind of failure: `exists`, `not-found`, `denied`, or `failed` (worth a retry). */
   readonly reason: 'exists' | 'not-found' | 'denied' | 'failed';
   /** The HTTP status the store answered with, when there was an answer. */
   readonly status: number | undefined;
@@ -339,7 +341,9 @@ export class ObjectStorageError extends Qcow2StreamError {
  * conversion never installs or loads them.
  */
 export class MissingDependencyError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_MISSING_DEPENDENCY';
+  /** The packages to install. */
   readonly packages: readonly string[];
   constructor(message: string, packages: readonly string[], options?: ErrorOptions) {
     super(message, options, MissingDependencyError.CODE);
@@ -349,6 +353,7 @@ export class MissingDependencyError extends Qcow2StreamError {
 
 /** A fleet job could not be run as asked: a payload that is not a convert or export invocation, an unknown job id. */
 export class JobError extends Qcow2StreamError {
+  /** The stable code of this class. */
   static readonly CODE = 'QCOW_ERR_JOB';
   constructor(message: string, options?: ErrorOptions) {
     super(message, options, JobError.CODE);
