@@ -134,6 +134,16 @@ Examples:
     .option('--queue <name>', 'the queue (default: qcow2-stream)')
     .option('--json', 'print JSON')
     .argument('[id]', 'one job (default: the 50 most recent)')
+    .addHelpText(
+      'after',
+      `
+One line per job: id, state, progress (phase, bytes done of total) or the summary, or the error
+with its code, attempts made, the command line. Exit code 1 when the job asked for has failed.
+
+Examples:
+  qcow2-stream jobs --connection redis://127.0.0.1:6379
+  qcow2-stream jobs --connection redis://127.0.0.1:6379 vm1-disk0-2026-12-02 --json`,
+    )
     .action(
       action(async (id: string | undefined, flags: ConnectionFlags & { json?: boolean }) => {
         const { jobStatus, listJobs, openQueue } = await import('../fleet/bullmq.js');

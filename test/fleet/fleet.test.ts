@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { execFileSync } from 'node:child_process';
 import { open, readdir } from 'node:fs/promises';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { mixedExtents, writeRawImage } from '../helpers/images.js';
 import { hasQemuImg, qemuCheck, qemuCompare, tempDir } from '../helpers/qemu.js';
@@ -120,6 +120,9 @@ test('3 workers, 30 jobs (files and objects, mixed sizes): every output is qemu-
   for (const job of jobs) {
     const status = await jobStatus(queue, job.id);
     assert.equal(status?.state, 'completed', `${job.id}: ${JSON.stringify(status?.error)}`);
+    // The last progress report: every byte done, of the input's size.
+    const size = statSync(job.raw).size;
+    assert.deepEqual(status?.progress, { phase: 'finishing', bytesDone: size, bytesTotal: size }, job.id);
     const n = job.id.slice('night-d'.length);
     if (job.kind === 's3') await checkObjects(dir, `s3://fleet/night/d${n}.qcow2`, `s3://fleet/night/d${n}.data`, job.raw);
     else {
