@@ -236,3 +236,41 @@ test('a hostile image fails once with its code and is not retried; the same id t
   worker.child.kill('SIGTERM');
   assert.equal(await worker.exited, 0);
 });
+
+test('SIGTERM: a worker waits for its running job at most --shutdown-timeout, then cancels it; the job is retried, nothing partial left', { skip }, async (t) => {
+  const dir = tempDir(t);
+  const queueName = 'term';
+  const queue = openQueue(redis.url, queueName);
+  t.after(() => queue.close());
+  const size = 4 * MiB;
+  const raw = join(dir, 't.raw');
+  writeRawImage(raw, size, [{ offset: 0, length: size, kind: 'random' }], 8);
+  const bytes = readFileSync(raw);
+  const fifo = join(dir, 't.fifo');
+  execFileSync('mkfifo', [fifo]);
+  const worker = startWorker(queueName, ['--shutdown-timeout', '1']);
+  await enqueue(queue, ['convert', fifo, join(dir, 't.qcow2'), '--size', String(size), '--no-sync'], { id: 'term-1', backoffDelay: 200 });
+  const feed = await open(fifo, 'w');
+  await feed.write(bytes.subarray(0, MiB));
+  await waitFor('a partial output', async () => (await readdir(dir)).some((n) => n.endsWith('.partial')));
+  // The input stalls: the job cannot finish within the timeout.
+  worker.child.kill('SIGTERM');
+  assert.equal(await worker.exited, 0, worker.log());
+  await feed.close().catch(() => {});
+  assert.match(worker.log(), /shutdown timeout: cancelling running jobs/);
+  const status = await jobStatus(queue, 'term-1');
+  assert.ok(status && ['delayed', 'waiting'].includes(status.state), JSON.stringify(status));
+  assert.equal(status.attemptsMade, 1);
+  assert.equal(status.error?.code, 'QCOW_ERR_ABORTED');
+  assert.deepEqual((await readdir(dir)).filter((n) => n.endsWith('.partial') || n.startsWith('t.qcow2') || n.startsWith('t.data')), []);
+  // Another worker picks it up and completes it.
+  const next = startWorker(queueName);
+  const feed2 = await open(fifo, 'w');
+  await feed2.write(bytes);
+  await feed2.close();
+  await waitDone(queue, ['term-1']);
+  assert.equal((await jobStatus(queue, 'term-1'))?.state, 'completed');
+  assert.equal(qemuCompare(raw, 't.qcow2', dir).code, 0);
+  next.child.kill('SIGTERM');
+  assert.equal(await next.exited, 0);
+});
