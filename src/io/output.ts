@@ -11,6 +11,9 @@
  * so a failed run never leaves an output that looks valid; `abort()` removes the temporary.
  * By default `commit()` is durable: the file is fsynced before the rename and its directory
  * after it, so once commit() resolves the output survives a crash or power loss.
+ *
+ * An `s3://bucket/key` target is a stream output too: a multipart upload (src/io/s3.ts) that
+ * appears under its key only at commit() and is aborted by abort().
  */
 
 import { link, lstat, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
@@ -24,6 +27,7 @@ import { fileError, FileError } from '../errors.js';
 import { kindOf } from './files.js';
 import { zeroBuffer } from './buffers.js';
 import { nativeAddon } from './native.js';
+import { isS3Uri } from './s3-uri.js';
 
 /**
  * Native copies ({@link OffsetWriter.copyClustersFrom}) a writer keeps in flight, one per thread
@@ -40,7 +44,7 @@ export interface CopySource {
   name: string;
 }
 
-/** Where an output goes: a path, `'-'` for standard output, or a Node Writable. */
+/** Where an output goes: a path, `s3://bucket/key`, `'-'` for standard output, or a Node Writable. */
 export type OutputTarget = string | Writable;
 
 /** Options of {@link OffsetWriter.create}. */
@@ -59,12 +63,20 @@ export interface OutputOptions {
    * to fsync.
    */
   sync?: boolean;
+  /**
+   * The output's final size, when known: an `s3://` output picks its part size from it, so
+   * that 10,000 parts suffice (unknown: 16 MiB parts, at most 156 GiB).
+   */
+  sizeHint?: number | undefined;
 }
 
 /** Sequential byte sink underneath a stream output. */
 interface SequentialSink {
   write(chunk: Uint8Array): Promise<void>;
+  /** Ends the output; for an object, this is when it appears under its key. */
   close(): Promise<void>;
+  /** Drops a failed output (an object's multipart upload is aborted); without it, close(). */
+  abort?(): Promise<void>;
 }
 
 const ZERO_CHUNK = 1024 * 1024;
@@ -108,6 +120,12 @@ export class OffsetWriter {
   static async create(target: OutputTarget, options: OutputOptions): Promise<OffsetWriter> {
     if (typeof target !== 'string') {
       return new OffsetWriter('stream', undefined, options.label, undefined, undefined, writableSink(target), false, true);
+    }
+    if (isS3Uri(target)) {
+      // Loaded only when an object is written: the AWS SDK stays out of plain conversions.
+      const { S3UploadSink } = await import('./s3.js');
+      const sink = await S3UploadSink.open(target, { overwrite: options.overwrite ?? true, sizeHint: options.sizeHint });
+      return new OffsetWriter('stream', target, options.label, undefined, undefined, sink, false, options.overwrite ?? true);
     }
     if (target === '-') {
       return new OffsetWriter('stream', '-', options.label, undefined, undefined, fdSink(1, 'standard output'), false, true);
@@ -287,11 +305,25 @@ export class OffsetWriter {
     return true;
   }
 
-  /** Closes the output after a failure; a temporary file is removed. Never throws. */
+  /**
+   * Removes an output that commit() put in place, when a later step of the same run failed (the
+   * data file of an image whose metadata could not be written). Files and objects only; never throws.
+   */
+  async discard(): Promise<void> {
+    if (!this.closed || !this.path || this.path === '-') return;
+    if (isS3Uri(this.path)) {
+      const { deleteObject } = await import('./s3.js');
+      await deleteObject(this.path).catch(() => {});
+    } else if (this.kind === 'file') {
+      await unlink(this.path).catch(() => {});
+    }
+  }
+
+  /** Closes the output after a failure; a temporary file is removed, an upload aborted. Never throws. */
   async abort(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.sink?.close().catch(() => {});
+    await (this.sink?.abort ? this.sink.abort() : this.sink?.close())?.catch(() => {});
     await this.handle?.close().catch(() => {});
     await this.removeTemp();
   }

@@ -35,10 +35,11 @@ import { storedNameFindsFile } from '../io/path-policy.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
 import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
+import { isS3Uri, keyBaseName } from '../io/s3-uri.js';
 
 /**
- * A raw image: a path, '-' for standard input, an NBD URI (nbd://, nbd+unix://, nbds://,
- * nbds+unix://), a Node Readable or any async iterable of bytes.
+ * A raw image: a path, `s3://bucket/key`, '-' for standard input, an NBD URI (nbd://,
+ * nbd+unix://, nbds://, nbds+unix://), a Node Readable or any async iterable of bytes.
  */
 export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 
@@ -192,6 +193,9 @@ interface BlockSink {
  * DedupUnsupportedError, InputSizeError, FileError, AbortedError…) with no output left behind.
  */
 export async function convert(options: ConvertOptions): Promise<ConvertSummary> {
+  // Objects (s3://) in or out: the same conversion over rewritten options (write/object-io.ts).
+  if (isS3Uri(options.input)) return convert(await (await import('./object-io.js')).withObjectInput({ ...options, input: options.input }));
+  if (options.layout === 'internal' && isS3Uri(options.output)) return (await import('./object-io.js')).internalToObject(options, convert);
   const started = performance.now();
   const layout = options.layout ?? 'external';
   const warnings: string[] = [];
@@ -223,7 +227,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
       dataFile = defaultDataFilePath(output);
     }
     if (dataFile === '-') throw new InvalidArgumentError('The data file must be a path or a Writable, not standard output');
-    dataFileName = options.dataFileName ?? (typeof dataFile === 'string' ? dataFile : undefined);
+    // An object's stored name is its key's last segment: the two objects are fetched side by side.
+    dataFileName = options.dataFileName ?? (isS3Uri(dataFile) ? keyBaseName(dataFile) : typeof dataFile === 'string' ? dataFile : undefined);
     if (dataFileName === undefined) throw new InvalidArgumentError('dataFileName is required when the data file is a stream');
     checkDataFileName(dataFileName, settings);
     if (typeof output === 'string' && output !== '-' && typeof dataFile === 'string' && !storedNameFindsFile(output, dataFileName, dataFile)) {
