@@ -128,7 +128,7 @@ export async function openDisk(path: string, options: OpenDiskOptions = {}): Pro
   const context = newContext(options);
   if (options.format === 'qcow2') return openQcow2(path, context, 0, options.dataFile, options.backing, options.backingFormat);
   if (options.format === 'raw') return openRaw(path, context);
-  return (await probeFormat(path)) === 'qcow2'
+  return (await probeFormat(path, context.warn)) === 'qcow2'
     ? openQcow2(path, context, 0, options.dataFile, options.backing, options.backingFormat)
     : openRaw(path, context);
 }

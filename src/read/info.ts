@@ -20,7 +20,7 @@ import {
 import { CorruptImageError, fileError } from '../errors.js';
 import { readFully, type OpenedFile } from '../io/files.js';
 import { openSeekable, readHeader, validateTables, type ImageFormat } from './image.js';
-import { QCOW2_MAGIC } from '../format/index.js';
+import { probeFormat } from './probe.js';
 
 /** qemu-img info's JSON, field for field where qemu has one. */
 export interface ImageInfo {
@@ -128,9 +128,7 @@ export async function readImageInfo(path: string, format?: ImageFormat): Promise
     } catch (err) {
       throw fileError(err, 'inspect', path);
     }
-    const magic = new Uint8Array(4);
-    const got = await readFully(file.handle, magic, 0, 4, 0, path);
-    const isQcow2 = format === 'qcow2' || (format === undefined && got === 4 && new DataView(magic.buffer).getUint32(0) === QCOW2_MAGIC);
+    const isQcow2 = (format ?? (await probeFormat(path))) === 'qcow2';
     if (!isQcow2) return { filename: path, format: 'raw', 'virtual-size': file.size, 'actual-size': actualSize };
     const header = await readHeader(file);
     validateTables(header, file.size, path, 'inspect');

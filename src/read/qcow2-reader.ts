@@ -284,7 +284,7 @@ export class Qcow2Image extends BaseImage {
 
 async function openByFormat(path: string, format: ImageFormat | undefined, context: OpenContext, depth: number): Promise<BaseImage> {
   checkChainDepth(path, context, depth);
-  const chosen = format ?? (await probeFormat(path));
+  const chosen = format ?? (await probeFormat(path, context.warn));
   return (chosen === 'qcow2' ? openQcow2(path, context, depth) : openRaw(path, context)) as Promise<BaseImage>;
 }
 

@@ -11,14 +11,16 @@
  * error, abort, size mismatch) removes what this run created.
  */
 
+import { stat } from 'node:fs/promises';
 import { relative, dirname, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { blockEnd, type Block } from '../block.js';
 import type { Progress } from '../progress.js';
-import { DedupUnsupportedError, InvalidArgumentError, LimitExceededError } from '../errors.js';
+import { DedupUnsupportedError, fileError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
+import { kindOf } from '../io/files.js';
 import type { OutputTarget } from '../io/output.js';
-import type { DiskImage } from '../read/image.js';
+import type { DiskImage, ImageFormat } from '../read/image.js';
 import { DEFAULT_MAX_CHAIN_DEPTH } from '../format/constants.js';
 import { zeroDetect } from '../../transforms/zero-detect.js';
 import type { DedupStats } from '../../transforms/dedup.js';
@@ -31,12 +33,15 @@ import { defaultDataFilePath } from './paths.js';
 import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.js';
 import { storedNameFindsFile } from '../io/path-policy.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
+import { imageBlocks } from './image-source.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
 import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
+import { inputSizeMismatch } from './clusterize.js';
 
 /**
- * A raw image: a path, '-' for standard input, an NBD URI (nbd://, nbd+unix://, nbds://,
- * nbds+unix://), a Node Readable or any async iterable of bytes.
+ * The input image: a path (its format probed, or given by `inputFormat`), '-' for standard
+ * input, an NBD URI (nbd://, nbd+unix://, nbds://, nbds+unix://), a Node Readable or any async
+ * iterable of raw bytes.
  */
 export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 
@@ -44,8 +49,18 @@ export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 export type ConvertProgress = Progress;
 
 export interface ConvertOptions extends ImageOptions {
-  /** The raw image: a path, '-' for standard input, a Node Readable or any async iterable of bytes. */
+  /**
+   * The input: a path, '-' for standard input, a Node Readable or any async iterable of raw
+   * bytes. A path is probed (src/read/probe.ts): raw is copied as it is, an image format the
+   * readers open (qcow2 with its chain…) is read through its reader, and a recognised format
+   * no reader opens is refused by name (UnsupportedFormatError), never taken as raw.
+   */
   input: ConvertInput;
+  /**
+   * The format of a path input, instead of probing it (`raw` for untrusted raw files, so a
+   * planted header is not obeyed).
+   */
+  inputFormat?: ImageFormat;
   /** The qcow2 file: a path, '-' for standard output, or a Writable (external layout only). */
   output: OutputTarget;
   /**
@@ -97,7 +112,7 @@ export interface ConvertOptions extends ImageOptions {
   baseManifest?: string;
   /** Write a fingerprint manifest of the new image to this path. */
   manifest?: string;
-  /** Follow names stored inside the base image even outside its directory (see the path policy). */
+  /** Follow names stored inside the input and base images even outside their directory (see the path policy). */
   allowUnsafePaths?: boolean;
   /**
    * Most images the new overlay's chain may hold, itself included (default 128, as every
@@ -230,9 +245,14 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   // Connected (and the bitmap checked) before any output is created.
   const nbd = nbdUri === undefined ? undefined : await (await import('./nbd-source.js')).openNbdInput(nbdUri, options);
   if (nbd) opened.push(nbd);
-  const input = typeof options.input === 'string' && !nbd ? await openInput(options.input, options.size) : undefined;
+  // A path is probed: an image is read through its reader, never taken as raw bytes.
+  const image = typeof options.input === 'string' && !nbd ? await openImageInput(options.input, options, warn) : undefined;
+  if (image) opened.push(image);
+  let input: OpenedInput | undefined;
   try {
-    const size = nbd ? nbd.size : input ? input.size : options.size;
+    input = typeof options.input === 'string' && !nbd && !image ? await openInput(options.input, options.size) : undefined;
+    if (image && options.size !== undefined && options.size !== image.virtualSize) throw inputSizeMismatch(options.size, image.virtualSize);
+    const size = nbd ? nbd.size : image ? image.virtualSize : input ? input.size : options.size;
     if (size !== undefined) checkVirtualSize(roundUpToSector(size), settings.clusterBits);
     // An incremental from a dirty bitmap knows what changed: the base is only the backing file.
     const incremental = options.bitmap !== undefined;
@@ -240,10 +260,10 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     const baseImage = options.base !== undefined ? await openBase(options) : undefined;
     if (baseImage) opened.push(baseImage);
     if (baseImage) checkNewChainDepth(baseImage, options.maxChainDepth);
-    await refuseOverlaps(await readFiles(input, options, baseImage), writtenFiles(output, dataFile, options.manifest));
+    await refuseOverlaps(await readFiles(input, image, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
-    const pool = input || nbd ? new BufferPool() : undefined;
+    const pool = input || nbd || image ? new BufferPool() : undefined;
     // Every stage below is ours and lets go of a Block once the sink is done with it.
     const onBlockDone = pool ? (block: Block) => pool.release(block.data) : undefined;
 
@@ -301,6 +321,9 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
           // A server can stall (up to the client's timeout): race each Block against the signal.
           blocks = nbd.blocks(settings.clusterSize, pool);
           if (signal) blocks = abortable(blocks, signal);
+        } else if (image) {
+          // Ranges no layer holds data for come as zero runs, never read.
+          blocks = imageBlocks(image, { clusterSize: settings.clusterSize, ...(pool ? { pool } : {}) });
         } else if (input) {
           // Holes come as zero runs, never read: every stage below handles runs.
           blocks = readBlocks(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
@@ -494,9 +517,11 @@ async function finishInternal(writer: InternalImageWriter, settings: ImageSettin
 }
 
 /** Every file the conversion reads: the input, the base (its whole chain), the base manifest. */
-async function readFiles(input: OpenedInput | undefined, options: ConvertOptions, baseImage: DiskImage | undefined): Promise<RunFile[]> {
+async function readFiles(input: OpenedInput | undefined, image: DiskImage | undefined, options: ConvertOptions, baseImage: DiskImage | undefined): Promise<RunFile[]> {
   const files: RunFile[] = [];
   if (input?.file) files.push({ role: 'input', path: input.file.path, stats: await input.file.handle.stat() });
+  // An image input: none of the files it reads (its chain, data files) may be written.
+  if (image) files.push(...(await import('../read/chain-files.js')).chainFiles(image, 'input'));
   if (baseImage) files.push(...(await import('../read/chain-files.js')).chainFiles(baseImage, 'base'));
   else if (options.base !== undefined) files.push({ role: 'base', path: options.base });
   if (options.baseManifest !== undefined) files.push({ role: 'base manifest', path: options.baseManifest });
@@ -512,4 +537,34 @@ function writtenFiles(output: OutputTarget, dataFile: string | Writable | undefi
   }
   if (manifest !== undefined) files.push({ role: 'manifest', path: manifest });
   return files;
+}
+
+/**
+ * Opens a path input as an image when it is not raw: probed unless `inputFormat` says. Returns
+ * undefined for raw input (standard input, a pipe, or a file probed or declared raw), which the
+ * raw sources read. Recognised formats no reader opens are refused by name here.
+ */
+async function openImageInput(path: string, options: ConvertOptions, warn: (message: string) => void): Promise<DiskImage | undefined> {
+  if (options.inputFormat === 'raw') return undefined;
+  let seekable: boolean;
+  try {
+    const kind = path === '-' ? 'pipe' : kindOf(await stat(path));
+    seekable = kind === 'file' || kind === 'block-device';
+  } catch (err) {
+    throw fileError(err, 'open', path);
+  }
+  if (!seekable) {
+    if (options.inputFormat === undefined) return undefined;
+    throw new NotSeekableError(`Reading a ${options.inputFormat} image needs random access, but '${path === '-' ? 'standard input' : path}' is a pipe`, {
+      hint: 'Write the input to a file first, then convert the file',
+    });
+  }
+  const { openDisk, probeFormat } = await import('../read/image.js');
+  const format = options.inputFormat ?? (await probeFormat(path, warn));
+  if (format === 'raw') return undefined;
+  return openDisk(path, {
+    format,
+    ...(options.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+    onWarning: warn,
+  });
 }
