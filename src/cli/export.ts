@@ -95,6 +95,7 @@ Examples:
  * reports as a usage error next to the option (any other error would escape as a stack trace).
  */
 export function parseFormat(value: string): ImageFormat {
-  if (value === 'qcow2' || value === 'raw') return value;
-  throw new CommanderInvalidArgument(`Unknown image format '${value}' (qcow2 or raw)`);
+  if (value === 'qcow2' || value === 'raw' || value === 'vpc' || value === 'vmdk' || value === 'vhdx') return value;
+  if (value === 'vhd') return 'vpc';
+  throw new CommanderInvalidArgument(`Unknown image format '${value}' (qcow2, raw, vmdk, vpc, vhdx)`);
 }

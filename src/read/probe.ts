@@ -22,10 +22,10 @@ export const PROBE_HEAD_BYTES = 4096;
 export const PROBE_TAIL_BYTES = 512;
 
 /** The formats the readers open. */
-const READABLE: ReadonlySet<string> = new Set<ImageFormat>(['qcow2', 'raw']);
+const READABLE: ReadonlySet<string> = new Set<ImageFormat>(['qcow2', 'raw', 'vpc']);
 
 /** A format the probe can name: one the readers open, or one only recognised. */
-export type DetectedFormat = ImageFormat | 'vmdk' | 'vpc' | 'vhdx' | 'qcow' | 'qed' | 'vdi' | 'parallels' | 'luks' | 'dmg' | 'cloop' | 'bochs';
+export type DetectedFormat = ImageFormat | 'qcow' | 'qed' | 'vdi' | 'parallels' | 'luks' | 'dmg' | 'cloop' | 'bochs';
 
 const ascii = (text: string) => Uint8Array.from(text, (c) => c.charCodeAt(0));
 
