@@ -11,6 +11,7 @@ import { newContext } from './base-image.js';
 import { openQcow2 } from './qcow2-reader.js';
 import { openRaw } from './raw-reader.js';
 import { openVhd } from './vhd-reader.js';
+import { openVmdk } from './vmdk-reader.js';
 import { InvalidArgumentError, UnsupportedFormatError } from '../errors.js';
 import { probeFormat } from './probe.js';
 
@@ -138,6 +139,8 @@ export async function openDisk(path: string, options: OpenDiskOptions = {}): Pro
       refuseDataFile(options, format);
       return openVhd(path, context, 0, options.backing);
     case 'vmdk':
+      refuseDataFile(options, format);
+      return openVmdk(path, context, 0, options.backing);
     case 'vhdx':
       throw new UnsupportedFormatError(`Reading ${format} images is not supported yet ('${path}')`, format);
   }
