@@ -12,7 +12,8 @@ import { openQcow2 } from './qcow2-reader.js';
 import { openRaw } from './raw-reader.js';
 import { openVhd } from './vhd-reader.js';
 import { openVmdk } from './vmdk-reader.js';
-import { InvalidArgumentError, UnsupportedFormatError } from '../errors.js';
+import { openVhdx } from './vhdx-reader.js';
+import { InvalidArgumentError } from '../errors.js';
 import { probeFormat } from './probe.js';
 
 export { extentFile, openSeekable, type ExtentFile } from './base-image.js';
@@ -142,7 +143,8 @@ export async function openDisk(path: string, options: OpenDiskOptions = {}): Pro
       refuseDataFile(options, format);
       return openVmdk(path, context, 0, options.backing);
     case 'vhdx':
-      throw new UnsupportedFormatError(`Reading ${format} images is not supported yet ('${path}')`, format);
+      refuseDataFile(options, format);
+      return openVhdx(path, context, 0, options.backing);
   }
 }
 

@@ -22,7 +22,7 @@ export const PROBE_HEAD_BYTES = 4096;
 export const PROBE_TAIL_BYTES = 512;
 
 /** The formats the readers open. */
-const READABLE: ReadonlySet<string> = new Set<ImageFormat>(['qcow2', 'raw', 'vpc', 'vmdk']);
+const READABLE: ReadonlySet<string> = new Set<ImageFormat>(['qcow2', 'raw', 'vpc', 'vmdk', 'vhdx']);
 
 /** A format the probe can name: one the readers open, or one only recognised. */
 export type DetectedFormat = ImageFormat | 'qcow' | 'qed' | 'vdi' | 'parallels' | 'luks' | 'dmg' | 'cloop' | 'bochs';
