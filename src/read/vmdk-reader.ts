@@ -437,3 +437,93 @@ export async function openVmdk(path: string, context: OpenContext, depth = 0, ex
     throw err;
   }
 }
+
+/** Sequential bytes, as a stream parser reads them. */
+export interface SequentialBytes {
+  /** Exactly `length` bytes, or fewer only at the end of the input. */
+  read(length: number): Promise<Uint8Array>;
+  /** Skips `length` bytes; false when the input ended first. */
+  skip(length: number): Promise<boolean>;
+}
+
+/** The most metadata sectors a stream marker may announce (a GD or GT of the largest disk). */
+const MAX_MARKER_SECTORS = MAX_GD_BYTES / SECTOR;
+
+/**
+ * A streamOptimized VMDK read front to back (a pipe): the header, then each grain marker's
+ * inflated grain with its guest offset, in file order. Metadata markers (GT, GD, footer) are
+ * skipped; the end-of-stream marker (or the end of the input) ends it. Memory is one grain.
+ * `header` is called once with the disk's capacity before the first grain.
+ */
+export async function* streamOptimizedGrains(input: SequentialBytes, name: string, onHeader: (header: SparseHeader) => void): AsyncGenerator<{ offset: number; data: Uint8Array }> {
+  const first = await input.read(SECTOR);
+  if (first.length < SECTOR) throw new CorruptImageError(`'${name}' ends inside the VMDK header`, { structure: 'VMDK header', offset: 0 });
+  const header = decodeSparseHeader(first, name);
+  const view = new DataView(first.buffer, first.byteOffset, SECTOR);
+  const overhead = u64le(view, 64);
+  const notStream = (why: string) =>
+    new UnsupportedFeatureError(`'${name}' cannot be read as a stream: ${why}`, { structure: 'VMDK header', hint: 'Write the input to a file first, then convert the file' });
+  if ((header.flags & FLAG_COMPRESSED) === 0 || (header.flags & FLAG_MARKERS) === 0) throw notStream('only a streamOptimized VMDK (compressed grains with markers) is read from a pipe');
+  if (header.compressAlgorithm !== COMPRESSION_DEFLATE) throw notStream(`grains are compressed with algorithm ${header.compressAlgorithm}`);
+  if (header.grainSectors < 1 || header.grainSectors * SECTOR > MAX_GRAIN_BYTES || (header.grainSectors & (header.grainSectors - 1)) !== 0) {
+    throw new CorruptImageError(`The grain size of ${header.grainSectors} sectors is not a power of two up to ${MAX_GRAIN_BYTES / SECTOR} (in '${name}')`, { structure: 'VMDK header', field: 'grainSize' });
+  }
+  if (header.capacitySectors < 0 || header.capacitySectors * SECTOR > Number.MAX_SAFE_INTEGER) {
+    throw new CorruptImageError(`The capacity ${header.capacitySectors} sectors is impossible (in '${name}')`, { structure: 'VMDK header', field: 'capacity' });
+  }
+  if (overhead < 1 || overhead > MAX_MARKER_SECTORS) throw new CorruptImageError(`The header's overhead of ${overhead} sectors is outside 1..${MAX_MARKER_SECTORS} (in '${name}')`, { structure: 'VMDK header', field: 'overHead' });
+  onHeader(header);
+  const grainBytes = header.grainSectors * SECTOR;
+  const capacity = header.capacitySectors * SECTOR;
+  let position = SECTOR;
+  const skipTo = async (target: number) => {
+    if (!(await input.skip(target - position))) throw new CorruptImageError(`'${name}' ends at byte ${position}, before the data its header announces`, { structure: 'VMDK stream', offset: position });
+    position = target;
+  };
+  await skipTo(overhead * SECTOR);
+  let lastEnd = 0;
+  for (;;) {
+    const markerBytes = await input.read(SECTOR);
+    if (markerBytes.length === 0) return; // the end of the input: qemu's writer ends without an EOS marker
+    if (markerBytes.length < SECTOR) throw new CorruptImageError(`'${name}' ends inside a marker at byte ${position}`, { structure: 'VMDK stream', offset: position });
+    const marker = new DataView(markerBytes.buffer, markerBytes.byteOffset, SECTOR);
+    const value = u64le(marker, 0);
+    const size = marker.getUint32(8, true);
+    if (size === 0) {
+      const type = marker.getUint32(12, true);
+      position += SECTOR;
+      if (type === MARKER_EOS) return;
+      if (type !== MARKER_GT && type !== MARKER_GD && type !== MARKER_FOOTER) {
+        throw new CorruptImageError(`Unknown VMDK stream marker type ${type} at byte ${position - SECTOR} of '${name}'`, { structure: 'VMDK stream', offset: position - SECTOR });
+      }
+      if (value < 0 || value > MAX_MARKER_SECTORS) throw new CorruptImageError(`A VMDK stream marker at byte ${position - SECTOR} announces ${value} sectors`, { structure: 'VMDK stream', offset: position - SECTOR });
+      await skipTo(position + value * SECTOR);
+      continue;
+    }
+    if (size > grainBytes * 2 + 1024) {
+      throw new CorruptImageError(`The grain marker at byte ${position} of '${name}' gives a compressed size of ${size} for a ${grainBytes}-byte grain`, { structure: 'VMDK grain marker', offset: position });
+    }
+    const lba = value * SECTOR;
+    if (value < 0 || lba % grainBytes !== 0 || lba >= capacity) {
+      throw new CorruptImageError(`The grain marker at byte ${position} of '${name}' is for sector ${value}, not a grain of the disk`, { structure: 'VMDK grain marker', offset: position });
+    }
+    if (lba < lastEnd) {
+      throw new UnsupportedFeatureError(`The grains of '${name}' are not in disk order (sector ${value} after ${lastEnd / SECTOR}), so it cannot be read as a stream`, {
+        structure: 'VMDK stream',
+        hint: 'Write the input to a file first, then convert the file',
+      });
+    }
+    const total = Math.ceil((12 + size) / SECTOR) * SECTOR;
+    const rest = await input.read(total - SECTOR);
+    if (rest.length < total - SECTOR) throw new CorruptImageError(`'${name}' ends inside the grain at byte ${position}`, { structure: 'VMDK grain', offset: position });
+    const compressed = new Uint8Array(total - 12);
+    compressed.set(markerBytes.subarray(12));
+    compressed.set(rest, SECTOR - 12);
+    const length = Math.min(grainBytes, capacity - lba);
+    const out = new Uint8Array(grainBytes);
+    inflateGrain(compressed.subarray(0, size), out, name, position);
+    yield { offset: lba, data: out.subarray(0, length) };
+    lastEnd = lba + length;
+    position += total;
+  }
+}

@@ -11,12 +11,13 @@
  * error, abort, size mismatch) removes what this run created.
  */
 
+import { fstatSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { relative, dirname, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { blockEnd, type Block } from '../block.js';
 import type { Progress } from '../progress.js';
-import { DedupUnsupportedError, fileError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
+import { DedupUnsupportedError, fileError, InvalidArgumentError, LimitExceededError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { kindOf } from '../io/files.js';
 import type { OutputTarget } from '../io/output.js';
@@ -34,6 +35,7 @@ import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.j
 import { storedNameFindsFile } from '../io/path-policy.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 import { imageBlocks } from './image-source.js';
+import type { StreamInput } from './stream-image.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
 import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
 import { inputSizeMismatch } from './clusterize.js';
@@ -251,8 +253,16 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   let input: OpenedInput | undefined;
   try {
     input = typeof options.input === 'string' && !nbd && !image ? await openInput(options.input, options.size) : undefined;
-    if (image && options.size !== undefined && options.size !== image.virtualSize) throw inputSizeMismatch(options.size, image.virtualSize);
-    const size = nbd ? nbd.size : image ? image.virtualSize : input ? input.size : options.size;
+    // A pipe is probed from its first bytes: raw goes on as raw, a streamOptimized VMDK or a
+    // fixed VHD (-f vpc) is read in one pass, other formats need a file.
+    let streamed: StreamInput | undefined;
+    if (input && !input.target.positional) {
+      streamed = await (await import('./stream-image.js')).openStreamInput(input.target, options.inputFormat, settings.clusterSize);
+      if (streamed.kind !== 'blocks') input = { ...input, target: streamed.target };
+    }
+    const imageSize = image ? image.virtualSize : streamed?.kind === 'blocks' ? await streamed.size : undefined;
+    if (imageSize !== undefined && options.size !== undefined && options.size !== imageSize) throw inputSizeMismatch(options.size, imageSize);
+    const size = nbd ? nbd.size : (imageSize ?? (input ? input.size : options.size));
     if (size !== undefined) checkVirtualSize(roundUpToSector(size), settings.clusterBits);
     // An incremental from a dirty bitmap knows what changed: the base is only the backing file.
     const incremental = options.bitmap !== undefined;
@@ -324,6 +334,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         } else if (image) {
           // Ranges no layer holds data for come as zero runs, never read.
           blocks = imageBlocks(image, { clusterSize: settings.clusterSize, ...(pool ? { pool } : {}) });
+        } else if (streamed?.kind === 'blocks') {
+          blocks = signal ? abortable(streamed.blocks, signal) : streamed.blocks;
         } else if (input) {
           // Holes come as zero runs, never read: every stage below handles runs.
           blocks = readBlocks(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
@@ -359,6 +371,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
       } else {
         await writeBlocks();
       }
+      // A fixed VHD's footer is known once the stream ended: it must describe what came before it.
+      if (streamed?.kind === 'fixed-vhd') streamed.check(bytesDone);
       if (signal?.aborted) throw abortError(signal);
       const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings);
       await manifest?.finish(summary.virtualSize);
@@ -548,17 +562,15 @@ async function openImageInput(path: string, options: ConvertOptions, warn: (mess
   if (options.inputFormat === 'raw') return undefined;
   let seekable: boolean;
   try {
-    const kind = path === '-' ? 'pipe' : kindOf(await stat(path));
+    const kind = kindOf(path === '-' ? fstatSync(0) : await stat(path));
     seekable = kind === 'file' || kind === 'block-device';
   } catch (err) {
     throw fileError(err, 'open', path);
   }
-  if (!seekable) {
-    if (options.inputFormat === undefined) return undefined;
-    throw new NotSeekableError(`Reading a ${options.inputFormat} image needs random access, but '${path === '-' ? 'standard input' : path}' is a pipe`, {
-      hint: 'Write the input to a file first, then convert the file',
-    });
-  }
+  // A pipe is probed from its first bytes by the stream reader (write/stream-image.ts).
+  if (!seekable) return undefined;
+  // '< image' on standard input: the file behind it, read like any file.
+  if (path === '-') path = '/dev/stdin';
   const { openDisk, probeFormat } = await import('../read/image.js');
   const format = options.inputFormat ?? (await probeFormat(path, warn));
   if (format === 'raw') return undefined;

@@ -92,3 +92,24 @@ function firstDifference(a: Uint8Array, b: Uint8Array): number {
   }
   return a.length === b.length ? -1 : n;
 }
+
+/**
+ * Makes qemu's streamOptimized file look like VMware's: the first header's GD offset is
+ * GD_AT_END and the file ends in a footer marker, a header copy with the GD offset, and an
+ * end-of-stream marker.
+ */
+export function vmwareStyleStream(bytes: Buffer): Buffer {
+  const header = Buffer.from(bytes.subarray(0, 512));
+  const first = Buffer.from(header);
+  first.writeBigInt64LE(-1n, 56);
+  let end = bytes.length;
+  while (end > 512 && bytes.subarray(end - 512, end).every((b) => b === 0)) end -= 512;
+  const marker = (type: number, sectors: number) => {
+    const m = Buffer.alloc(512);
+    m.writeBigUInt64LE(BigInt(sectors), 0);
+    m.writeUInt32LE(type, 12);
+    return m;
+  };
+  // A GT marker with one (empty) sector of table, as VMware puts between grains.
+  return Buffer.concat([first, bytes.subarray(512, end), marker(1, 1), Buffer.alloc(512), marker(3, 1), header, Buffer.alloc(512)]);
+}

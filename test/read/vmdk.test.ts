@@ -4,7 +4,7 @@ import { readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { openDisk } from '../../src/read/image.js';
 import { convert } from '../../src/write/convert.js';
-import { assertConvertsLikeQemu, assertReadsLikeQemu, qemuConvertTo, writeSourceRaw } from '../helpers/foreign.js';
+import { assertConvertsLikeQemu, assertReadsLikeQemu, qemuConvertTo, vmwareStyleStream, writeSourceRaw } from '../helpers/foreign.js';
 import { needQemu, qemuCheck, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
 
 const MiB = 1024 * 1024;
@@ -117,23 +117,6 @@ test('VMDK names go through the path policy; hostile headers are typed errors', 
     );
   }
 });
-
-/**
- * Makes qemu's streamOptimized file look like VMware's: the first header's GD offset is
- * GD_AT_END and the file ends in a footer marker, a header copy with the GD offset, and an
- * end-of-stream marker.
- */
-export function vmwareStyleStream(bytes: Buffer): Buffer {
-  const header = Buffer.from(bytes.subarray(0, 512));
-  const first = Buffer.from(header);
-  first.writeBigInt64LE(-1n, 56);
-  let end = bytes.length;
-  while (end > 512 && bytes.subarray(end - 512, end).every((b) => b === 0)) end -= 512;
-  const footerMarker = Buffer.alloc(512);
-  footerMarker.writeBigUInt64LE(1n, 0);
-  footerMarker.writeUInt32LE(3, 12);
-  return Buffer.concat([first, bytes.subarray(512, end), footerMarker, header, Buffer.alloc(512)]);
-}
 
 test('streamOptimized with the grain directory at the end (as VMware writes it)', async (t) => {
   if (!needQemu(t)) return;
