@@ -44,7 +44,7 @@ export async function assertReadsLikeQemu(dir: string, image: string, options: O
   try {
     assert.equal(disk.virtualSize, expected.length, `${image}: virtual size`);
     const out = join(dir, `${image}.ours.raw`);
-    await exportToFile(disk, out, { sync: false });
+    await exportToFile(disk, out, { sync: false, overwrite: true });
     const ours = readFileSync(out);
     assert.equal(ours.length, expected.length);
     const at = firstDifference(ours, expected);
