@@ -207,6 +207,9 @@ class SparseExtent implements CompressedLayer {
         throw new CorruptImageError(`The grain marker at byte ${offset} of '${this.source.path}' gives a compressed size of ${size} for a ${grainBytes}-byte grain`, { structure: 'VMDK grain marker', offset });
       }
     }
+    if (dataOffset + size > this.source.size) {
+      throw new CorruptImageError(`The compressed grain at byte ${offset} of '${this.source.path}' (${size} bytes) runs past the end of the file`, { structure: 'VMDK grain', offset });
+    }
     const compressed = await readExactly(this.source.handle, size, dataOffset, this.source.path, 'VMDK compressed grain');
     const out = new Uint8Array(grainBytes);
     inflateGrain(compressed, out, this.source.path, offset);
