@@ -71,6 +71,12 @@ export interface OpenImageOptions {
    */
   maxChainDepth?: number;
   /**
+   * VHD, VMDK and VHDX: open only the image, not the parent it names (inspecting an untrusted
+   * image must not touch the files it names: `info`). Ranges the parent would answer read as
+   * unallocated zeros. @internal
+   */
+  withoutParents?: boolean;
+  /**
    * Bytes of L2 tables kept in memory for the top image. Default 8 MiB (at least 4 tables);
    * each backing image keeps an eighth of it, so a long chain stays small.
    */

@@ -287,7 +287,7 @@ export async function openVhd(path: string, context: OpenContext, depth = 0, exp
     const batRaw = await readExactly(file.handle, needed, dyn.tableOffset, path, 'VHD block table');
     const bat = new DataView(batRaw.buffer, batRaw.byteOffset, batRaw.byteLength);
 
-    if (footer.diskType === DISK_DIFFERENCING) {
+    if (footer.diskType === DISK_DIFFERENCING && !context.options.withoutParents) {
       const parentPath = explicitParent ?? (await parentName(path, file.handle, file.size, dyn, context));
       const chain = [...context.chain, await realpath(path).catch(() => resolve(path))];
       if (chain.includes(await realpath(parentPath).catch(() => resolve(parentPath)))) {

@@ -335,7 +335,7 @@ export async function openVhdx(path: string, context: OpenContext, depth = 0, ex
     const batRaw = await readExactly(file.handle, batBytes, batRegion.offset, path, 'VHDX BAT');
     const bat = new DataView(batRaw.buffer, batRaw.byteOffset, batRaw.byteLength);
 
-    if (hasParent) {
+    if (hasParent && !context.options.withoutParents) {
       const stored = explicitParent === undefined ? await parentName(path, meta, items.get(META_PARENT_LOCATOR), context) : undefined;
       const parentPath = explicitParent ?? stored!.path;
       const chain = [...context.chain, await realpath(path).catch(() => resolve(path))];

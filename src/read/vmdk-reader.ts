@@ -422,7 +422,7 @@ export async function openVmdk(path: string, context: OpenContext, depth = 0, ex
       }
     }
     const hasParent = descriptor.parentCID !== undefined && descriptor.parentCID.toLowerCase() !== 'ffffffff';
-    if (explicitParent !== undefined || hasParent) {
+    if (explicitParent !== undefined || (hasParent && !context.options.withoutParents)) {
       if (explicitParent === undefined && !descriptor.parentFileNameHint) {
         throw new UnsupportedFeatureError(`'${path}' has a parent disk but does not name it`, { structure: 'VMDK descriptor', hint: 'Pass the parent with --backing PATH (API: backing)' });
       }

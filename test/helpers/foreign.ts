@@ -9,6 +9,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { openDisk, type OpenDiskOptions } from '../../src/read/image.js';
 import { exportToFile } from '../../src/read/export.js';
+import { readImageInfo } from '../../src/read/info.js';
 import { convert, type ConvertOptions } from '../../src/write/convert.js';
 import { mixedExtents, writeRawImage } from './images.js';
 import { qemuCheck, qemuImg } from './qemu.js';
@@ -65,6 +66,10 @@ export async function assertReadsLikeQemu(dir: string, image: string, options: O
       const got = await disk.read(offset, length);
       assert.ok(Buffer.from(got).equals(expected.subarray(offset, offset + length)), `${image}: read(${offset}, ${length})`);
     }
+    // info names the same format and size without opening any parent.
+    const info = await readImageInfo(join(dir, image), options.format);
+    assert.equal(info.format, disk.format, `${image}: info's format`);
+    assert.equal(info['virtual-size'], disk.virtualSize, `${image}: info's virtual size`);
     return disk.format;
   } finally {
     await disk.close();

@@ -4,6 +4,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { openDisk } from '../../src/read/image.js';
 import { exportToFile } from '../../src/read/export.js';
+import { readImageInfo } from '../../src/read/info.js';
 import { convert } from '../../src/write/convert.js';
 import { assertConvertsLikeQemu, assertReadsLikeQemu, qemuConvertTo, writeSourceRaw } from '../helpers/foreign.js';
 import { needQemu, qemuCheck, qemuImg, tempDir } from '../helpers/qemu.js';
@@ -117,6 +118,10 @@ test('VHD differencing: unallocated blocks and clear bitmap bits read from the p
   // The parent's name goes through the path policy; a changed parent is refused by UUID.
   makeDifferencing(join(dir, 'child.vhd'), join(dir, 'parent.vhd'), '..\\..\\etc\\passwd', []);
   await assert.rejects(openDisk(join(dir, 'child.vhd')), { code: 'QCOW_ERR_PATH_POLICY' });
+  // info inspects the disk without following the name it stores.
+  const info = await readImageInfo(join(dir, 'child.vhd'));
+  assert.equal(info.format, 'vpc');
+  assert.equal(info['virtual-size'], size);
   qemuConvertTo(dir, 'parent.raw', 'other.vhd', 'vpc', 'subformat=dynamic,force_size=on');
   await assert.rejects(openDisk(join(dir, 'child.vhd'), { backing: join(dir, 'other.vhd') }), { code: 'QCOW_ERR_CORRUPT_IMAGE', message: /UUID/ });
 });
