@@ -7,12 +7,14 @@
  *
  * Default: a few dozen cases per format (a quick run). Long mode, as for the qcow2 fuzzer:
  *
- *     QCOW2_FUZZ_RUNS=2000 node test/run.mjs test/fuzz/formats
+ *     QCOW2_FUZZ_RUNS=2000 node test/run.mjs test/fuzz/formats --test-timeout=3600000
  *
  * runs that many cases per format (QCOW2_FUZZ_SEED replays a run).
  */
 
-import { test } from 'node:test';
+import { after, test } from 'node:test';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -21,7 +23,7 @@ import { isQcow2StreamError } from '../../src/errors.js';
 import { crc32c } from '../../src/read/vhdx-reader.js';
 import { openStreamInput } from '../../src/write/stream-image.js';
 import type { ReadTarget } from '../../src/write/sources.js';
-import { needQemu, tempDir } from '../helpers/qemu.js';
+import { needQemu } from '../helpers/qemu.js';
 import { qemuConvertTo, vmwareStyleStream, writeSourceRaw } from '../helpers/foreign.js';
 import { assertNotPoisoned, ContractViolation, CASE_MEMORY_LIMIT, runCase, STAGE_TIMEOUT_MS } from './contract.js';
 import { applyMutations, mutationCaseArb } from './mutations.js';
@@ -180,15 +182,30 @@ async function streamCase(bytes: Uint8Array): Promise<string> {
   }
 }
 
-test('mutated VHD, VMDK and VHDX images: the reader contract holds for each new reader', { timeout: 60 * 60_000 }, async (t) => {
-  if (!needQemu(t)) return;
-  const dir = tempDir(t, 'qcow2-fuzz-formats-');
+/** Seeds and the known-good image, made once for every format's test. */
+let shared: { dir: string; formats: FormatSeeds[]; good: string; expected: Buffer } | undefined;
+// Registered at the top level: removed after every test of the file, not after the first.
+after(() => {
+  if (shared) rmSync(shared.dir, { recursive: true, force: true });
+});
+
+async function setup() {
+  if (shared) return shared;
+  const dir = mkdtempSync(join(tmpdir(), 'qcow2-fuzz-formats-'));
   const formats = makeFormatSeeds(dir);
   // A known-good image, read after refused cases (poisoning).
   const good = join(dir, 'd.vhd');
   const expected = readFileSync(join(dir, 'src.raw'));
   await runCase(dir, 'warmup.vhd', readFileSync(good));
-  for (const { format, seeds, reseal } of formats) {
+  shared = { dir, formats, good, expected };
+  return shared;
+}
+
+for (const format of ['vpc', 'vmdk', 'vhdx']) {
+  test(`mutated ${format} images: the reader contract holds`, { timeout: 60 * 60_000 }, async (t) => {
+    if (!needQemu(t)) return;
+    const { dir, formats, good, expected } = await setup();
+    const { seeds, reseal } = formats.find((f) => f.format === format)!;
     let cases = 0;
     let opened = 0;
     const codes = new Map<string, number>();
@@ -213,5 +230,5 @@ test('mutated VHD, VMDK and VHDX images: the reader contract holds for each new 
     assert.equal(cases, RUNS);
     // The mutations must reach past the first checks often enough to mean something.
     assert.ok(opened > 0, `${format}: no mutated image opened`);
-  }
-});
+  });
+}
