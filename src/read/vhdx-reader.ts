@@ -336,14 +336,14 @@ export async function openVhdx(path: string, context: OpenContext, depth = 0, ex
     const bat = new DataView(batRaw.buffer, batRaw.byteOffset, batRaw.byteLength);
 
     if (hasParent && !context.options.withoutParents) {
-      const stored = explicitParent === undefined ? await parentName(path, meta, items.get(META_PARENT_LOCATOR), context) : undefined;
-      const parentPath = explicitParent ?? stored!.path;
+      const stored = await parentName(path, meta, items.get(META_PARENT_LOCATOR), context, explicitParent !== undefined);
+      const parentPath = explicitParent ?? stored.path!;
       const chain = [...context.chain, await realpath(path).catch(() => resolve(path))];
       if (chain.includes(await realpath(parentPath).catch(() => resolve(parentPath)))) {
         throw corrupt(`The VHDX parent chain loops: '${parentPath}' is this disk or one above it`, 'VHDX parent locator');
       }
       parent = (await openVhdx(parentPath, { ...context, chain }, depth + 1)) as BaseImage;
-      const linkage = stored?.linkage?.replace(/[{}]/g, '').toLowerCase();
+      const linkage = stored.linkage?.replace(/[{}]/g, '').toLowerCase();
       if (linkage && linkage !== (parent as VhdxImage).dataWriteGuid) {
         throw corrupt(`The parent '${parentPath}' has data-write GUID ${(parent as VhdxImage).dataWriteGuid}, but the disk was made over ${linkage} (the parent changed or is the wrong file)`, 'VHDX parent locator');
       }
@@ -358,7 +358,12 @@ export async function openVhdx(path: string, context: OpenContext, depth = 0, ex
 }
 
 /** The parent's path from the parent locator: relative_path, then absolute_win32_path, through the path policy. */
-async function parentName(path: string, meta: Uint8Array, locator: { offset: number; length: number } | undefined, context: OpenContext): Promise<{ path: string; linkage: string | undefined }> {
+/**
+ * The parent locator's pairs: the parent's path (unless `explicit`: the caller chose the
+ * parent) and its `parent_linkage`, which the parent's data-write GUID must match.
+ */
+async function parentName(path: string, meta: Uint8Array, locator: { offset: number; length: number } | undefined, context: OpenContext, explicit: boolean): Promise<{ path: string | undefined; linkage: string | undefined }> {
+  if (explicit && !locator) return { path: undefined, linkage: undefined };
   const missing = () =>
     new UnsupportedFeatureError(`'${path}' is a differencing VHDX that does not name its parent`, { structure: 'VHDX parent locator', hint: 'Pass the parent with --backing PATH (API: backing)' });
   if (!locator || locator.length < 20) throw missing();
@@ -382,6 +387,7 @@ async function parentName(path: string, meta: Uint8Array, locator: { offset: num
     const text = (at: number, length: number) => Buffer.from(bytes.subarray(at, at + length)).toString('utf16le');
     pairs.set(text(keyOffset, keyLength), text(valueOffset, valueLength));
   }
+  if (explicit) return { path: undefined, linkage: pairs.get('parent_linkage') };
   const policy = context.options.allowUnsafePaths === undefined ? {} : { allowUnsafePaths: context.options.allowUnsafePaths };
   const candidates = [pairs.get('relative_path'), pairs.get('absolute_win32_path')?.replace(/^\\\\\?\\/, '').replace(/^[A-Za-z]:/, '')]
     .filter((name): name is string => name !== undefined && name !== '')
