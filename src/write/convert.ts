@@ -364,7 +364,11 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         }
       }
       const fileFd = input?.target.positional ? input.target.fd : undefined;
-      if (fileFd !== undefined && external?.canCopyFromFile && !baseImage && !baseManifest && !manifest) {
+      if (image && (image.format === 'vpc' || image.format === 'vhdx') && external?.canCopyFromFile && !baseImage && !baseManifest && !manifest) {
+        // VHD and VHDX store blocks uncompressed: copy them natively from where they lie.
+        const { copyImageToExternal } = await import('./file-copy.js');
+        await copyImageToExternal(image, external, { signal, onAdvance: advance });
+      } else if (fileFd !== undefined && external?.canCopyFromFile && !baseImage && !baseManifest && !manifest) {
         // Nothing but the zero check needs the bytes: copy them natively, no Block per cluster.
         const { copyFileToExternal } = await import('./file-copy.js');
         await copyFileToExternal({ fd: fileFd, name: input!.name }, size!, external, { signal, onAdvance: advance });

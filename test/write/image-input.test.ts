@@ -1,8 +1,9 @@
-import { test } from 'node:test';
+import { mock, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { convert } from '../../src/write/convert.js';
+import { nativeAddon } from '../../src/io/native.js';
 import { openDisk } from '../../src/read/image.js';
 import { imageBlocks, imageSegments } from '../../src/write/image-source.js';
 import { runCli } from '../helpers/cli.js';
@@ -93,4 +94,29 @@ test('CLI: convert q.qcow2 out.qcow2 converts the guest disk (the data hazard of
   assert.match(piped.stderr, /QCOW_ERR_NOT_SEEKABLE/);
   assert.match(piped.stderr, /Write the input to a file first/);
   assert.equal(existsSync(join(dir, 'p.data')), false);
+});
+
+const addon = nativeAddon();
+
+test('VHD and VHDX blocks are copied natively from where they lie: the same image as the Blocks path', { skip: addon ? undefined : 'the native addon is not built' }, async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  writeSourceRaw(dir, 'in.raw', 9 * 1024 * 1024 + 1536, 12, 1024 * 1024);
+  qemuConvertTo(dir, 'in.raw', 'd.vhd', 'vpc', 'subformat=dynamic');
+  qemuConvertTo(dir, 'in.raw', 'f.vhd', 'vpc', 'subformat=fixed');
+  qemuConvertTo(dir, 'in.raw', 'x.vhdx', 'vhdx', 'subformat=dynamic,block_size=1M');
+  for (const name of ['d.vhd', 'f.vhd', 'x.vhdx']) {
+    const copy = mock.method(addon!, 'copyClusters');
+    await convert({ input: join(dir, name), output: join(dir, `${name}.n.qcow2`), dataFile: join(dir, `${name}.n.data`), dataFileName: 'n.data', sync: false });
+    const copies = copy.mock.callCount();
+    copy.mock.restore();
+    assert.ok(copies > 0, `${name}: copied natively`);
+    // A manifest needs the bytes: the Blocks path, which must make the same image.
+    await convert({ input: join(dir, name), output: join(dir, `${name}.b.qcow2`), dataFile: join(dir, `${name}.b.data`), dataFileName: 'n.data', manifest: join(dir, `${name}.xxh`), sync: false });
+    assert.ok(readFileSync(join(dir, `${name}.n.data`)).equals(readFileSync(join(dir, `${name}.b.data`))), `${name}: same data file`);
+    assert.ok(readFileSync(join(dir, `${name}.n.qcow2`)).equals(readFileSync(join(dir, `${name}.b.qcow2`))), `${name}: same metadata`);
+    const expected = qemuRaw(dir, name, name.endsWith('.vhd') ? 'vpc' : undefined);
+    // With the raw bit the data file is the guest disk.
+    assert.equal(qemuImg(['compare', '-f', 'raw', '-F', 'raw', expected, `${name}.n.data`], dir).code, 0);
+  }
 });
