@@ -231,7 +231,7 @@ export async function openVhd(path: string, context: OpenContext, depth = 0, exp
   if (depth > maxDepth) {
     throw new LimitExceededError(`The VHD parent chain is deeper than ${maxDepth} images (at '${path}')`, { structure: 'backing chain', limit: maxDepth, actual: depth });
   }
-  const file = await openSeekable(path, 'image');
+  const file = await openSeekable(path, 'image', context.storedNames.get(path));
   let parent: BaseImage | undefined;
   try {
     const source = new ByteSource(file.handle, path, file.size, 'image file', context.warn);
@@ -289,6 +289,7 @@ export async function openVhd(path: string, context: OpenContext, depth = 0, exp
 
     if (footer.diskType === DISK_DIFFERENCING && !context.options.withoutParents) {
       const parentPath = explicitParent ?? (await parentName(path, file.handle, file.size, dyn, context));
+      if (explicitParent === undefined) context.storedNames.set(parentPath, 'parent disk');
       const chain = [...context.chain, await realpath(path).catch(() => resolve(path))];
       if (chain.includes(await realpath(parentPath).catch(() => resolve(parentPath)))) {
         throw corrupt(`The VHD parent chain loops: '${parentPath}' is this disk or one above it`, 'VHD parent locator');

@@ -220,7 +220,7 @@ export async function openVhdx(path: string, context: OpenContext, depth = 0, ex
   if (depth > maxDepth) {
     throw new LimitExceededError(`The VHDX parent chain is deeper than ${maxDepth} images (at '${path}')`, { structure: 'backing chain', limit: maxDepth, actual: depth });
   }
-  const file = await openSeekable(path, 'image');
+  const file = await openSeekable(path, 'image', context.storedNames.get(path));
   let parent: BaseImage | undefined;
   try {
     const corrupt = (message: string, structure: string, offset?: number) =>
@@ -338,6 +338,7 @@ export async function openVhdx(path: string, context: OpenContext, depth = 0, ex
     if (hasParent && !context.options.withoutParents) {
       const stored = await parentName(path, meta, items.get(META_PARENT_LOCATOR), context, explicitParent !== undefined);
       const parentPath = explicitParent ?? stored.path!;
+      if (explicitParent === undefined) context.storedNames.set(parentPath, 'parent disk');
       const chain = [...context.chain, await realpath(path).catch(() => resolve(path))];
       if (chain.includes(await realpath(parentPath).catch(() => resolve(parentPath)))) {
         throw corrupt(`The VHDX parent chain loops: '${parentPath}' is this disk or one above it`, 'VHDX parent locator');

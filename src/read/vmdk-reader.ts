@@ -370,8 +370,8 @@ export async function openVmdk(path: string, context: OpenContext, depth = 0, ex
   const sources: ByteSource[] = [];
   let parent: BaseImage | undefined;
   const policy = context.options.allowUnsafePaths === undefined ? {} : { allowUnsafePaths: context.options.allowUnsafePaths };
-  const openSource = async (file: string, label: string) => {
-    const opened = await openSeekable(file, label);
+  const openSource = async (file: string, label: string, stored = context.storedNames.get(file)) => {
+    const opened = await openSeekable(file, label, stored);
     const source = new ByteSource(opened.handle, file, opened.size, label, context.warn);
     sources.push(source);
     return source;
@@ -401,7 +401,7 @@ export async function openVmdk(path: string, context: OpenContext, depth = 0, ex
         } else if (line.type === 'FLAT' || line.type === 'VMFS' || line.type === 'SPARSE') {
           if (line.file === undefined) throw new CorruptImageError(`A ${line.type} extent of '${path}' names no file`, { structure: 'VMDK descriptor' });
           const file = await resolveStoredName(path, line.file, 'extent file', policy);
-          const source = await openSource(file, 'extent file');
+          const source = await openSource(file, 'extent file', 'extent file');
           if (line.type === 'SPARSE') {
             const { sparse } = await openSparse(source, file);
             if (sparse.header.capacitySectors < line.sectors) {
@@ -427,6 +427,7 @@ export async function openVmdk(path: string, context: OpenContext, depth = 0, ex
         throw new UnsupportedFeatureError(`'${path}' has a parent disk but does not name it`, { structure: 'VMDK descriptor', hint: 'Pass the parent with --backing PATH (API: backing)' });
       }
       const parentPath = explicitParent ?? (await resolveStoredName(path, descriptor.parentFileNameHint!, 'parent disk', policy));
+      if (explicitParent === undefined) context.storedNames.set(parentPath, 'parent disk');
       const chain = [...context.chain, await realpath(path).catch(() => resolve(path))];
       if (chain.includes(await realpath(parentPath).catch(() => resolve(parentPath)))) {
         throw new CorruptImageError(`The VMDK parent chain loops: '${parentPath}' is this disk or one above it`, { structure: 'VMDK descriptor' });
