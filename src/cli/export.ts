@@ -31,7 +31,7 @@ export function registerExport(program: Command): void {
     .description('Write the guest bytes of an image as a raw image (sparse file, or a stream with -)')
     .argument('<image>', 'the qcow2 (or raw) image to read')
     .argument('<output>', "the raw file to write, or '-' for standard output")
-    .option('-f, --format <format>', 'format of <image>: qcow2 or raw (default: probed)', parseFormat)
+    .option('-f, --format <format>', 'format of <image>: qcow2, raw, vmdk, vpc or vhdx (default: probed)', parseFormat)
     .option('--data-file <path>', "use this external data file instead of the name stored in the image")
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--backing-format <format>', 'format of --backing: qcow2 or raw (default: probed)', parseFormat)

@@ -126,3 +126,14 @@ test('streamOptimized with the grain directory at the end (as VMware writes it)'
   writeFileSync(join(dir, 'w.vmdk'), vmwareStyleStream(readFileSync(join(dir, 'q.vmdk'))));
   await assertReadsLikeQemu(dir, 'w.vmdk');
 });
+
+test('a qcow2 over a VMDK backing file is refused, never read with the VMDK taken as raw bytes', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  writeSourceRaw(dir, 'in.raw', MiB, 3);
+  qemuConvertTo(dir, 'in.raw', 'b.vmdk', 'vmdk');
+  assert.equal(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'b.vmdk', '-F', 'vmdk', 'o.qcow2'], dir).code, 0);
+  await assert.rejects(openDisk(join(dir, 'o.qcow2')), { code: 'QCOW_ERR_UNSUPPORTED_FEATURE' });
+  // Probed (no format given with the explicit backing): still refused by what it is.
+  await assert.rejects(openDisk(join(dir, 'o.qcow2'), { backing: join(dir, 'b.vmdk') }), { code: 'QCOW_ERR_UNSUPPORTED_FEATURE', message: /is a vmdk image/ });
+});
