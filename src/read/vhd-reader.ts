@@ -170,8 +170,11 @@ class VhdImage extends BaseImage {
       const blockEnd = Math.min(end, (block + 1) * bs);
       const sector = this.bat.getUint32(block * 4);
       if (sector === BAT_UNUSED) {
-        yield plain(pos, blockEnd - pos, 'unallocated');
-        pos = blockEnd;
+        // A run of unallocated blocks in one step.
+        let runEnd = blockEnd;
+        for (let next = block + 1; runEnd < end && this.bat.getUint32(next * 4) === BAT_UNUSED; next++) runEnd = Math.min(end, (next + 1) * bs);
+        yield plain(pos, runEnd - pos, 'unallocated');
+        pos = runEnd;
         continue;
       }
       const bitmapOffset = sector * SECTOR;

@@ -147,13 +147,22 @@ class VhdxImage extends BaseImage {
       const corrupt = (message: string) => new CorruptImageError(`${message} (BAT entry of block ${block} in '${this.path}')`, { structure: 'VHDX BAT' });
       switch (state) {
         case PAYLOAD_NOT_PRESENT:
-          yield plain(pos, blockEnd - pos, 'unallocated');
-          break;
         case PAYLOAD_UNDEFINED:
         case PAYLOAD_UNMAPPED:
-        case PAYLOAD_ZERO:
-          yield plain(pos, blockEnd - pos, 'zero');
-          break;
+        case PAYLOAD_ZERO: {
+          // A run of blocks in the same state in one step (a huge sparse disk must not cost a
+          // generator turn per block).
+          const kind = state === PAYLOAD_NOT_PRESENT ? 'unallocated' : 'zero';
+          let runEnd = blockEnd;
+          for (let next = block + 1; runEnd < end; next++) {
+            const s = this.entry(next + Math.floor(next / this.chunkRatio)).state;
+            if ((s === PAYLOAD_NOT_PRESENT ? 'unallocated' : s === PAYLOAD_ZERO || s === PAYLOAD_UNMAPPED || s === PAYLOAD_UNDEFINED ? 'zero' : 'data') !== kind) break;
+            runEnd = Math.min(end, (next + 1) * bs);
+          }
+          yield plain(pos, runEnd - pos, kind);
+          pos = runEnd;
+          continue;
+        }
         case PAYLOAD_FULLY_PRESENT:
         case PAYLOAD_PARTIALLY_PRESENT: {
           if (offset < 1 * MiB || offset + Math.min(bs, this.virtualSize - blockStart) > this.file.size) {

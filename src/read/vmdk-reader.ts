@@ -173,12 +173,11 @@ class SparseExtent implements CompressedLayer {
     return (this.header.flags & FLAG_COMPRESSED) !== 0;
   }
 
-  /** The GT entry of grain `grain` of this extent (0 when its table is not allocated). */
-  async entry(grain: number): Promise<number> {
-    const gdIndex = Math.floor(grain / this.header.gtEntries);
-    if (gdIndex * 4 + 4 > this.gd.byteLength) return 0;
+  /** Grain table `gdIndex` of this extent, or undefined when it is not allocated. */
+  async table(gdIndex: number): Promise<DataView | undefined> {
+    if (gdIndex * 4 + 4 > this.gd.byteLength) return undefined;
     const gtSector = this.gd.getUint32(gdIndex * 4, true);
-    if (gtSector === 0) return 0;
+    if (gtSector === 0) return undefined;
     const gtOffset = gtSector * SECTOR;
     const gtBytes = this.header.gtEntries * 4;
     if (gtOffset + gtBytes > this.source.size) {
@@ -190,7 +189,7 @@ class SparseExtent implements CompressedLayer {
       table = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
       this.gtCache.set(gtOffset, table);
     }
-    return table.getUint32((grain % this.header.gtEntries) * 4, true);
+    return table;
   }
 
   /** The grain whose marker (or stream) starts at byte `offset`, inflated (the last one is cached). */
@@ -272,15 +271,35 @@ class VmdkImage extends BaseImage {
   private async *sparseSegments(part: Extent, from: number, to: number): AsyncGenerator<Segment> {
     const sparse = part.sparse!;
     const grainBytes = sparse.clusterSize;
+    const perTable = sparse.header.gtEntries;
     const zeroGrains = (sparse.header.flags & FLAG_ZERO_GRAIN) !== 0;
+    const kindOf = (entry: number) => (entry === 0 ? 'unallocated' : entry === 1 && zeroGrains ? 'zero' : 'data');
     for (let pos = from; pos < to; ) {
-      const grain = Math.floor((pos - part.start) / grainBytes);
-      const grainStart = part.start + grain * grainBytes;
-      const grainEnd = Math.min(to, grainStart + grainBytes);
-      const entry = await sparse.entry(grain);
-      if (entry === 0) yield plain(pos, grainEnd - pos, 'unallocated');
-      else if (entry === 1 && zeroGrains) yield plain(pos, grainEnd - pos, 'zero');
-      else {
+      const gdIndex = Math.floor((pos - part.start) / (grainBytes * perTable));
+      const tableEnd = Math.min(to, part.start + (gdIndex + 1) * perTable * grainBytes);
+      const table = await sparse.table(gdIndex);
+      if (!table) {
+        // No grain table: every grain it would map is unallocated, in one step.
+        yield plain(pos, tableEnd - pos, 'unallocated');
+        pos = tableEnd;
+        continue;
+      }
+      // The grains of one table, walked without awaiting; runs of holes are one segment.
+      while (pos < tableEnd) {
+        const grain = Math.floor((pos - part.start) / grainBytes);
+        const grainStart = part.start + grain * grainBytes;
+        const entry = table.getUint32((grain % perTable) * 4, true);
+        const kind = kindOf(entry);
+        if (kind !== 'data') {
+          let runEnd = Math.min(tableEnd, grainStart + grainBytes);
+          for (let next = grain + 1; runEnd < tableEnd && kindOf(table.getUint32((next % perTable) * 4, true)) === kind; next++) {
+            runEnd = Math.min(tableEnd, part.start + (next + 1) * grainBytes);
+          }
+          yield plain(pos, runEnd - pos, kind);
+          pos = runEnd;
+          continue;
+        }
+        const grainEnd = Math.min(tableEnd, grainStart + grainBytes);
         const host = entry * SECTOR;
         if (host >= sparse.source.size) {
           throw new CorruptImageError(`Grain ${grain} of '${sparse.source.path}' points at sector ${entry}, past the end of the file`, { structure: 'VMDK grain table' });
@@ -290,8 +309,8 @@ class VmdkImage extends BaseImage {
         } else {
           yield { start: pos, length: grainEnd - pos, kind: 'data', depth: 0, source: sparse.source, hostOffset: host + (pos - grainStart), compressed: undefined };
         }
+        pos = grainEnd;
       }
-      pos = grainEnd;
     }
   }
 

@@ -137,3 +137,18 @@ test('a qcow2 over a VMDK backing file is refused, never read with the VMDK take
   // Probed (no format given with the explicit backing): still refused by what it is.
   await assert.rejects(openDisk(join(dir, 'o.qcow2'), { backing: join(dir, 'b.vmdk') }), { code: 'QCOW_ERR_UNSUPPORTED_FEATURE', message: /is a vmdk image/ });
 });
+
+test('huge empty VMDK, VHD and VHDX map as one extent: holes cost a step per table, not per grain or block', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  for (const [format, name, size] of [['vmdk', 'big.vmdk', '256G'], ['vpc', 'big.vhd', '1000G'], ['vhdx', 'big.vhdx', '16T']] as const) {
+    assert.equal(qemuImg(['create', '-q', '-f', format, name, size], dir).code, 0);
+    const image = await openDisk(join(dir, name));
+    const kinds = [];
+    for await (const extent of image.extents()) kinds.push(extent.kind);
+    await image.close();
+    // qemu marks a new VHDX's blocks zero or not present: either way one extent of no data.
+    assert.equal(kinds.length, 1, name);
+    assert.notEqual(kinds[0], 'data', name);
+  }
+});
