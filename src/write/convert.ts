@@ -11,14 +11,17 @@
  * error, abort, size mismatch) removes what this run created.
  */
 
+import { fstatSync } from 'node:fs';
+import { stat } from 'node:fs/promises';
 import { relative, dirname, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { blockEnd, type Block } from '../block.js';
 import type { Progress } from '../progress.js';
-import { CompressionUnsupportedError, DedupUnsupportedError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
+import { CompressionUnsupportedError, DedupUnsupportedError, fileError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
+import { kindOf } from '../io/files.js';
 import type { OutputTarget } from '../io/output.js';
-import type { DiskImage } from '../read/image.js';
+import type { DiskImage, ImageFormat } from '../read/image.js';
 import { DEFAULT_MAX_CHAIN_DEPTH } from '../format/constants.js';
 import { zeroDetect } from '../../transforms/zero-detect.js';
 import type { DedupStats } from '../../transforms/dedup.js';
@@ -33,13 +36,17 @@ import { defaultDataFilePath } from './paths.js';
 import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.js';
 import { storedNameFindsFile } from '../io/path-policy.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
+import { imageBlocks } from './image-source.js';
+import type { StreamInput } from './stream-image.js';
 import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
 import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
 import { isS3Uri, keyBaseName } from '../io/s3-uri.js';
+import { inputSizeMismatch } from './clusterize.js';
 
 /**
- * A raw image: a path, `s3://bucket/key`, '-' for standard input, an NBD URI (nbd://,
- * nbd+unix://, nbds://, nbds+unix://), a Node Readable or any async iterable of bytes.
+ * The input image: a path (its format probed, or given by `inputFormat`), `s3://bucket/key`
+ * (raw), '-' for standard input, an NBD URI (nbd://, nbd+unix://, nbds://, nbds+unix://), a Node
+ * Readable or any async iterable of raw bytes.
  */
 export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 
@@ -47,8 +54,18 @@ export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 export type ConvertProgress = Progress;
 
 export interface ConvertOptions extends ImageOptions {
-  /** The raw image: a path, '-' for standard input, a Node Readable or any async iterable of bytes. */
+  /**
+   * The input: a path, '-' for standard input, a Node Readable or any async iterable of raw
+   * bytes. A path is probed (src/read/probe.ts): raw is copied as it is, an image format the
+   * readers open (qcow2 with its chain…) is read through its reader, and a recognised format
+   * no reader opens is refused by name (UnsupportedFormatError), never taken as raw.
+   */
   input: ConvertInput;
+  /**
+   * The format of a path input, instead of probing it (`raw` for untrusted raw files, so a
+   * planted header is not obeyed).
+   */
+  inputFormat?: ImageFormat;
   /** The qcow2 file: a path, '-' for standard output, or a Writable (external layout only). */
   output: OutputTarget;
   /**
@@ -100,7 +117,7 @@ export interface ConvertOptions extends ImageOptions {
   baseManifest?: string;
   /** Write a fingerprint manifest of the new image to this path. */
   manifest?: string;
-  /** Follow names stored inside the base image even outside its directory (see the path policy). */
+  /** Follow names stored inside the input and base images even outside their directory (see the path policy). */
   allowUnsafePaths?: boolean;
   /**
    * Most images the new overlay's chain may hold, itself included (default 128, as every
@@ -252,9 +269,22 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   // Connected (and the bitmap checked) before any output is created.
   const nbd = nbdUri === undefined ? undefined : await (await import('./nbd-source.js')).openNbdInput(nbdUri, options);
   if (nbd) opened.push(nbd);
-  const input = typeof options.input === 'string' && !nbd ? await openInput(options.input, options.size) : undefined;
+  // A path is probed: an image is read through its reader, never taken as raw bytes.
+  const image = typeof options.input === 'string' && !nbd ? await openImageInput(options.input, options, warn) : undefined;
+  if (image) opened.push(image);
+  let input: OpenedInput | undefined;
   try {
-    const size = nbd ? nbd.size : input ? input.size : options.size;
+    input = typeof options.input === 'string' && !nbd && !image ? await openInput(options.input, options.size) : undefined;
+    // A pipe is probed from its first bytes: raw goes on as raw, a streamOptimized VMDK or a
+    // fixed VHD (-f vpc) is read in one pass, other formats need a file.
+    let streamed: StreamInput | undefined;
+    if (input && !input.target.positional) {
+      streamed = await (await import('./stream-image.js')).openStreamInput(input.target, options.inputFormat, settings.clusterSize);
+      if (streamed.kind !== 'blocks') input = { ...input, target: streamed.target };
+    }
+    const imageSize = image ? image.virtualSize : streamed?.kind === 'blocks' ? await streamed.size : undefined;
+    if (imageSize !== undefined && options.size !== undefined && options.size !== imageSize) throw inputSizeMismatch(options.size, imageSize);
+    const size = nbd ? nbd.size : (imageSize ?? (input ? input.size : options.size));
     if (size !== undefined) checkVirtualSize(roundUpToSector(size), settings.clusterBits);
     // An incremental from a dirty bitmap knows what changed: the base is only the backing file.
     const incremental = options.bitmap !== undefined;
@@ -262,11 +292,11 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     const baseImage = options.base !== undefined ? await openBase(options) : undefined;
     if (baseImage) opened.push(baseImage);
     if (baseImage) checkNewChainDepth(baseImage, options.maxChainDepth);
-    await refuseOverlaps(await readFiles(input, options, baseImage), writtenFiles(output, dataFile, options.manifest));
+    await refuseOverlaps(await readFiles(input, image, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
     // Compression holds more Blocks at once (batches in flight): recycle their buffers rather than drop them to the GC.
-    const pool = input || nbd ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
+    const pool = input || nbd || image ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
     // Every stage below is ours and lets go of a Block once the sink is done with it.
     const onBlockDone = pool ? (block: Block) => pool.release(block.data) : undefined;
 
@@ -361,6 +391,11 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
           // A server can stall (up to the client's timeout): race each Block against the signal.
           blocks = nbd.blocks(settings.clusterSize, pool);
           if (signal) blocks = abortable(blocks, signal);
+        } else if (image) {
+          // Ranges no layer holds data for come as zero runs, never read.
+          blocks = imageBlocks(image, { clusterSize: settings.clusterSize, ...(pool ? { pool } : {}) });
+        } else if (streamed?.kind === 'blocks') {
+          blocks = signal ? abortable(streamed.blocks, signal) : streamed.blocks;
         } else if (input) {
           // Holes come as zero runs, never read: every stage below handles runs.
           blocks = readBlocks(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
@@ -390,13 +425,19 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         }
       }
       const fileFd = input?.target.positional ? input.target.fd : undefined;
-      if (fileFd !== undefined && external?.canCopyFromFile && !baseImage && !baseManifest && !manifest) {
+      if (image && (image.format === 'vpc' || image.format === 'vhdx') && external?.canCopyFromFile && !baseImage && !baseManifest && !manifest) {
+        // VHD and VHDX store blocks uncompressed: copy them natively from where they lie.
+        const { copyImageToExternal } = await import('./file-copy.js');
+        await copyImageToExternal(image, external, { signal, onAdvance: advance });
+      } else if (fileFd !== undefined && external?.canCopyFromFile && !baseImage && !baseManifest && !manifest) {
         // Nothing but the zero check needs the bytes: copy them natively, no Block per cluster.
         const { copyFileToExternal } = await import('./file-copy.js');
         await copyFileToExternal({ fd: fileFd, name: input!.name }, size!, external, { signal, onAdvance: advance });
       } else {
         await writeBlocks();
       }
+      // A fixed VHD's footer is known once the stream ended: it must describe what came before it.
+      if (streamed?.kind === 'fixed-vhd') streamed.check(bytesDone);
       if (signal?.aborted) throw abortError(signal);
       const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings, options.compression);
       await manifest?.finish(summary.virtualSize);
@@ -572,9 +613,11 @@ async function finishInternal(writer: InternalImageWriter | PlannedImageWriter, 
 }
 
 /** Every file the conversion reads: the input, the base (its whole chain), the base manifest. */
-async function readFiles(input: OpenedInput | undefined, options: ConvertOptions, baseImage: DiskImage | undefined): Promise<RunFile[]> {
+async function readFiles(input: OpenedInput | undefined, image: DiskImage | undefined, options: ConvertOptions, baseImage: DiskImage | undefined): Promise<RunFile[]> {
   const files: RunFile[] = [];
   if (input?.file) files.push({ role: 'input', path: input.file.path, stats: await input.file.handle.stat() });
+  // An image input: none of the files it reads (its chain, data files) may be written.
+  if (image) files.push(...(await import('../read/chain-files.js')).chainFiles(image, 'input'));
   if (baseImage) files.push(...(await import('../read/chain-files.js')).chainFiles(baseImage, 'base'));
   else if (options.base !== undefined) files.push({ role: 'base', path: options.base });
   if (options.baseManifest !== undefined) files.push({ role: 'base manifest', path: options.baseManifest });
@@ -590,4 +633,32 @@ function writtenFiles(output: OutputTarget, dataFile: string | Writable | undefi
   }
   if (manifest !== undefined) files.push({ role: 'manifest', path: manifest });
   return files;
+}
+
+/**
+ * Opens a path input as an image when it is not raw: probed unless `inputFormat` says. Returns
+ * undefined for raw input (standard input, a pipe, or a file probed or declared raw), which the
+ * raw sources read. Recognised formats no reader opens are refused by name here.
+ */
+async function openImageInput(path: string, options: ConvertOptions, warn: (message: string) => void): Promise<DiskImage | undefined> {
+  if (options.inputFormat === 'raw') return undefined;
+  let seekable: boolean;
+  try {
+    const kind = kindOf(path === '-' ? fstatSync(0) : await stat(path));
+    seekable = kind === 'file' || kind === 'block-device';
+  } catch (err) {
+    throw fileError(err, 'open', path);
+  }
+  // A pipe is probed from its first bytes by the stream reader (write/stream-image.ts).
+  if (!seekable) return undefined;
+  // '< image' on standard input: the file behind it, read like any file.
+  if (path === '-') path = '/dev/stdin';
+  const { openDisk, probeFormat } = await import('../read/image.js');
+  const format = options.inputFormat ?? (await probeFormat(path, warn));
+  if (format === 'raw') return undefined;
+  return openDisk(path, {
+    format,
+    ...(options.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+    onWarning: warn,
+  });
 }
