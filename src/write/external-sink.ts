@@ -389,6 +389,9 @@ export class ExternalWriter {
     this.stretchMemory = undefined;
     this.runBlocks = [];
     this.runBytes = 0;
+    // A write blocked on a full pipe would never settle: wake it (it fails) before waiting.
+    this.data.cancel();
+    this.metadata.cancel();
     // The descriptors stay open until no copy or write can touch them any more.
     const pending = this.pending;
     this.pending = [];

@@ -20,6 +20,7 @@ import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
 import { allocIoBuffer } from '../io/buffers.js';
 import { dataExtents, MIN_SKIPPED_HOLE, type DataExtent } from '../io/extents.js';
 import { kindOf, openForRead, type OpenedFile } from '../io/files.js';
+import { nativePipeIoAvailable, nativePipeReader } from '../io/pipe.js';
 import { inputShrank, inputSizeMismatch } from './clusterize.js';
 
 /** Bytes per read: a multiple of every cluster size (512 B .. 2 MiB). */
@@ -444,8 +445,7 @@ export async function openInput(path: string, declaredSize?: number): Promise<Op
       hint: 'Pipe an image in (… | qcow2-stream convert - OUT) or name the input file',
     });
   }
-  const fd = path === '-' && kind === 'pipe' ? openNonBlocking('/dev/stdin') : undefined;
-  const target = fd === undefined ? readableTarget(await streamFor(path, kind), name) : nonBlockingTarget(fd, name);
+  const target = nativeTarget(path, kind, name) ?? (await eventLoopTarget(path, kind, name));
   return {
     name,
     size: declaredSize,
@@ -454,6 +454,49 @@ export async function openInput(path: string, declaredSize?: number): Promise<Op
     target,
     close: async () => target.close(),
   };
+}
+
+/**
+ * A pipe, FIFO or socket read through the addon's cancellable full-buffer reads (src/io/pipe.ts):
+ * one trip per 2 MiB buffer, off the main thread, and a pending read ends the moment close()
+ * is called. Undefined without the addon, where {@link eventLoopTarget} serves the same bytes.
+ */
+function nativeTarget(path: string, kind: OpenedFile['kind'], name: string): (ReadTarget & { close(): void }) | undefined {
+  if (!nativePipeIoAvailable() || (kind !== 'pipe' && kind !== 'socket')) return undefined;
+  let fd: number;
+  let ownsFd = true;
+  if (path === '-') {
+    // A pipe is reopened (our own open file description); a socket cannot be, so fd 0 is read
+    // as it is (process.stdin is then never touched).
+    const reopened = kind === 'pipe' ? openNonBlocking('/dev/stdin') : undefined;
+    fd = reopened ?? 0;
+    ownsFd = reopened !== undefined;
+  } else {
+    if (kind !== 'pipe') return undefined;
+    try {
+      // Opening a FIFO waits for its writer, as `cat fifo` does.
+      fd = openSync(path, 'r');
+    } catch (err) {
+      throw fileError(err, 'open', path);
+    }
+  }
+  const reader = nativePipeReader(fd, name, { ownsFd });
+  if (!reader) {
+    if (ownsFd) closeSync(fd);
+    return undefined;
+  }
+  return {
+    name,
+    positional: false,
+    read: (buffer, offset, length) => reader.read(buffer, offset, length),
+    close: () => void reader.close(),
+  };
+}
+
+/** A non-regular input read through the event loop: a reopened non-blocking stdin pipe, or a stream. */
+async function eventLoopTarget(path: string, kind: OpenedFile['kind'], name: string): Promise<ReadTarget & { close(): void }> {
+  const fd = path === '-' && kind === 'pipe' ? openNonBlocking('/dev/stdin') : undefined;
+  return fd === undefined ? readableTarget(await streamFor(path, kind), name) : nonBlockingTarget(fd, name);
 }
 
 /**
