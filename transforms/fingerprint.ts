@@ -6,7 +6,9 @@
  */
 
 import { Transform } from 'node:stream';
-import type { Block } from '../src/block.js';
+import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
+import { map } from '@reactivex/ix-esnext-esm/asynciterable/operators';
+import { isBatch, type Block, type BlockItem } from '../src/block.js';
 
 /** A fingerprint function over cluster bytes; made once by {@link createHasher} and passed to the stages. */
 export interface Hasher {
@@ -31,22 +33,40 @@ export function createHasher(): Promise<Hasher> {
   return shared;
 }
 
-/** Sets `block.fingerprint` on every non-zero block that does not have one yet. */
-export async function* fingerprintBlocks(blocks: AsyncIterable<Block>, hasher: Hasher): AsyncGenerator<Block> {
-  for await (const block of blocks) {
-    if (!block.zero && block.fingerprint === undefined) block.fingerprint = hasher.hash64(block.data);
-    yield block;
-  }
+/** Options of {@link fingerprintBlocks}. */
+export interface FingerprintOptions {
+  /** The hasher (`createHasher()`). */
+  hasher: Hasher;
 }
 
-/** The same as a Node stream of Blocks, for `pipeline(...)`. */
+function fingerprintOf(hasher: Hasher, block: Block): void {
+  if (!block.zero && block.fingerprint === undefined) block.fingerprint = hasher.hash64(block.data);
+}
+
+/**
+ * Sets `block.fingerprint` on every non-zero block that does not have one yet (Blocks or
+ * batches): `fingerprintBlocks(items, { hasher })`; the older `(items, hasher)` still works.
+ */
+export function fingerprintBlocks<T extends BlockItem>(items: AsyncIterable<T> | Iterable<T>, options: FingerprintOptions | Hasher): AsyncIterableX<T> {
+  const hasher = 'hasher' in options ? options.hasher : options;
+  return from(items).pipe(
+    map((item: T) => {
+      if (isBatch(item)) for (const block of item.blocks) fingerprintOf(hasher, block);
+      else fingerprintOf(hasher, item as Block);
+      return item;
+    }),
+  );
+}
+
+/** The same as a Node stream of Blocks or batches, for `pipeline(...)`. */
 export function createFingerprintStream(hasher: Hasher): Transform {
   return new Transform({
     objectMode: true,
     highWaterMark: 32,
-    transform(block: Block, _encoding, done) {
-      if (!block.zero && block.fingerprint === undefined) block.fingerprint = hasher.hash64(block.data);
-      done(null, block);
+    transform(item: BlockItem, _encoding, done) {
+      if (isBatch(item)) for (const block of item.blocks) fingerprintOf(hasher, block);
+      else fingerprintOf(hasher, item);
+      done(null, item);
     },
   });
 }

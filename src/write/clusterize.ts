@@ -7,7 +7,7 @@
  */
 
 import { Duplex } from 'node:stream';
-import type { Block } from '../block.js';
+import { flattenBatches, type Block, type BlockBatch } from '../block.js';
 import { InputSizeError, InvalidArgumentError } from '../errors.js';
 import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
 
@@ -59,6 +59,14 @@ function asBytes(chunk: unknown): Uint8Array {
  * An empty input yields nothing.
  */
 export async function* clusterize(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions = {}): AsyncGenerator<Block> {
+  yield* flattenBatches(clusterizeBatches(source, options));
+}
+
+/**
+ * {@link clusterize} a chunk at a time: one {@link BlockBatch} per input chunk (the clusters
+ * it completes), then a last batch with the short tail, if any, and `inputEnd`.
+ */
+export async function* clusterizeBatches(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions = {}): AsyncGenerator<BlockBatch> {
   const { clusterSize, size } = checkOptions(options);
   let index = 0;
   let total = 0;
@@ -74,36 +82,41 @@ export async function* clusterize(source: AsyncIterable<Uint8Array> | Iterable<U
       // Process the bytes up to the declared size, then fail: nothing beyond it is yielded.
       const excess = total + chunk.length - size;
       chunk = chunk.subarray(0, chunk.length - excess);
-      yield* cut(chunk);
+      const blocks = cut(chunk);
+      if (blocks.length > 0) yield { clusterSize, blocks };
       throw inputSizeMismatch(size, size + excess, true);
     }
     total += chunk.length;
-    yield* cut(chunk);
+    const blocks = cut(chunk);
+    if (blocks.length > 0) yield { clusterSize, blocks };
   }
   if (size !== undefined && total !== size) throw inputSizeMismatch(size, total);
-  if (filled > 0 && assembly) yield { index: index++, data: assembly.subarray(0, filled) };
+  const tail: Block[] = filled > 0 && assembly ? [{ index: index++, data: assembly.subarray(0, filled) }] : [];
+  yield { clusterSize, blocks: tail, inputEnd: total };
 
-  function* cut(chunk: Uint8Array): Generator<Block> {
+  function cut(chunk: Uint8Array): Block[] {
+    const out: Block[] = [];
     let pos = 0;
     if (filled > 0 && assembly) {
       const n = Math.min(clusterSize - filled, chunk.length);
       assembly.set(chunk.subarray(0, n), filled);
       filled += n;
       pos = n;
-      if (filled < clusterSize) return;
+      if (filled < clusterSize) return out;
       const data = assembly;
       assembly = undefined;
       filled = 0;
-      yield { index: index++, data };
+      out.push({ index: index++, data });
     }
     for (; chunk.length - pos >= clusterSize; pos += clusterSize) {
-      yield { index: index++, data: chunk.subarray(pos, pos + clusterSize) };
+      out.push({ index: index++, data: chunk.subarray(pos, pos + clusterSize) });
     }
     if (pos < chunk.length) {
       assembly = Buffer.allocUnsafeSlow(clusterSize);
       assembly.set(chunk.subarray(pos), 0);
       filled = chunk.length - pos;
     }
+    return out;
   }
 }
 

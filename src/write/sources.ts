@@ -14,7 +14,7 @@ import { closeSync, constants, createReadStream, fstatSync, openSync, read as fs
 import { stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
-import { BLOCK_STREAM_HIGH_WATER_MARK, zeroRun, type Block } from '../block.js';
+import { BLOCK_STREAM_HIGH_WATER_MARK, flattenBatches, zeroRun, type Block, type BlockBatch } from '../block.js';
 import { fileError, InvalidArgumentError } from '../errors.js';
 import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
 import { allocIoBuffer } from '../io/buffers.js';
@@ -275,6 +275,15 @@ interface Slot {
  * The caller keeps ownership of the descriptor (closes it after the generator ends).
  */
 export async function* readBlocks(target: ReadTarget, options: BlockSourceOptions = {}): AsyncGenerator<Block> {
+  yield* flattenBatches(readBatches(target, options));
+}
+
+/**
+ * {@link readBlocks} a read at a time: one {@link BlockBatch} per read (the cluster views of
+ * one buffer) or per hole (its zero runs), then an empty batch carrying `inputEnd`. This is
+ * what convert() and the stream stages move: framework cost per batch, not per cluster.
+ */
+export async function* readBatches(target: ReadTarget, options: BlockSourceOptions = {}): AsyncGenerator<BlockBatch> {
   const clusterSize = options.clusterSize ?? 2 ** DEFAULT_CLUSTER_BITS;
   if (!Number.isInteger(Math.log2(clusterSize)) || clusterSize < 512 || clusterSize > READ_SIZE) {
     throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: it must be a power of two from 512 bytes to 2 MiB`);
@@ -346,6 +355,8 @@ export async function* readBlocks(target: ReadTarget, options: BlockSourceOption
   };
 
   let index = 0;
+  /** One past the last input byte yielded. */
+  let end = 0;
   try {
     for (;;) {
       pump();
@@ -362,17 +373,23 @@ export async function* readBlocks(target: ReadTarget, options: BlockSourceOption
       if (!buffer) {
         const runEnd = index + segment.length / clusterSize;
         const maxRun = MAX_ZERO_RUN_BYTES / clusterSize;
+        const runs: Block[] = [];
         while (index < runEnd) {
           const count = Math.min(maxRun, runEnd - index);
-          yield zeroRun(index, count, clusterSize);
+          runs.push(zeroRun(index, count, clusterSize));
           index += count;
         }
+        end = segment.start + segment.length;
+        yield { clusterSize, blocks: runs };
         continue;
       }
       pool?.lease(buffer, Math.ceil(length / clusterSize));
-      for (let off = 0; off < length; off += clusterSize) {
-        yield { index: index++, data: buffer.subarray(off, Math.min(length, off + clusterSize)) };
+      const blocks: Block[] = new Array<Block>(Math.ceil(length / clusterSize));
+      for (let off = 0, i = 0; off < length; off += clusterSize, i++) {
+        blocks[i] = { index: index++, data: buffer.subarray(off, Math.min(length, off + clusterSize)) };
       }
+      end = segment.start + length;
+      if (blocks.length > 0) yield { clusterSize, blocks };
       if (length < segment.length) {
         if (target.positional) throw inputShrank(size!, segment.start + length, target.name);
         if (size !== undefined) throw inputSizeMismatch(size, segment.start + length);
@@ -384,6 +401,7 @@ export async function* readBlocks(target: ReadTarget, options: BlockSourceOption
       const probe = Buffer.allocUnsafe(1);
       if ((await target.read(probe, 0, 1, null)) > 0) throw inputSizeMismatch(size, size + 1, true);
     }
+    yield { clusterSize, blocks: [], inputEnd: end };
   } finally {
     // The consumer may stop early; let outstanding reads settle before the caller closes the file.
     stopped = true;
