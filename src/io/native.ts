@@ -22,6 +22,8 @@ export interface NativeAddon {
    * negative `errno` and `syscall` (`read` or `write`).
    */
   copyClusters(srcFd: number, srcOffset: number, dstFd: number, dstOffset: number, length: number, clusterSize: number, flags: Uint8Array): Promise<number>;
+  /** XXH64 (seed 0) of the bytes, as xxhash-wasm's h64Raw gives it, without the copy into wasm memory. */
+  xxh64?(bytes: Uint8Array): bigint;
   /**
    * Linux: on the thread pool, fills `buffer[offset, offset + length)` from a pipe, FIFO or
    * socket, waiting in poll() on `fd` and on the canceller `efd` (never blocked in read()).
