@@ -7,6 +7,7 @@
  */
 
 import { Duplex } from 'node:stream';
+import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
 import { flattenBatches, type Block, type BlockBatch } from '../block.js';
 import { InputSizeError, InvalidArgumentError } from '../errors.js';
 import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
@@ -58,15 +59,19 @@ function asBytes(chunk: unknown): Uint8Array {
  * Cuts `source` into Blocks of `clusterSize` bytes (the last may be shorter), numbered from 0.
  * An empty input yields nothing.
  */
-export async function* clusterize(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions = {}): AsyncGenerator<Block> {
-  yield* flattenBatches(clusterizeBatches(source, options));
+export function clusterize(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions = {}): AsyncIterableX<Block> {
+  return from(flattenBatches(clusterizeBatches(source, options)));
 }
 
 /**
  * {@link clusterize} a chunk at a time: one {@link BlockBatch} per input chunk (the clusters
  * it completes), then a last batch with the short tail, if any, and `inputEnd`.
  */
-export async function* clusterizeBatches(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions = {}): AsyncGenerator<BlockBatch> {
+export function clusterizeBatches(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions = {}): AsyncIterableX<BlockBatch> {
+  return from(cutBatches(source, options));
+}
+
+async function* cutBatches(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions): AsyncGenerator<BlockBatch> {
   const { clusterSize, size } = checkOptions(options);
   let index = 0;
   let total = 0;

@@ -14,6 +14,7 @@ import { closeSync, constants, createReadStream, fstatSync, openSync, read as fs
 import { stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
+import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
 import { BLOCK_STREAM_HIGH_WATER_MARK, flattenBatches, zeroRun, type Block, type BlockBatch } from '../block.js';
 import { fileError, InvalidArgumentError } from '../errors.js';
 import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
@@ -270,12 +271,13 @@ interface Slot {
 }
 
 /**
- * Reads `target` into Blocks of `clusterSize` bytes (the last may be short), numbered from 0.
+ * Reads `target` into Blocks of `clusterSize` bytes (the last may be short), numbered from 0,
+ * as an ix AsyncIterableX (so `.pipe(filter(…), map(…))` works on it).
  * With `zeroRuns`, the holes of a regular file come as zero runs (see Block.count) instead.
  * The caller keeps ownership of the descriptor (closes it after the generator ends).
  */
-export async function* readBlocks(target: ReadTarget, options: BlockSourceOptions = {}): AsyncGenerator<Block> {
-  yield* flattenBatches(readBatches(target, options));
+export function readBlocks(target: ReadTarget, options: BlockSourceOptions = {}): AsyncIterableX<Block> {
+  return from(flattenBatches(readBatches(target, options)));
 }
 
 /**
@@ -283,7 +285,11 @@ export async function* readBlocks(target: ReadTarget, options: BlockSourceOption
  * one buffer) or per hole (its zero runs), then an empty batch carrying `inputEnd`. This is
  * what convert() and the stream stages move: framework cost per batch, not per cluster.
  */
-export async function* readBatches(target: ReadTarget, options: BlockSourceOptions = {}): AsyncGenerator<BlockBatch> {
+export function readBatches(target: ReadTarget, options: BlockSourceOptions = {}): AsyncIterableX<BlockBatch> {
+  return from(batchesOf(target, options));
+}
+
+async function* batchesOf(target: ReadTarget, options: BlockSourceOptions): AsyncGenerator<BlockBatch> {
   const clusterSize = options.clusterSize ?? 2 ** DEFAULT_CLUSTER_BITS;
   if (!Number.isInteger(Math.log2(clusterSize)) || clusterSize < 512 || clusterSize > READ_SIZE) {
     throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: it must be a power of two from 512 bytes to 2 MiB`);
