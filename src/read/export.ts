@@ -265,6 +265,8 @@ export interface ExportStreamOptions extends ExportOptions {
 export interface ExportStream extends Duplex {
   /** Resolves once the last byte has been read from the stream; rejects with the error that stopped it. */
   readonly finished: Promise<ExportResult>;
+  /** `for await (const chunk of stream)` gives the raw bytes, typed. */
+  [Symbol.asyncIterator](): AsyncIterableIterator<Uint8Array>;
 }
 
 /**

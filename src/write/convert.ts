@@ -13,7 +13,7 @@
 
 import { relative, dirname, resolve } from 'node:path';
 import { Duplex, Readable, type Writable } from 'node:stream';
-import { chainUnchecked, flushable, none } from 'stream-chain';
+import { asStream, chainUnchecked, flushable, gen, none } from 'stream-chain';
 import { chainUnchecked as coreChain } from 'stream-chain/core';
 import { blockEnd, toBatches, type Block, type BlockBatch, type BlockItem } from '../block.js';
 import type { Progress } from '../progress.js';
@@ -27,7 +27,7 @@ import type { BaseComparer } from '../../transforms/base-compare.js';
 import type { DedupStats } from '../../transforms/dedup.js';
 import type { ManifestWriter } from '../../transforms/manifest.js';
 import { abortable, abortError } from './abort.js';
-import { clusterizeBatches } from './clusterize.js';
+import { ClusterCutter, clusterizeBatches } from './clusterize.js';
 import { ExternalWriter, missingInputEnd } from './external-sink.js';
 import type { InternalImageWriter } from './internal-sink.js';
 import { defaultDataFilePath } from './paths.js';
@@ -298,6 +298,8 @@ export interface ConvertStream extends Duplex {
    * destroyed first). Nothing is left behind on failure.
    */
   readonly finished: Promise<ConvertSummary>;
+  /** `for await (const summary of stream)` gives the one summary, typed. */
+  [Symbol.asyncIterator](): AsyncIterableIterator<ConvertSummary>;
 }
 
 /**
@@ -335,12 +337,15 @@ export function createConvertStream(options: ConvertStreamOptions): ConvertStrea
     await conversion?.close();
     rejectFinished(err);
   };
+  // Bytes → batches as a per-chunk function: one fused stage with the ones after it.
+  let cutter: ClusterCutter | undefined;
+  const cutterFor = (ready: Conversion) =>
+    (cutter ??= new ClusterCutter({ clusterSize: ready.settings.clusterSize, ...(ready.size === undefined ? {} : { size: ready.size }) }));
   const stages = [
-    Duplex.from(async function* (bytes: AsyncIterable<Uint8Array>) {
-      const ready = await opening;
-      const { size } = ready;
-      yield* clusterizeBatches(bytes, { clusterSize: ready.settings.clusterSize, ...(size === undefined ? {} : { size }) });
-    }),
+    flushable<unknown, unknown>(
+      async (chunk) => cutterFor(await opening).push(chunk) ?? none,
+      async () => cutterFor(await opening).end(),
+    ),
     // The rest of the list is known once the outputs are open (which stages the options need).
     ...lazyStages(opening, options.stages ?? []),
     flushable<unknown, unknown>(
@@ -354,7 +359,7 @@ export function createConvertStream(options: ConvertStreamOptions): ConvertStrea
       },
     ),
   ];
-  const stream = chainUnchecked<Uint8Array, ConvertSummary>(stages, { writableObjectMode: false, readableObjectMode: true });
+  const stream = chainUnchecked<Uint8Array, ConvertSummary>(bounded(stages), { writableObjectMode: false, readableObjectMode: true });
   stream.on('error', (err) => void fail(err));
   stream.on('close', () => void fail(new AbortedError('The conversion stream was destroyed before the image was complete')));
   options.signal?.addEventListener('abort', () => stream.destroy(abortError(options.signal!)), { once: true });
@@ -378,11 +383,41 @@ function lazyStages(opening: Promise<Conversion>, user: readonly ConvertStage[])
 /** Drives a stage list over batches: stream-chain's async-iterable core, or its Node chain when a stage is a stream. */
 async function runStages(batches: AsyncIterable<BlockBatch>, stages: unknown[]): Promise<void> {
   if (stages.some(isNodeStream)) {
-    const stream = chainUnchecked([Readable.from(batches, { objectMode: true, highWaterMark: 4 }), ...stages]);
+    const stream = chainUnchecked([Readable.from(batches, { objectMode: true, highWaterMark: INNER_HIGH_WATER_MARK }), ...bounded(stages)]);
     for await (const _ of stream) void _;
     return;
   }
   for await (const _ of coreChain(stages)(batches)) void _;
+}
+
+/**
+ * Batches a stream stage may hold on each side. A batch is a 2 MiB read, and stream-chain's own
+ * stages keep Node's object-mode default of 16 per side (chain options reach only the outer
+ * wrapper): 64 MiB per stage. Two keep the stages overlapping at a few MiB each.
+ */
+const INNER_HIGH_WATER_MARK = 2;
+
+/**
+ * The stage list as stream-chain would build it, with bounded queues: each run of functions
+ * fused into one `asStream(gen(...))` (what chain() does itself) with
+ * {@link INNER_HIGH_WATER_MARK}, streams as given.
+ */
+function bounded(items: readonly unknown[]): unknown[] {
+  const out: unknown[] = [];
+  let group: unknown[] = [];
+  const close = () => {
+    if (group.length === 0) return;
+    out.push(asStream(gen(...(group as [(x: unknown) => unknown])), { readableHighWaterMark: INNER_HIGH_WATER_MARK, writableHighWaterMark: INNER_HIGH_WATER_MARK }));
+    group = [];
+  };
+  for (const item of items) {
+    if (isNodeStream(item)) {
+      close();
+      out.push(item);
+    } else group.push(item);
+  }
+  close();
+  return out;
 }
 
 function isNodeStream(item: unknown): boolean {
