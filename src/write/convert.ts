@@ -298,8 +298,6 @@ export interface ConvertStream extends Duplex {
    * destroyed first). Nothing is left behind on failure.
    */
   readonly finished: Promise<ConvertSummary>;
-  /** `for await (const summary of stream)` gives the one summary, typed. */
-  [Symbol.asyncIterator](): AsyncIterableIterator<ConvertSummary>;
 }
 
 /**
