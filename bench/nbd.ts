@@ -70,7 +70,7 @@ async function serve(image: string, format: string, name: string, extra: string[
 
 interface Case {
   name: string;
-  peer?: string;
+  peer?: string | undefined;
   outputs: string[];
   command: string;
 }

@@ -22,6 +22,13 @@ export interface Block {
   /** Set by dedup against a base image: the base holds the same bytes at the same offset. */
   sameAsBase?: boolean;
   /**
+   * Set by compressBlocks: the cluster compressed (raw deflate or one zstd frame, of the
+   * cluster zero-padded to full size), when that is smaller than a cluster. A view into a
+   * buffer the compressor reuses once the Blocks after this one's batch are asked for: a sink
+   * copies it (or writes it) before it asks for the next Block.
+   */
+  compressed?: Uint8Array;
+  /**
    * A run of zero clusters: when set (≥ 1) the Block stands for `count` consecutive whole
    * clusters [index, index + count), all zero — typically a hole the source never read. `zero`
    * is true and `data` is one shared all-zero cluster standing for each of them. Only sources

@@ -26,7 +26,11 @@ export type ErrorCode =
   | 'QCOW_ERR_ABORTED'
   | 'QCOW_ERR_NBD_CONNECTION'
   | 'QCOW_ERR_NBD_PROTOCOL'
-  | 'QCOW_ERR_NBD_SERVER';
+  | 'QCOW_ERR_NBD_SERVER'
+  | 'QCOW_ERR_COMPRESSION_UNSUPPORTED'
+  | 'QCOW_ERR_OBJECT_STORAGE'
+  | 'QCOW_ERR_MISSING_DEPENDENCY'
+  | 'QCOW_ERR_JOB';
 
 /** Context that errors about image structures carry as real properties. */
 export interface StructureContext {
@@ -226,6 +230,21 @@ export class DedupUnsupportedError extends Qcow2StreamError {
   }
 }
 
+/**
+ * Compressed output was asked for where it cannot be written: with an external data file (the
+ * spec forbids compressed clusters there), or zstd on a Node.js whose zlib lacks it.
+ */
+export class CompressionUnsupportedError extends Qcow2StreamError {
+  /** The stable code of this class. */
+  static readonly CODE = 'QCOW_ERR_COMPRESSION_UNSUPPORTED';
+  /** `layout`: the image layout forbids compressed clusters; `runtime`: this Node.js cannot compress the type. */
+  readonly reason: 'layout' | 'runtime';
+  constructor(message: string, reason: 'layout' | 'runtime', options?: ErrorOptions) {
+    super(message, options, CompressionUnsupportedError.CODE);
+    this.reason = reason;
+  }
+}
+
 /** The operation was cancelled through an AbortSignal or a signal to the process. */
 export class AbortedError extends Qcow2StreamError {
   /** The stable code of this class. */
@@ -307,5 +326,52 @@ function describeErrno(errno: string): string {
     case 'ELOOP': return 'too many levels of symbolic links';
     case 'EFBIG': return 'file too large';
     default: return errno;
+  }
+}
+
+/**
+ * An object-storage request failed (`s3://` inputs and outputs). `reason` says what kind of
+ * failure it was: `exists` (the key is taken and overwriting was not asked for), `not-found`,
+ * `denied` (credentials or permissions), or `failed` (network, throttling, a 5xx: worth a retry).
+ */
+export class ObjectStorageError extends Qcow2StreamError {
+  /** The stable code of this class. */
+  static readonly CODE = 'QCOW_ERR_OBJECT_STORAGE';
+  /** The object, as `s3://bucket/key`. */
+  readonly uri: string;
+  /** What kind of failure: `exists`, `not-found`, `denied`, or `failed` (worth a retry). */
+  readonly reason: 'exists' | 'not-found' | 'denied' | 'failed';
+  /** The HTTP status the store answered with, when there was an answer. */
+  readonly status: number | undefined;
+  constructor(message: string, uri: string, reason: ObjectStorageError['reason'], options?: ErrorOptions & { status?: number | undefined }) {
+    super(message, options, ObjectStorageError.CODE);
+    this.uri = uri;
+    this.reason = reason;
+    this.status = options?.status;
+  }
+}
+
+/**
+ * An optional package that a feature needs is not installed (the AWS SDK for `s3://`, BullMQ
+ * and ioredis for the fleet commands): they are optional peer dependencies, so a plain
+ * conversion never installs or loads them.
+ */
+export class MissingDependencyError extends Qcow2StreamError {
+  /** The stable code of this class. */
+  static readonly CODE = 'QCOW_ERR_MISSING_DEPENDENCY';
+  /** The packages to install. */
+  readonly packages: readonly string[];
+  constructor(message: string, packages: readonly string[], options?: ErrorOptions) {
+    super(message, options, MissingDependencyError.CODE);
+    this.packages = packages;
+  }
+}
+
+/** A fleet job could not be run as asked: a payload that is not a convert or export invocation, an unknown job id. */
+export class JobError extends Qcow2StreamError {
+  /** The stable code of this class. */
+  static readonly CODE = 'QCOW_ERR_JOB';
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options, JobError.CODE);
   }
 }

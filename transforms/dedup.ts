@@ -44,6 +44,12 @@ export interface DeduplicatorOptions extends FingerprintIndexOptions {
   /** How many blocks may share one value (e.g. the refcount limit). Default unlimited. */
   maxShares?: number;
   /**
+   * Whether the value may take one more share, besides `maxShares` (e.g. a compressed cluster
+   * whose host cluster's refcount, summed over the clusters packed in it, is at the limit).
+   * A value refused here is replaced by the next copy, as after a share-limit hit.
+   */
+  canShare?: (value: number) => boolean;
+  /**
    * Called when a value stops being the dedup target for its content (a new copy replaced it
    * after the share limit), with the number of blocks that share it: its final count.
    */
@@ -76,6 +82,7 @@ export class Deduplicator {
   private readonly readBack: DeduplicatorOptions['readBack'];
   private readonly maxShares: number;
   private readonly onRetire: ((value: number, count: number) => void) | undefined;
+  private readonly canShare: ((value: number) => boolean) | undefined;
 
   constructor(options: DeduplicatorOptions) {
     this.index = new FingerprintIndex(options);
@@ -83,6 +90,7 @@ export class Deduplicator {
     this.readBack = options.readBack;
     this.maxShares = options.maxShares ?? 0xffffffff;
     this.onRetire = options.onRetire;
+    this.canShare = options.canShare;
   }
 
   /**
@@ -102,7 +110,7 @@ export class Deduplicator {
       return { kind: 'unique' };
     }
     const count = this.index.countAt(slot);
-    if (count >= this.maxShares) {
+    if (count >= this.maxShares || (this.canShare && !this.canShare(value))) {
       this.stats.shareLimitHits++;
       return { kind: 'unique' };
     }
@@ -123,7 +131,7 @@ export class Deduplicator {
       // Keep the older target after a collision (its content is as likely to recur); restart
       // the count after a share-limit hit so the new copy takes the next duplicates.
       const count = this.index.countAt(slot);
-      if (count >= this.maxShares) {
+      if (count >= this.maxShares || (this.canShare && !this.canShare(this.index.valueAt(slot)))) {
         this.onRetire?.(this.index.valueAt(slot), count);
         this.index.setAt(slot, value, 1);
       }

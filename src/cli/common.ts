@@ -96,18 +96,43 @@ export function reportSummary(
   }
 }
 
-/** Prints a one-line error (plus a hint line) to stderr; no stack trace unless QCOW2_STREAM_DEBUG=1. */
+/**
+ * The warnings of a run, printed once it has succeeded: a failed command's standard error is
+ * its error line and at most one hint line, nothing else (the README's error contract).
+ */
+const pendingWarnings: string[] = [];
+
+/** An onWarning callback for the readers and convert: the message waits for the run's end. */
+export function deferWarning(message: string): void {
+  if (!pendingWarnings.includes(message)) pendingWarnings.push(message);
+}
+
+/** Prints the run's warnings (the command succeeded); called by {@link action}. */
+export function flushWarnings(): void {
+  for (const message of pendingWarnings.splice(0)) process.stderr.write(`qcow2-stream: warning: ${oneLine(message)}\n`);
+}
+
+/** Newlines in a message (a file name can hold one) would break the one-line contract. */
+function oneLine(text: string): string {
+  return text.replace(/[\r\n]+/g, ' ');
+}
+
+/**
+ * Prints the error line (`qcow2-stream: MESSAGE [CODE]`) and at most one hint line to stderr;
+ * no stack trace unless QCOW2_STREAM_DEBUG=1. Deferred warnings are dropped: the error says it.
+ */
 export function reportError(err: unknown): number {
   const debug = process.env['QCOW2_STREAM_DEBUG'] === '1';
+  pendingWarnings.length = 0;
   if (isQcow2StreamError(err)) {
-    process.stderr.write(`qcow2-stream: ${err.message} [${err.code}]\n`);
-    if (err.hint) process.stderr.write(`  hint: ${err.hint}\n`);
+    process.stderr.write(`qcow2-stream: ${oneLine(err.message)} [${err.code}]\n`);
+    if (err.hint) process.stderr.write(`  hint: ${oneLine(err.hint)}\n`);
     if (debug) process.stderr.write(`${err.stack ?? ''}\n`);
     if (err instanceof AbortedError) return interruptExitCode ?? ExitCode.ERROR;
     return ExitCode.ERROR;
   }
   const message = err instanceof Error ? err.message : String(err);
-  process.stderr.write(`qcow2-stream: internal error: ${message}\n`);
+  process.stderr.write(`qcow2-stream: internal error: ${oneLine(message)}\n`);
   process.stderr.write(debug && err instanceof Error ? `${err.stack ?? ''}\n` : '  hint: this is a bug; rerun with QCOW2_STREAM_DEBUG=1 and report the stack trace\n');
   return ExitCode.ERROR;
 }
@@ -142,6 +167,7 @@ export function action<A extends unknown[]>(body: (...args: A) => Promise<number
     let code: number;
     try {
       code = (await body(...args)) ?? ExitCode.OK;
+      flushWarnings();
     } catch (err) {
       code = reportError(err);
     }

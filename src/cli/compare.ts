@@ -4,7 +4,7 @@
  */
 
 import type { Command } from 'commander';
-import { action, ExitCode, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, printJson, processSignal, writeStdout } from './common.js';
+import { action, deferWarning, ExitCode, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, printJson, processSignal, writeStdout } from './common.js';
 import { createProgress } from './progress.js';
 import type { DiskImage, ImageFormat } from '../read/image.js';
 import { parseFormat } from './export.js';
@@ -45,7 +45,7 @@ Examples:
         const common = {
           ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
           ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
-          onWarning: (message: string) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
+          onWarning: deferWarning,
         };
         const [{ openDisk }, { compareImages }] = await Promise.all([import('../read/image.js'), import('../read/compare.js')]);
         const a = await openDisk(pathA, { ...common, ...(flags.format ? { format: flags.format } : {}) });

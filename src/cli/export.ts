@@ -6,12 +6,15 @@
 
 import { isatty } from 'node:tty';
 import { createProgress } from './progress.js';
-import { InvalidArgumentError as CommanderInvalidArgument, type Command } from 'commander';
-import { action, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, printJson, processSignal } from './common.js';
+import { Command, InvalidArgumentError as CommanderInvalidArgument } from 'commander';
+import { action, deferWarning, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, printJson, processSignal } from './common.js';
 import { InvalidArgumentError } from '../errors.js';
 import type { ImageFormat } from '../read/image.js';
+import type { ExportResult } from '../read/export.js';
+import type { Progress } from '../progress.js';
 
-interface ExportFlags {
+/** export's parsed options, as commander hands them over. */
+export interface ExportFlags {
   format?: ImageFormat;
   dataFile?: string;
   backing?: string;
@@ -26,18 +29,49 @@ interface ExportFlags {
 }
 
 export function registerExport(program: Command): void {
-  program
-    .command('export')
+  program.addCommand(
+    defineExport(new Command('export')).action(
+      action(async (imagePath: string, output: string, flags: ExportFlags) => {
+        if (output === '-' && isatty(1)) {
+          throw new InvalidArgumentError('Refusing to write a disk image to a terminal', { hint: "Redirect standard output, e.g. '> disk.raw' or '| gzip > disk.raw.gz'" });
+        }
+        const progress = await createProgress({ label: 'export', quiet: Boolean(flags.quiet || flags.json) });
+        let result;
+        try {
+          result = await runExport(imagePath, output, flags, {
+            signal: processSignal(),
+            onProgress: progress.update,
+            onWarning: deferWarning,
+          });
+        } finally {
+          progress.stop();
+        }
+        if (flags.json) {
+          const summary = { image: imagePath, output, 'virtual-size': result.bytes, 'bytes-written': result.bytesWritten, warnings: result.warnings };
+          // Standard output may be carrying the image itself.
+          if (output === '-') process.stderr.write(`${JSON.stringify(summary)}\n`);
+          else printJson(summary);
+        } else if (!flags.quiet && output !== '-') {
+          process.stderr.write(`Exported ${formatBytes(result.bytes)} to '${output}' (${formatBytes(result.bytesWritten)} written)\n`);
+        }
+      }),
+    ),
+  );
+}
+
+/** export's arguments, options and help on `command`, without an action (fleet jobs parse with it too). */
+export function defineExport(command: Command): Command {
+  return command
     .description('Write the guest bytes of an image as a raw image (sparse file, or a stream with -)')
     .argument('<image>', 'the qcow2 (or raw) image to read')
-    .argument('<output>', "the raw file to write, or '-' for standard output")
+    .argument('<output>', "the raw file to write, s3://bucket/key, or '-' for standard output")
     .option('-f, --format <format>', 'format of <image>: qcow2 or raw (default: probed)', parseFormat)
     .option('--data-file <path>', "use this external data file instead of the name stored in the image")
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--backing-format <format>', 'format of --backing: qcow2 or raw (default: probed)', parseFormat)
     .option('--allow-unsafe-paths', 'follow data-file and backing names stored in the image even outside its directory')
     .option(...MAX_CHAIN_DEPTH_OPTION, parseChainDepth)
-    .option('--force', 'replace existing files at the output paths (never a file this run reads)')
+    .option('--force', 'replace existing files or s3:// objects at the output paths (never a file this run reads)')
     .option('--no-sync', 'skip the fsync of the outputs before exiting (faster; a crash soon after may lose them)')
     .option('-q, --quiet', 'no progress or summary')
     .option('--json', 'print a JSON summary (to standard error when the image goes to standard output)')
@@ -50,44 +84,38 @@ Names stored in the image (data file, backing file) are resolved inside its dire
 Examples:
   qcow2-stream export disk.qcow2 disk.raw
   qcow2-stream export disk.qcow2 - | gzip > disk.raw.gz
-  qcow2-stream export moved.qcow2 moved.raw --data-file /mnt/backup/disk.data`,
-    )
-    .action(
-      action(async (imagePath: string, output: string, flags: ExportFlags) => {
-        if (output === '-' && isatty(1)) {
-          throw new InvalidArgumentError('Refusing to write a disk image to a terminal', { hint: "Redirect standard output, e.g. '> disk.raw' or '| gzip > disk.raw.gz'" });
-        }
-        const [{ openDisk }, { exportToFile }] = await Promise.all([import('../read/image.js'), import('../read/export.js')]);
-        const image = await openDisk(imagePath, {
-          ...(flags.format ? { format: flags.format } : {}),
-          ...(flags.dataFile ? { dataFile: flags.dataFile } : {}),
-          ...(flags.backing ? { backing: flags.backing } : {}),
-          ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
-          ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
-          ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
-          onWarning: (message) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
-        });
-        try {
-          const progress = await createProgress({ label: 'export', quiet: Boolean(flags.quiet || flags.json) });
-          let result;
-          try {
-            result = await exportToFile(image, output, { signal: processSignal(), onProgress: progress.update, sync: flags.sync, overwrite: flags.force ?? false });
-          } finally {
-            progress.stop();
-          }
-          if (flags.json) {
-            const summary = { image: imagePath, output, 'virtual-size': result.bytes, 'bytes-written': result.bytesWritten, warnings: result.warnings };
-            // Standard output may be carrying the image itself.
-            if (output === '-') process.stderr.write(`${JSON.stringify(summary)}\n`);
-            else printJson(summary);
-          } else if (!flags.quiet && output !== '-') {
-            process.stderr.write(`Exported ${formatBytes(result.bytes)} to '${output}' (${formatBytes(result.bytesWritten)} written)\n`);
-          }
-        } finally {
-          await image.close();
-        }
-      }),
+  qcow2-stream export moved.qcow2 moved.raw --data-file /mnt/backup/disk.data
+  qcow2-stream export disk.qcow2 s3://backups/disk.raw    # multipart upload; zeros are sent as bytes`,
     );
+}
+
+/** Opens the image as the flags say and exports it to `output`. */
+export async function runExport(
+  imagePath: string,
+  output: string,
+  flags: ExportFlags,
+  hooks: { signal?: AbortSignal; onProgress?: (progress: Progress) => void; onWarning?: (message: string) => void },
+): Promise<ExportResult> {
+  const [{ openDisk }, { exportToFile }] = await Promise.all([import('../read/image.js'), import('../read/export.js')]);
+  const image = await openDisk(imagePath, {
+    ...(flags.format ? { format: flags.format } : {}),
+    ...(flags.dataFile ? { dataFile: flags.dataFile } : {}),
+    ...(flags.backing ? { backing: flags.backing } : {}),
+    ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
+    ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+    ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
+    ...(hooks.onWarning ? { onWarning: hooks.onWarning } : {}),
+  });
+  try {
+    return await exportToFile(image, output, {
+      ...(hooks.signal ? { signal: hooks.signal } : {}),
+      ...(hooks.onProgress ? { onProgress: hooks.onProgress } : {}),
+      sync: flags.sync,
+      overwrite: flags.force ?? false,
+    });
+  } finally {
+    await image.close();
+  }
 }
 
 /**

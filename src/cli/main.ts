@@ -15,6 +15,8 @@ import { registerInfo } from './info.js';
 import { registerMap } from './map.js';
 import { registerCheck } from './check.js';
 import { registerCompare } from './compare.js';
+import { registerMeasure } from './measure.js';
+import { registerFleet } from './fleet.js';
 
 /** The package version, from package.json two levels up (src/cli) or three (dist/src/cli, the bundle too). */
 function packageVersion(): string {
@@ -49,9 +51,10 @@ Examples:
   qcow2-stream convert disk.raw disk.qcow2       # metadata + disk.data
   qcow2-stream export disk.qcow2 disk.raw
   qcow2-stream compare disk.raw disk.qcow2
+  qcow2-stream worker --connection redis://127.0.0.1:6379   # run jobs from a queue
   qcow2-stream convert --help                    # every option of a command`,
     );
-  for (const register of [registerConvert, registerWrap, registerExport, registerInfo, registerMap, registerCheck, registerCompare]) {
+  for (const register of [registerConvert, registerWrap, registerExport, registerInfo, registerMap, registerCheck, registerCompare, registerMeasure, registerFleet]) {
     register(program);
   }
   for (const command of program.commands) command.exitOverride().configureOutput(usageOutput(`qcow2-stream ${command.name()}`));

@@ -4,7 +4,7 @@
  */
 
 import type { Command } from 'commander';
-import { action, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, writeStdout } from './common.js';
+import { action, deferWarning, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, writeStdout } from './common.js';
 import type { ImageFormat } from '../read/image.js';
 import { parseFormat } from './export.js';
 
@@ -47,7 +47,7 @@ Examples:
           ...(flags.backing ? { backing: flags.backing } : {}),
           ...(flags.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
           ...(flags.maxChainDepth === undefined ? {} : { maxChainDepth: flags.maxChainDepth }),
-          onWarning: (message) => process.stderr.write(`qcow2-stream: warning: ${message}\n`),
+          onWarning: deferWarning,
         });
         try {
           // Entries are printed as they come: a map of a huge image never sits in memory.

@@ -495,6 +495,11 @@ export interface HeaderSpec {
   backingFormat?: string;
   /** Write qemu's feature-name table. Default: when clusters are larger than 4 KiB, like qemu. */
   featureTable?: boolean;
+  /**
+   * `compression_type`: {@link COMPRESSION_ZLIB} (default) or {@link COMPRESSION_ZSTD}, which
+   * also needs {@link INCOMPAT_COMPRESSION} in `incompatibleFeatures` (checked here).
+   */
+  compressionType?: number;
 }
 
 /**
@@ -515,6 +520,13 @@ export function encodeHeaderCluster(spec: HeaderSpec): Uint8Array {
   }
   if ((spec.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n && (spec.incompatibleFeatures & INCOMPAT_DATA_FILE) === 0n) {
     throw new InvalidArgumentError('The raw-external-data bit needs the external-data-file bit');
+  }
+  const compressionType = spec.compressionType ?? COMPRESSION_ZLIB;
+  if (compressionType !== COMPRESSION_ZLIB && compressionType !== COMPRESSION_ZSTD) {
+    throw new InvalidArgumentError(`Unknown compression type ${compressionType} (0 = zlib, 1 = zstd)`);
+  }
+  if (((spec.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n) !== (compressionType !== COMPRESSION_ZLIB)) {
+    throw new InvalidArgumentError('The compression-type feature bit must be set exactly when the compression type is not zlib');
   }
   const backingName = spec.backingFileName === undefined ? undefined : encodeName(spec.backingFileName);
   if (backingName && backingName.length > MAX_BACKING_NAME) {
@@ -549,7 +561,7 @@ export function encodeHeaderCluster(spec: HeaderSpec): Uint8Array {
     autoclearFeatures: spec.autoclearFeatures,
     refcountOrder: spec.refcountOrder,
     headerLength: V3_HEADER_LENGTH,
-    compressionType: COMPRESSION_ZLIB,
+    compressionType,
   };
   encodeHeaderFields(view, fields);
   let pos = V3_HEADER_LENGTH;

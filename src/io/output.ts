@@ -11,9 +11,12 @@
  * so a failed run never leaves an output that looks valid; `abort()` removes the temporary.
  * By default `commit()` is durable: the file is fsynced before the rename and its directory
  * after it, so once commit() resolves the output survives a crash or power loss.
+ *
+ * An `s3://bucket/key` target is a stream output too: a multipart upload (src/io/s3.ts) that
+ * appears under its key only at commit() and is aborted by abort().
  */
 
-import { link, open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { link, lstat, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { readSync, write as fsWrite } from 'node:fs';
 import { getSystemErrorName } from 'node:util';
 import { basename, dirname, join } from 'node:path';
@@ -25,6 +28,7 @@ import { kindOf } from './files.js';
 import { zeroBuffer } from './buffers.js';
 import { nativeAddon } from './native.js';
 import { nativePipeWriter } from './pipe.js';
+import { isS3Uri } from './s3-uri.js';
 
 /**
  * Native copies ({@link OffsetWriter.copyClustersFrom}) a writer keeps in flight, one per thread
@@ -41,7 +45,7 @@ export interface CopySource {
   name: string;
 }
 
-/** Where an output goes: a path, `'-'` for standard output, or a Node Writable. */
+/** Where an output goes: a path, `s3://bucket/key`, `'-'` for standard output, or a Node Writable. */
 export type OutputTarget = string | Writable;
 
 /** Options of {@link OffsetWriter.create}. */
@@ -60,14 +64,22 @@ export interface OutputOptions {
    * to fsync.
    */
   sync?: boolean;
+  /**
+   * The output's final size, when known: an `s3://` output picks its part size from it, so
+   * that 10,000 parts suffice (unknown: 16 MiB parts, at most 156 GiB).
+   */
+  sizeHint?: number | undefined;
 }
 
 /** Sequential byte sink underneath a stream output. */
 interface SequentialSink {
   write(chunk: Uint8Array): Promise<void>;
+  /** Ends the output; for an object, this is when it appears under its key. */
   close(): Promise<void>;
   /** Wakes a write blocked on a full pipe (it then fails): abort() calls it first. */
   cancel?(): void;
+  /** Drops a failed output (an object's multipart upload is aborted); without it, close(). */
+  abort?(): Promise<void>;
 }
 
 const ZERO_CHUNK = 1024 * 1024;
@@ -112,6 +124,12 @@ export class OffsetWriter {
     if (typeof target !== 'string') {
       return new OffsetWriter('stream', undefined, options.label, undefined, undefined, writableSink(target), false, true);
     }
+    if (isS3Uri(target)) {
+      // Loaded only when an object is written: the AWS SDK stays out of plain conversions.
+      const { S3UploadSink } = await import('./s3.js');
+      const sink = await S3UploadSink.open(target, { overwrite: options.overwrite ?? true, sizeHint: options.sizeHint });
+      return new OffsetWriter('stream', target, options.label, undefined, undefined, sink, false, options.overwrite ?? true);
+    }
     if (target === '-') {
       return new OffsetWriter('stream', '-', options.label, undefined, undefined, fdSink(1, 'standard output'), false, true);
     }
@@ -140,7 +158,8 @@ export class OffsetWriter {
         hint: 'Remove it first, or replace it with --force (overwrite: true in the API)',
       });
     }
-    const tempPath = join(dirname(target), `.${basename(target)}.${randomBytes(4).toString('hex')}.partial`);
+    await removeStalePartials(target);
+    const tempPath = partialPath(target);
     let handle: FileHandle;
     try {
       handle = await open(tempPath, 'wx+', existing ? existing.mode & 0o777 : 0o644);
@@ -297,12 +316,26 @@ export class OffsetWriter {
     this.sink?.cancel?.();
   }
 
-  /** Closes the output after a failure; a temporary file is removed. Never throws. */
+  /**
+   * Removes an output that commit() put in place, when a later step of the same run failed (the
+   * data file of an image whose metadata could not be written). Files and objects only; never throws.
+   */
+  async discard(): Promise<void> {
+    if (!this.closed || !this.path || this.path === '-') return;
+    if (isS3Uri(this.path)) {
+      const { deleteObject } = await import('./s3.js');
+      await deleteObject(this.path).catch(() => {});
+    } else if (this.kind === 'file') {
+      await unlink(this.path).catch(() => {});
+    }
+  }
+
+  /** Closes the output after a failure; a temporary file is removed, an upload aborted. Never throws. */
   async abort(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     this.sink?.cancel?.();
-    await this.sink?.close().catch(() => {});
+    await (this.sink?.abort ? this.sink.abort() : this.sink?.close())?.catch(() => {});
     await this.handle?.close().catch(() => {});
     await this.removeTemp();
   }
@@ -444,6 +477,52 @@ function writableSink(stream: Writable): SequentialSink {
       });
     },
   };
+}
+
+/**
+ * The temporary name of an output: `.NAME.qs<PID>-<8 hex>.partial` beside it. The writer's
+ * process id is the ownership marker that lets a later run remove what a killed one left.
+ */
+function partialPath(target: string): string {
+  return join(dirname(target), `.${basename(target)}.qs${process.pid}-${randomBytes(4).toString('hex')}.partial`);
+}
+
+/**
+ * Removes the temporary files a run killed while writing `target` left behind (SIGKILL, a
+ * power cut: nothing of ours ran to remove them). Only ours: the exact name pattern of
+ * {@link partialPath} for this output name, a regular file owned by this user, and a writer
+ * process that no longer exists. Failures are ignored: this is tidying, not the run's work.
+ */
+async function removeStalePartials(target: string): Promise<void> {
+  const dir = dirname(target);
+  const prefix = `.${basename(target)}.qs`;
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    if (!name.startsWith(prefix)) continue;
+    const match = /^(\d+)-[0-9a-f]{8}\.partial$/.exec(name.slice(prefix.length));
+    if (!match) continue;
+    const pid = Number(match[1]);
+    if (pid === process.pid || processExists(pid)) continue;
+    const path = join(dir, name);
+    const stats = await lstat(path).catch(() => undefined);
+    if (!stats?.isFile() || (process.getuid && stats.uid !== process.getuid())) continue;
+    await unlink(path).catch(() => {});
+  }
+}
+
+function processExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM: it exists, owned by someone else.
+    return (err as NodeJS.ErrnoException).code !== 'ESRCH';
+  }
 }
 
 async function syncDirectory(dir: string): Promise<void> {

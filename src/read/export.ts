@@ -33,7 +33,7 @@ export interface ExportOptions {
   onProgress?: (progress: Progress) => void;
   /** exportToFile: fsync a regular-file output (and its directory after the rename) before resolving. Default true. */
   sync?: boolean;
-  /** exportToFile: replace an existing file at the output path. Default false (the CLI's --force). */
+  /** exportToFile: replace an existing file or object at the output. Default false (the CLI's --force). */
   overwrite?: boolean;
 }
 
@@ -165,7 +165,8 @@ export async function exportToFile(image: DiskImage, target: OutputTarget, optio
     // The image, its data file and its backing files are read while the output is written.
     await refuseOverlaps(chainFiles(image), [{ role: 'output', path: target }]);
   }
-  const writer = await OffsetWriter.create(target, { label: 'raw image', sync: options.sync ?? true, overwrite: options.overwrite ?? false });
+  // An object's part size follows from the virtual size.
+  const writer = await OffsetWriter.create(target, { label: 'raw image', sync: options.sync ?? true, overwrite: options.overwrite ?? false, sizeHint: image.virtualSize });
   // A regular file takes several positional writes at once (the kernel copies them in parallel
   // on the thread pool, as qemu-img keeps several requests in flight); a stream takes them one
   // at a time, in order. Each in-flight write owns one buffer of the pool; a Writable may keep

@@ -64,7 +64,7 @@ export interface OpenImageOptions {
   onWarning?: (message: string) => void;
   /**
    * Most images in the chain, the top image and a raw file at the bottom included. Default
-   * {@link DEFAULT_MAX_CHAIN_DEPTH} (qemu sets no limit; nightly overlays make long chains).
+   * 128 (qemu sets no limit; nightly overlays make long chains).
    */
   maxChainDepth?: number;
   /**

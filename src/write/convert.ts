@@ -17,7 +17,7 @@ import { asStream, chainUnchecked, flushable, gen, none } from 'stream-chain';
 import { chainUnchecked as coreChain } from 'stream-chain/core';
 import { blockEnd, toBatches, type Block, type BlockBatch, type BlockItem } from '../block.js';
 import type { Progress } from '../progress.js';
-import { AbortedError, DedupUnsupportedError, InvalidArgumentError, LimitExceededError } from '../errors.js';
+import { AbortedError, CompressionUnsupportedError, DedupUnsupportedError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import type { OutputTarget } from '../io/output.js';
 import type { DiskImage } from '../read/image.js';
@@ -28,19 +28,22 @@ import type { DedupStats } from '../../transforms/dedup.js';
 import type { ManifestWriter } from '../../transforms/manifest.js';
 import { abortable, abortError } from './abort.js';
 import { ClusterCutter, clusterizeBatches } from './clusterize.js';
+import { checkCompressionType, type CompressionType, type CompressorPool } from './compress.js';
 import { ExternalWriter, missingInputEnd } from './external-sink.js';
 import type { InternalImageWriter } from './internal-sink.js';
+import type { PlannedImageWriter } from './internal-stream.js';
 import { defaultDataFilePath } from './paths.js';
 import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.js';
 import { storedNameFindsFile } from '../io/path-policy.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
-import { BufferPool, openInput, readBatches, type OpenedInput } from './sources.js';
+import { BufferPool, openInput, readBatches, readBlocks, type OpenedInput } from './sources.js';
 import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
 import type { NbdInput } from './nbd-source.js';
+import { isS3Uri, keyBaseName } from '../io/s3-uri.js';
 
 /**
- * A raw image: a path, '-' for standard input, an NBD URI (nbd://, nbd+unix://, nbds://,
- * nbds+unix://), a Node Readable or any async iterable of bytes.
+ * A raw image: a path, `s3://bucket/key`, '-' for standard input, an NBD URI (nbd://,
+ * nbd+unix://, nbds://, nbds+unix://), a Node Readable or any async iterable of bytes.
  */
 export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 
@@ -108,6 +111,14 @@ export interface ConvertOptions extends ImageOptions {
    * reader here): `base` is refused when the overlay would pass it.
    */
   maxChainDepth?: number;
+  /**
+   * Store clusters compressed (internal layout only: the spec forbids compressed clusters with
+   * a data file), like `qemu-img convert -c`: `zlib` (raw deflate, qemu's default) or `zstd`
+   * (Node.js ≥ 22.15). A cluster that does not shrink is stored as is. Default: none.
+   */
+  compression?: CompressionType;
+  /** Worker threads compressing clusters. Default: one per core. The image is the same whatever the count. */
+  compressionThreads?: number;
   /** Cancels the conversion: it rejects with an AbortedError and removes what it created. */
   signal?: AbortSignal;
   /** Called with each warning as it arises (also listed in the summary's `warnings`). */
@@ -167,6 +178,13 @@ export interface ConvertSummary extends ImageShape {
   warnings: readonly string[];
   /** NBD inputs: bytes of guest data the server actually sent (zero, hole and clean extents are not read). */
   sourceBytesRead?: number;
+  /** The compression type, and clusters stored compressed (compressed images). */
+  compression?: {
+    /** The compression type written in the header. */
+    type: CompressionType;
+    /** Clusters stored compressed (the others did not shrink, or were zero or shared). */
+    clusters: number;
+  };
   /** Wall-clock seconds. */
   seconds: number;
 }
@@ -217,10 +235,13 @@ interface Conversion {
  * DedupUnsupportedError, InputSizeError, FileError, AbortedError…) with no output left behind.
  *
  * The Blocks go through the same stage list as {@link createConvertStream}'s (zero-detect →
- * [base compare] → the `stages` given → [manifest] → sink), driven here without a stream per
+ * [base compare] → the `stages` given → [compression] → [manifest] → sink), driven here without a stream per
  * stage: stream-chain's async-iterable core, one step per batch.
  */
 export async function convert(options: ConvertOptions): Promise<ConvertSummary> {
+  // Objects (s3://) in or out: the same conversion over rewritten options (write/object-io.ts).
+  if (isS3Uri(options.input)) return convert(await (await import('./object-io.js')).withObjectInput({ ...options, input: options.input }));
+  if (options.layout === 'internal' && isS3Uri(options.output)) return (await import('./object-io.js')).internalToObject(options, convert);
   const started = performance.now();
   const { signal } = options;
   const plan = await planConversion(options);
@@ -239,7 +260,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   }
   let conversion: Conversion | undefined;
   try {
-    const pool = input || nbd ? new BufferPool() : undefined;
+    // Compression holds more Blocks at once (batches in flight): recycle their buffers rather than drop them to the GC.
+    const pool = input || nbd ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
     conversion = await openConversion(options, plan, input, nbd, pool, started);
     const { settings, size } = conversion;
     const fileFd = input?.target.positional ? input.target.fd : undefined;
@@ -302,7 +324,7 @@ export interface ConvertStream extends Duplex {
 
 /**
  * convert() as one Duplex, built with stream-chain's `chain()` from the same stage list:
- * raw bytes in → clusterize → zero-detect → [base compare] → your `stages` → [manifest] →
+ * raw bytes in → clusterize → zero-detect → [base compare] → your `stages` → [compression] → [manifest] →
  * sink. Write the raw image into it (or `pipeline(source, stream)`); `await stream.finished`
  * gives the summary, which is also the one object the readable side yields. Blocks move in
  * batches (one per input chunk), so a stage of yours costs one call per chunk.
@@ -374,8 +396,9 @@ function lazyStages(opening: Promise<Conversion>, user: readonly ConvertStage[])
     own ??= (await opening).stages([]);
     return (own[i] as (b: BlockBatch) => unknown)(batch);
   };
-  // Own stages: 0 zero-detect, 1 base compare (or pass), then users', then 2 manifest (or pass), 3 sink.
-  return [ownStage(0), ownStage(1), ...user, ownStage(2), ownStage(3)];
+  // Own stages: 0 zero-detect, 1 base compare (or pass), then users', then 2 compression (or
+  // pass), 3 manifest (or pass), 4 sink.
+  return [ownStage(0), ownStage(1), ...user, ownStage(2), ownStage(3), ownStage(4)];
 }
 
 /** Drives a stage list over batches: stream-chain's async-iterable core, or its Node chain when a stage is a stream. */
@@ -472,7 +495,8 @@ async function planConversion(options: ConvertOptions): Promise<ConversionPlan> 
       dataFile = defaultDataFilePath(output);
     }
     if (dataFile === '-') throw new InvalidArgumentError('The data file must be a path or a Writable, not standard output');
-    dataFileName = options.dataFileName ?? (typeof dataFile === 'string' ? dataFile : undefined);
+    // An object's stored name is its key's last segment: the two objects are fetched side by side.
+    dataFileName = options.dataFileName ?? (isS3Uri(dataFile) ? keyBaseName(dataFile) : typeof dataFile === 'string' ? dataFile : undefined);
     if (dataFileName === undefined) throw new InvalidArgumentError('dataFileName is required when the data file is a stream');
     checkDataFileName(dataFileName, settings);
     if (typeof output === 'string' && output !== '-' && typeof dataFile === 'string' && !storedNameFindsFile(output, dataFileName, dataFile)) {
@@ -528,7 +552,8 @@ async function openConversion(
     const onBlockDone = recycle ? (block: Block) => recycle.release(block.data) : undefined;
 
     let external: ExternalWriter | undefined;
-    let internal: InternalImageWriter | undefined;
+    let internal: InternalImageWriter | PlannedImageWriter | undefined;
+    let compressor: CompressorPool | undefined;
     if (layout === 'external') {
       external = await ExternalWriter.open({
         clusterSize: settings.clusterSize,
@@ -545,8 +570,46 @@ async function openConversion(
         ...(onBlockDone ? { onBlockDone } : {}),
       });
     } else {
-      const { InternalImageWriter } = await import('./internal-sink.js');
-      internal = await InternalImageWriter.create({
+      // A pipe or a Writable takes the image in order: plan in a first pass over the input, then emit.
+      const toStream = typeof output !== 'string' || output === '-';
+      if (toStream && !input?.target.positional) {
+        throw new NotSeekableError(
+          'A single-file image to a pipe or stream needs a seekable input (a regular file): it is read twice, once to plan the layout and once for the data',
+          { hint: 'Convert from a file, write the image to a file, or use the default external data-file layout, which streams from and to pipes' },
+        );
+      }
+      if (options.compression) {
+        const { CompressorPool } = await import('./compress.js');
+        compressor = CompressorPool.create({
+          type: options.compression,
+          clusterSize: settings.clusterSize,
+          ...(options.compressionThreads === undefined ? {} : { threads: options.compressionThreads }),
+        });
+        // Closed with the rest, on every path (finish, abort, a failure while opening).
+        opened.push(compressor);
+      }
+      if (toStream) {
+        const { PlannedImageWriter } = await import('./internal-stream.js');
+        const target = input!.target;
+        const pool2 = compressor;
+        const compressBlocks = pool2 ? (await import('./compress.js')).compressBlocks : undefined;
+        internal = await PlannedImageWriter.create({
+          output,
+          size: size!,
+          clusterBits: settings.clusterBits,
+          refcountOrder: settings.refcountOrder,
+          compression: options.compression,
+          dedup: options.dedup ? { hasher: hasher!, ...dedupLimits(options.dedup) } : undefined,
+          backing,
+          sync,
+          overwrite: options.overwrite ?? false,
+          onBlockDone,
+          readInput: (buffer, position, length) => target.read(buffer, 0, length, position),
+          reread: () => readBlocks(target, { clusterSize: settings.clusterSize, size: size!, zeroRuns: true, ...(pool ? { pool } : {}) }),
+          compress: pool2 && compressBlocks ? (blocks) => compressBlocks(blocks, pool2) : undefined,
+        });
+      } else internal = await (await import('./internal-sink.js')).InternalImageWriter.create({
+        compression: options.compression,
         output: output as string,
         clusterBits: settings.clusterBits,
         refcountOrder: settings.refcountOrder,
@@ -584,11 +647,22 @@ async function openConversion(
     const clusterSize = settings.clusterSize;
     const theSink = sink;
     const theManifest = manifest;
+    const theCompressor = compressor;
+    const compressBatch = theCompressor ? (await import('./compress.js')).compressBatch : undefined;
+    // A batch's compressed bytes live in the pool's reused buffers until the sink has them.
+    const releases = new WeakMap<BlockBatch, () => void>();
     const pass = (batch: BlockBatch) => batch;
     const stages = (user: readonly ConvertStage[]): unknown[] => [
       detectZeros<BlockBatch>,
       comparer ? (batch: BlockBatch) => comparer.compareBatch(batch) : pass,
       ...user,
+      // After the users' stages (they may change the bytes), before the sink.
+      theCompressor && compressBatch
+        ? async (batch: BlockBatch) => {
+            releases.set(batch, await compressBatch(batch.blocks, theCompressor));
+            return batch;
+          }
+        : pass,
       theManifest
         ? async (batch: BlockBatch) => {
             // The manifest reads the bytes first: the sink may recycle them once written.
@@ -600,6 +674,8 @@ async function openConversion(
       async (batch: BlockBatch) => {
         if (signal?.aborted) throw abortError(signal);
         await theSink.writeItem(batch);
+        releases.get(batch)?.();
+        releases.delete(batch);
         const last = batch.blocks[batch.blocks.length - 1];
         if (batch.inputEnd !== undefined) advance(batch.inputEnd);
         else if (last) advance(blockEnd(last, clusterSize));
@@ -617,7 +693,7 @@ async function openConversion(
       async finish(throughStages) {
         // The stages must have passed the source's last batch on, or the image's length is unknown.
         if (throughStages && !theSink.sawInputEnd) throw missingInputEnd('convert');
-        const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings);
+        const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings, options.compression);
         await theManifest?.finish(summary.virtualSize);
         report();
         return {
@@ -686,6 +762,19 @@ function checkLayoutOptions(options: ConvertOptions, layout: 'external' | 'inter
   if (options.baseName !== undefined && options.base === undefined) {
     throw new InvalidArgumentError('--base-name needs --base');
   }
+  if (options.compression !== undefined) {
+    if (layout === 'external') {
+      throw new CompressionUnsupportedError(
+        'Compressed clusters cannot be written with an external data file: the qcow2 spec forbids them there (every guest cluster sits at its own offset in the data file)',
+        'layout',
+        { hint: 'Add --internal for one compressed qcow2 file' },
+      );
+    }
+    checkCompressionType(options.compression);
+  }
+  if (options.compressionThreads !== undefined && options.compression === undefined) {
+    throw new InvalidArgumentError('compressionThreads needs compression');
+  }
 }
 
 function dedupLimits(dedup: true | { maxEntries?: number }): { maxEntries?: number } {
@@ -749,7 +838,7 @@ async function finishExternal(writer: ExternalWriter, dataFile: string | Writabl
   };
 }
 
-async function finishInternal(writer: InternalImageWriter, settings: ImageSettings) {
+async function finishInternal(writer: InternalImageWriter | PlannedImageWriter, settings: ImageSettings, compression: CompressionType | undefined) {
   const inputBytes = writer.inputBytes;
   const result = await writer.finish();
   const virtualSize = roundUpToSector(inputBytes);
@@ -766,11 +855,12 @@ async function finishInternal(writer: InternalImageWriter, settings: ImageSettin
     zeroClusters: result.clusters.total - result.clusters.stored - result.clusters.duplicate - result.clusters.unchangedFromBase,
     duplicateClusters: result.clusters.duplicate,
     unchangedClusters: result.clusters.unchangedFromBase,
-    dataBytesWritten: Math.min(inputBytes, result.clusters.stored * settings.clusterSize),
+    dataBytesWritten: result.dataBytes,
     metadataBytesWritten: metadataClusters * settings.clusterSize,
     dataFile: undefined,
     dataFileName: undefined,
     ...(result.dedup ? { dedup: result.dedup } : {}),
+    ...(compression ? { compression: { type: compression, clusters: result.clusters.compressed } } : {}),
   };
 }
 

@@ -16,7 +16,6 @@
  */
 
 import { Writable } from 'node:stream';
-import { unlink } from 'node:fs/promises';
 import { BLOCK_STREAM_HIGH_WATER_MARK, clusterSizeFor, isBatch, type Block, type BlockItem } from '../block.js';
 import { abortable, abortError } from './abort.js';
 import { isAllZero } from '../io/buffers.js';
@@ -164,7 +163,8 @@ export class ExternalWriter {
       throw new InvalidArgumentError('The metadata and the data file cannot both go to standard output');
     }
     const sync = options.sync ?? true;
-    const data = await OffsetWriter.create(options.dataFile, { label: 'data file', overwrite: options.overwrite ?? false, sync });
+    // The data file ends at the input size: an object's part size follows from it.
+    const data = await OffsetWriter.create(options.dataFile, { label: 'data file', overwrite: options.overwrite ?? false, sync, sizeHint: size });
     let metadata: OffsetWriter;
     try {
       metadata = await OffsetWriter.create(options.output, { label: 'metadata file', overwrite: options.overwriteOutput ?? false, sync });
@@ -394,7 +394,7 @@ export class ExternalWriter {
         await this.metadata.commit();
       } catch (err) {
         // The data file is useless without its metadata; remove the one this run created.
-        if (this.data.kind === 'file' && this.data.path) await unlink(this.data.path).catch(() => {});
+        await this.data.discard();
         throw err;
       }
       const clusters = Math.ceil(virtualSize / this.settings.clusterSize);

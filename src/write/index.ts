@@ -20,3 +20,5 @@ export { resolveImageSettings, type ImageOptions, type ImageSettings } from './s
 export { InternalImageWriter, createInternalSink, writeInternal, type InternalImageOptions, type InternalSummary, type WriteInternalOptions, type WriteInternalResult } from './internal-sink.js';
 export { type ImageShape } from './settings.js';
 export { nbdBlocks, planClusterRuns, ClusterSweep, type ClusterKind, type ClusterRun, type NbdBlockSourceOptions } from './nbd-source.js';
+export { CompressorPool, compressBlocks, canCompressZstd, checkCompressionType, type CompressionType, type CompressorPoolOptions, type CompressBlocksOptions, type CompressedBatch } from './compress.js';
+export { measure, type MeasureOptions, type MeasureResult, type FileMeasure } from './measure.js';

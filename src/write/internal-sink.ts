@@ -14,7 +14,12 @@
  * would overflow the refcount width) and COPIED is set only where the refcount is 1 — the
  * first copy's entry is patched at the end once its final count is known.
  * The output must be a regular file (the header is written last and clusters are read back
- * to confirm dedup matches).
+ * to confirm dedup matches); internal-stream.ts writes the same images to a pipe.
+ *
+ * Compressed images (`compression`): a Block that arrives with `compressed` set (by
+ * compressBlocks) is stored as a compressed cluster, packed byte by byte with the ones before
+ * it as qemu packs them (host-alloc.ts); every host cluster then has its refcount kept, since
+ * one holds several compressed clusters. Compressed entries never carry COPIED.
  */
 
 import { Writable } from 'node:stream';
@@ -25,6 +30,12 @@ import { InvalidArgumentError, NotSeekableError } from '../errors.js';
 import {
   buildRefcountTable,
   checkVirtualSize,
+  COMPRESSION_ZLIB,
+  COMPRESSION_ZSTD,
+  decodeCompressedDescriptor,
+  ENTRY_COMPRESSED_HI,
+  encodeCompressedDescriptor,
+  INCOMPAT_COMPRESSION,
   encodeHeaderCluster,
   encodeL1Entry,
   ENTRY_COPIED_HI,
@@ -41,6 +52,9 @@ import {
   OFFSET_MASK_LO,
 } from '../format/index.js';
 import { allocIoBuffer, isAllZero } from '../io/buffers.js';
+import { decompressCluster } from '../read/decompress.js';
+import type { CompressionType } from './compress.js';
+import { HostAllocator, HostQueue, HostRefcounts } from './host-alloc.js';
 import { OffsetWriter } from '../io/output.js';
 import { Deduplicator, type DedupStats } from '../../transforms/dedup.js';
 import type { Hasher } from '../../transforms/fingerprint.js';
@@ -77,6 +91,11 @@ export interface InternalImageOptions {
   sync?: boolean;
   /** Called once per Block when the writer no longer needs its bytes (buffer recycling). */
   onBlockDone?: ((block: Block) => void) | undefined;
+  /**
+   * Write a compressed image of this type: Blocks with `compressed` set (compressBlocks) are
+   * stored compressed, and the header names the type. Default: no compression.
+   */
+  compression?: CompressionType | undefined;
 }
 
 /** What {@link InternalImageWriter.finish} wrote. */
@@ -91,6 +110,8 @@ export interface InternalSummary {
     zero: number;
     /** Sharing an earlier cluster's storage (dedup). */
     duplicate: number;
+    /** Stored as compressed clusters (counted in `stored` too). */
+    compressed: number;
     /** Equal to the backing file: left unallocated (overlays). */
     unchangedFromBase: number;
   };
@@ -98,6 +119,8 @@ export interface InternalSummary {
   fileClusters: number;
   /** Bytes written to the image file. */
   bytesWritten: number;
+  /** Bytes of guest data stored (compressed sizes for compressed clusters). */
+  dataBytes: number;
   /** Dedup statistics, when dedup was on. */
   dedup?: DedupStats | undefined;
 }
@@ -119,19 +142,19 @@ export class InternalImageWriter {
   private tableUsed = false;
   /** Host offset of each L2 table written so far (0 = none). */
   private readonly l1: number[] = [];
-  /** Next free host cluster. */
-  private nextHost = 1;
+  /** Where data clusters, compressed clusters and L2 tables go (cluster 0 is the header). */
+  private readonly alloc: HostAllocator;
   private nextGuest = 0;
   /** One past the last guest byte received. */
   private end = 0;
-  private pending: Block[] = [];
-  private pendingBytes = 0;
-  private pendingHost = 0;
+  /** Clusters placed but not yet written (written in order, in batches). */
+  private readonly queue: HostQueue;
   private readonly dedup: Deduplicator | undefined;
   private readBackBuffer: Buffer | undefined;
   /** First copies retired after the share limit, with their final counts. */
   private readonly retired: Array<[guest: number, count: number]> = [];
-  private readonly counts = { stored: 0, zero: 0, duplicate: 0, unchangedFromBase: 0 };
+  private readonly counts = { stored: 0, zero: 0, duplicate: 0, compressed: 0, unchangedFromBase: 0 };
+  private dataBytes = 0;
   private inputEnded = false;
 
   private constructor(
@@ -143,13 +166,22 @@ export class InternalImageWriter {
     this.table = new Uint8Array(this.cs);
     this.tableView = viewOf(this.table);
     const maxShares = Math.min(maxRefcount(options.refcountOrder), 0xfffffffe);
+    // A compressed image keeps every host cluster's refcount: several clusters share one.
+    this.alloc = new HostAllocator(options.clusterBits, 1, maxShares, options.compression ? new HostRefcounts() : undefined);
+    this.alloc.counts?.add(0);
+    this.queue = new HostQueue(options.clusterBits, 1, async (offset, chunks, blocks) => {
+      await this.output.writev(offset, chunks);
+      if (this.options.onBlockDone) for (const block of blocks) this.options.onBlockDone(block as Block);
+    });
     if (options.dedup && maxShares >= 2) {
       this.dedup = new Deduplicator({
         hasher: options.dedup.hasher,
         ...(options.dedup.maxEntries === undefined ? {} : { maxEntries: options.dedup.maxEntries }),
         maxShares,
+        // Host clusters hold several compressed clusters: none may pass the refcount width.
+        ...(this.alloc.counts ? { canShare: (guest: number) => this.canShareStored(guest) } : {}),
         // Values are guest indexes of first copies: their host offset is in the L2 tables.
-        readBack: async (guest, length) => this.storedBytes(await this.hostOf(guest), length),
+        readBack: async (guest, length) => this.storedBytes(guest, length),
         onRetire: (guest, count) => {
           if (count > 1) this.retired.push([guest, count]);
         },
@@ -249,16 +281,39 @@ export class InternalImageWriter {
       const decision = await this.dedup.lookup(block);
       if (decision.kind === 'duplicate') {
         this.counts.duplicate++;
-        this.setEntry(entryPos, await this.hostOf(decision.value), false, false);
+        const [hi, lo] = this.entryOf(decision.value);
+        if (this.alloc.counts) this.alloc.reference(...storedRange(hi, lo, this.options.clusterBits));
+        // The same mapping as the first copy's, without COPIED (the refcount is above 1 now).
+        this.tableView.setUint32(entryPos, (hi & ~ENTRY_COPIED_HI) >>> 0);
+        this.tableView.setUint32(entryPos + 4, lo);
+        this.tableUsed = true;
         return false;
       }
     }
     // Remember before appending: the append may flush, and flushed blocks may be recycled.
     this.dedup?.remember(block, block.index);
-    const host = await this.append(block);
     this.counts.stored++;
-    this.setEntry(entryPos, host, true, false);
-    return true;
+    let kept: boolean;
+    if (block.compressed && this.options.compression) {
+      this.counts.compressed++;
+      const offset = this.alloc.compressed(block.compressed.length);
+      this.dataBytes += block.compressed.length;
+      // Copied into the packed cluster: the block itself is done with.
+      this.queue.placeBytes(offset, block.compressed);
+      encodeCompressedDescriptor(this.tableView, entryPos, offset, block.compressed.length, this.options.clusterBits);
+      this.tableUsed = true;
+      kept = false;
+    } else {
+      const host = this.alloc.cluster();
+      this.dataBytes += block.data.length;
+      // A short last cluster still occupies a whole host cluster.
+      this.queue.place(host, block.data, block);
+      this.setEntry(entryPos, host * this.cs, true, false);
+      kept = true;
+    }
+    this.queue.closePacks(this.alloc.packHost);
+    if (this.queue.heldBytes >= BATCH_BYTES) await this.queue.flush();
+    return kept;
   }
 
   /** Guest bytes received so far. */
@@ -277,12 +332,12 @@ export class InternalImageWriter {
     if (this.nextGuest > geometry.clusters) {
       throw new InvalidArgumentError(`Blocks were written up to cluster ${this.nextGuest - 1}, past the virtual size ${virtualSize}`);
     }
-    await this.flushPending();
     await this.flushTable();
+    await this.queue.flush(true);
     await this.patchSharedClusters();
 
     const order = this.options.refcountOrder;
-    const l1Host = this.nextHost;
+    const l1Host = this.alloc.nextHost;
     const l1Clusters = Math.ceil((geometry.l1Size * 8) / this.cs);
     const refs = solveRefcountLayout(l1Host + l1Clusters, this.options.clusterBits, order);
     const reftableHost = l1Host + l1Clusters;
@@ -319,7 +374,8 @@ export class InternalImageWriter {
         refcountTableOffset: plan.refcountTableOffset,
         refcountTableClusters: plan.refcountTableClusters,
         refcountOrder: order,
-        incompatibleFeatures: 0n,
+        incompatibleFeatures: this.options.compression === 'zstd' ? INCOMPAT_COMPRESSION : 0n,
+        compressionType: this.options.compression === 'zstd' ? COMPRESSION_ZSTD : COMPRESSION_ZLIB,
         autoclearFeatures: 0n,
         ...(this.options.backing ? { backingFileName: this.options.backing.name, backingFormat: this.options.backing.format } : {}),
       }),
@@ -330,6 +386,7 @@ export class InternalImageWriter {
       clusters: { total: geometry.clusters, ...this.counts },
       fileClusters: plan.totalClusters,
       bytesWritten: this.output.bytesWritten,
+      dataBytes: this.dataBytes,
       dedup: this.dedup?.stats,
     };
   }
@@ -346,43 +403,42 @@ export class InternalImageWriter {
   }
 
   /**
-   * The bytes stored at a host offset: from the batch not yet written when it is there (a
-   * flush per dedup match would break write batching), else read back from the file.
+   * The guest bytes of a first copy: from the batch not yet written when it is there (a flush
+   * per dedup match would break write batching), else read back from the file (and
+   * decompressed, for a compressed cluster).
    */
-  private async storedBytes(host: number, length: number): Promise<Uint8Array> {
-    const queued = this.pending[host / this.cs - this.pendingHost];
-    if (this.pending.length > 0 && queued) return queued.data.subarray(0, length);
+  private async storedBytes(guest: number, length: number): Promise<Uint8Array> {
     this.readBackBuffer ??= allocIoBuffer(this.cs);
+    const [hi, lo] = this.entryOf(guest);
+    if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
+      const { hostOffset, compressedSize } = decodeCompressedDescriptor(hi, lo, this.options.clusterBits);
+      // The descriptor's size runs to the end of its last sector, which may be past what is
+      // written so far: read what is there (zeros after it).
+      const stored = this.readHost(hostOffset, compressedSize).slice();
+      decompressCluster(stored, this.readBackBuffer, this.options.compression === 'zstd' ? COMPRESSION_ZSTD : COMPRESSION_ZLIB, hostOffset);
+      return this.readBackBuffer.subarray(0, length);
+    }
     // The Deduplicator compares before it asks again, so one scratch buffer serves every read.
-    return this.output.readAtSync(host, length, this.readBackBuffer);
+    return this.readHost(entryOffsetOf(hi, lo), length, this.readBackBuffer);
   }
 
-  /** Queues a data cluster at the next host cluster; returns its host offset. */
-  private async append(block: Block): Promise<number> {
-    if (this.pendingBytes === 0) this.pendingHost = this.nextHost;
-    const host = this.nextHost * this.cs;
-    this.nextHost++;
-    // A short last cluster still occupies a whole host cluster; the gap stays a hole.
-    this.pending.push(block);
-    this.pendingBytes += this.cs;
-    if (block.data.length < this.cs || this.pendingBytes >= BATCH_BYTES) await this.flushPending();
-    return host;
+  /** Host bytes: still queued, or read back from the file. */
+  private readHost(offset: number, length: number, into?: Uint8Array): Uint8Array {
+    return this.queue.read(offset, length) ?? this.output.readAtSync(offset, length, into);
   }
 
-  private async flushPending(): Promise<void> {
-    if (this.pending.length === 0) return;
-    const blocks = this.pending;
-    this.pending = [];
-    this.pendingBytes = 0;
-    await this.output.writev(this.pendingHost * this.cs, blocks.map((b) => b.data));
-    if (this.options.onBlockDone) for (const block of blocks) this.options.onBlockDone(block);
+  /** Whether the first copy of `guest` can take one more reference (compressed images). */
+  private canShareStored(guest: number): boolean {
+    const [hi, lo] = this.entryOf(guest);
+    return this.alloc.canReference(...storedRange(hi, lo, this.options.clusterBits));
   }
 
   private async flushTable(): Promise<void> {
     if (this.tableUsed) {
-      await this.flushPending();
-      const host = this.nextHost++;
-      await this.output.write(host * this.cs, this.table.slice());
+      const host = this.alloc.cluster();
+      this.queue.place(host, this.table.slice());
+      this.queue.closePacks(this.alloc.packHost);
+      await this.queue.flush();
       this.l1[this.tableIndex] = host * this.cs;
     } else this.l1[this.tableIndex] = 0;
     this.table.fill(0);
@@ -390,14 +446,20 @@ export class InternalImageWriter {
     this.tableIndex++;
   }
 
-  /** Host offset of a stored guest cluster (from the current table or one already written). */
-  private async hostOf(guest: number): Promise<number> {
+  /** The L2 entry (high and low words) of a stored guest cluster, from the current table or a written one. */
+  private entryOf(guest: number): [hi: number, lo: number] {
     const table = Math.floor(guest / this.l2Entries);
     const pos = (guest % this.l2Entries) * 8;
-    if (table === this.tableIndex) return entryOffset(this.tableView, pos);
+    if (table === this.tableIndex) return [this.tableView.getUint32(pos), this.tableView.getUint32(pos + 4)];
     const tableOffset = this.l1[table];
     if (!tableOffset) throw new RangeError(`InternalImageWriter: guest cluster ${guest} has no L2 table`);
-    return entryOffset(viewOf(this.output.readAtSync(tableOffset + pos, 8)), 0);
+    const view = viewOf(this.readHost(tableOffset + pos, 8).slice());
+    return [view.getUint32(0), view.getUint32(4)];
+  }
+
+  /** Host offset of a stored (uncompressed) guest cluster. */
+  private hostOf(guest: number): number {
+    return entryOffsetOf(...this.entryOf(guest));
   }
 
   /** First copies referenced more than once, with their final reference counts. */
@@ -426,12 +488,14 @@ export class InternalImageWriter {
   }
 
   private async writeRefcountBlocks(plan: MetadataPlan): Promise<void> {
-    // (host cluster << 32 | count) for every cluster referenced more than once, sorted by host.
-    const shared = this.sharedClusters();
+    const counts = this.alloc.counts;
+    // (host cluster << 32 | count) for every cluster referenced more than once, sorted by host
+    // (a compressed image has every data cluster's count instead).
+    const shared = counts ? [] : this.sharedClusters();
     const overrides = new BigUint64Array(shared.length);
     for (let i = 0; i < shared.length; i++) {
       const [guest, count] = shared[i]!;
-      overrides[i] = (BigInt((await this.hostOf(guest)) / this.cs) << 32n) | BigInt(count);
+      overrides[i] = (BigInt(this.hostOf(guest) / this.cs) << 32n) | BigInt(count);
     }
     const sorted = overrides.sort();
 
@@ -442,6 +506,9 @@ export class InternalImageWriter {
       const first = b * perBlock;
       const end = Math.min(plan.totalClusters, first + perBlock);
       if (end > first) fillRefcountOnes(block, 0, end - first, plan.refcountOrder);
+      if (counts) {
+        for (let host = first; host < Math.min(end, counts.length); host++) setRefcount(block, host - first, plan.refcountOrder, counts.get(host));
+      }
       for (; next < sorted.length && Number(sorted[next]! >> 32n) < end; next++) {
         const host = Number(sorted[next]! >> 32n);
         setRefcount(block, host - first, plan.refcountOrder, Number(sorted[next]! & 0xffffffffn));
@@ -451,8 +518,15 @@ export class InternalImageWriter {
   }
 }
 
-function entryOffset(view: DataView, pos: number): number {
-  return (view.getUint32(pos) & OFFSET_MASK_HI) * 2 ** 32 + ((view.getUint32(pos + 4) & OFFSET_MASK_LO) >>> 0);
+function entryOffsetOf(hi: number, lo: number): number {
+  return (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
+}
+
+/** The host bytes an entry's data occupies: a whole cluster, or a compressed cluster's sectors (as qemu's check counts them). */
+function storedRange(hi: number, lo: number, clusterBits: number): [offset: number, size: number] {
+  if ((hi & ENTRY_COMPRESSED_HI) === 0) return [entryOffsetOf(hi, lo), 2 ** clusterBits];
+  const { hostOffset, compressedSize } = decodeCompressedDescriptor(hi, lo, clusterBits);
+  return [hostOffset, compressedSize];
 }
 
 /** The internal sink as a Writable of Blocks; `end()` writes the metadata for `virtualSize()`. */

@@ -89,3 +89,18 @@ test('the bundle reports a broken image in one line with its code, no stack trac
   assert.match(lines[0]!, /^qcow2-stream: .*\[QCOW_ERR_[A-Z_]+\]$/);
   assert.ok(!/\bat .*:\d+:\d+\)?$/m.test(result.stderr), result.stderr);
 });
+
+test('the bundle starts the compression workers from dist (--internal --compress --threads 2)', { skip }, (t) => {
+  const dir = tempDir(t);
+  const size = 6 * 1024 * 1024;
+  writeRawImage(join(dir, 'in.raw'), size, mixedExtents(size, 64 * 1024, 5));
+  const result = runBin(['convert', '--json', 'in.raw', 'c.qcow2', '--internal', '--compress', '--threads', '2'], dir);
+  assert.equal(result.code, 0, result.stderr);
+  const summary = JSON.parse(result.stdout.toString()) as { compression?: { type: string; clusters: number } };
+  assert.equal(summary.compression?.type, 'zlib');
+  assert.ok((summary.compression?.clusters ?? 0) > 0, 'pattern clusters were compressed');
+  if (hasQemuImg) {
+    assert.equal(qemuCheck('c.qcow2', dir).code, 0);
+    assert.equal(qemuCompare('in.raw', 'c.qcow2', dir).code, 0);
+  }
+});

@@ -14,7 +14,9 @@ import { mixedExtents, writeRawImage } from '../helpers/images.js';
 import { tempDir } from '../helpers/qemu.js';
 import { setRefcount16 } from '../read/fixtures.js';
 
-const COMMANDS = ['convert', 'wrap', 'export', 'info', 'map', 'check', 'compare'];
+const COMMANDS = ['convert', 'wrap', 'export', 'info', 'map', 'check', 'compare', 'measure'];
+/** The fleet commands (src/cli/fleet.ts): no image argument, but the same help shape. */
+const FLEET_COMMANDS = ['worker', 'enqueue', 'jobs'];
 const packageJson = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
 
 /** A usage or runtime error: exit 2, one line naming the code, at most a hint line, no stack trace. */
@@ -43,7 +45,7 @@ test('qcow2-stream --help lists every command and shows examples', () => {
   assert.match(result.stdout, /^Usage: qcow2-stream \[options\] \[command\]\n/);
   const commandSection = result.stdout.split('\nCommands:\n')[1]?.split('\n\n')[0] ?? '';
   const listed = [...commandSection.matchAll(/^ {2}(\w+)\b/gm)].map((m) => m[1]);
-  assert.deepEqual(listed, [...COMMANDS, 'help'], 'a new command needs a case in this file');
+  assert.deepEqual(listed, [...COMMANDS, ...FLEET_COMMANDS, 'help'], 'a new command needs a case in this file');
   assert.match(result.stdout, /\nExamples:\n {2}qcow2-stream convert /);
   assert.match(result.stdout, /Exit codes: 0 .*, 1 .*, 2 error/);
 });
@@ -53,8 +55,19 @@ for (const command of COMMANDS) {
     const result = runCli([command, '--help']);
     assert.equal(result.code, 0, result.stderr);
     assert.equal(result.stderr, '');
-    assert.match(result.stdout, new RegExp(`^Usage: qcow2-stream ${command} \\[options\\] <`));
+    assert.match(result.stdout, new RegExp(`^Usage: qcow2-stream ${command} \\[options\\] [<[]`));
     assert.match(result.stdout, /\nOptions:\n/);
+    assert.match(result.stdout, /\nExamples?:\n/);
+    assert.match(result.stdout, new RegExp(`\\n {2}qcow2-stream ${command} \\S`), 'an example line runs the command itself');
+  });
+}
+
+for (const command of FLEET_COMMANDS) {
+  test(`qcow2-stream ${command} --help: usage, --connection and an example`, () => {
+    const result = runCli([command, '--help']);
+    assert.equal(result.code, 0, result.stderr);
+    assert.match(result.stdout, new RegExp(`^Usage: qcow2-stream ${command} \\[options\\]`));
+    assert.match(result.stdout, /--connection <url>/);
     assert.match(result.stdout, /\nExamples?:\n/);
     assert.match(result.stdout, new RegExp(`\\n {2}qcow2-stream ${command} \\S`), 'an example line runs the command itself');
   });

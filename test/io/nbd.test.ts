@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { NbdConnectionError, NbdProtocolError, NbdServerError, InvalidArgumentError } from '../../src/errors.js';
 import { BASE_ALLOCATION, NbdClient, isNbdUri, parseNbdUri, type NbdExtent } from '../../src/io/nbd.js';
 import { qemuImg, qemuIo, run, tempDir } from '../helpers/qemu.js';
@@ -182,7 +182,7 @@ test('NBD client: extended headers (64-bit replies) and simple replies, against 
 });
 
 /** Connects to a fake server with `behaviour` and does one read; returns what it threw. */
-async function hostile(t: Parameters<Parameters<typeof test>[1]>[0], behaviour: FakeBehaviour, options: { timeout?: number; blockStatus?: boolean } = {}): Promise<unknown> {
+async function hostile(t: TestContext, behaviour: FakeBehaviour, options: { timeout?: number; blockStatus?: boolean } = {}): Promise<unknown> {
   const dir = tempDir(t);
   const server = await startFakeServer(t, dir, Buffer.alloc(4 * 65536, 1), behaviour);
   const before = process.memoryUsage().arrayBuffers;

@@ -1,0 +1,81 @@
+/**
+ * The compression worker (one per core, started by compress.ts): compresses clusters the way
+ * qemu's qcow2-threads.c does and posts back what shrank.
+ *
+ * It imports nothing of ours, so the same file runs from dist/ next to the CLI bundle and from
+ * the TypeScript source under tsx.
+ *
+ * Message in:  { id, type: 'zlib' | 'zstd', clusterSize, input, output: SharedArrayBuffer, lengths }
+ *              (clusters back to back in `input`; a short last cluster is zero-padded to
+ *              clusterSize, as qemu pads the image's last cluster before compressing it)
+ * Message out: { id, sizes: Int32Array } — the compressed streams written back to back into
+ *              `output`, sizes[i] = −1 where the stream would not be smaller than a cluster
+ *              (stored as is); or { id, error: string }
+ *
+ * The buffers are shared and reused batch after batch, so no per-batch garbage builds up.
+ */
+
+import { parentPort } from 'node:worker_threads';
+import * as zlib from 'node:zlib';
+
+interface Job {
+  id: number;
+  type: 'zlib' | 'zstd';
+  clusterSize: number;
+  input: SharedArrayBuffer;
+  output: SharedArrayBuffer;
+  lengths: number[];
+}
+
+type Compress = (input: Uint8Array) => Buffer;
+type ZstdCompress = (input: Uint8Array, options: { params: Record<number, number> }) => Buffer;
+
+function compressor(type: Job['type']): Compress {
+  if (type === 'zstd') {
+    const zstd = (zlib as unknown as { zstdCompressSync?: ZstdCompress }).zstdCompressSync;
+    const level = (zlib.constants as unknown as Record<string, number>).ZSTD_c_compressionLevel;
+    if (!zstd || level === undefined) throw new Error(`zstd compression needs Node.js 22.15 or later (this is ${process.version})`);
+    // qemu: ZSTD_CLEVEL_DEFAULT (3), one frame per cluster.
+    return (input) => zstd(input, { params: { [level]: 3 } });
+  }
+  // qemu: deflateInit2(Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY): raw deflate.
+  return (input) => zlib.deflateRawSync(input, { level: 6, windowBits: 12, memLevel: 9 });
+}
+
+const compressors = new Map<string, Compress>();
+
+parentPort!.on('message', (job: Job) => {
+  try {
+    let compress = compressors.get(job.type);
+    if (!compress) compressors.set(job.type, (compress = compressor(job.type)));
+    const input = new Uint8Array(job.input);
+    const output = new Uint8Array(job.output);
+    const sizes = new Int32Array(job.lengths.length);
+    let total = 0;
+    let pos = 0;
+    let padded: Uint8Array | undefined;
+    job.lengths.forEach((length, i) => {
+      let cluster: Uint8Array = input.subarray(pos, pos + length);
+      pos += length;
+      if (length < job.clusterSize) {
+        padded ??= new Uint8Array(job.clusterSize);
+        padded.fill(0);
+        padded.set(cluster);
+        cluster = padded;
+      }
+      const out = compress(cluster);
+      // qemu compresses into a buffer of cluster_size − 1 bytes: what does not fit is stored as is.
+      if (out.length >= job.clusterSize) {
+        sizes[i] = -1;
+        return;
+      }
+      if (total + out.length > output.length) throw new Error('the output buffer is too small');
+      sizes[i] = out.length;
+      output.set(out, total);
+      total += out.length;
+    });
+    parentPort!.postMessage({ id: job.id, sizes }, [sizes.buffer]);
+  } catch (err) {
+    parentPort!.postMessage({ id: job.id, error: err instanceof Error ? err.message : String(err) });
+  }
+});
