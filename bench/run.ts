@@ -75,6 +75,8 @@ const SLOW_ON_SPARSE = /\/(dd-read|qemu-export|export-file)$/;
 
 /** Cases run on the mixed image only (the compressed ones would take minutes on the others). */
 const MIXED_ONLY = /\/(qemu-convert-qcow2|convert-internal-stdout|qemu-convert-compress|convert-compress|convert-compress-stdout)$/;
+/** The cases that read a VMDK or VHD made from the image (issue 16). */
+const FOREIGN_CASES = /-(vmdk|vhd)-/;
 
 /** The dedup-heavy image is there for dedup: only its internal conversions (and cp, the × cp reference) run. */
 const DEDUP_IMAGE_CASES = /\/(cp-sparse|convert-internal|convert-internal-dedup)$/;
@@ -225,9 +227,48 @@ function casesFor(kind: ImageKind): Case[] {
       outputs: [],
       command: `${ours} export --quiet --no-sync ${out(`${k}-src.qcow2`)} - | cat > /dev/null`,
     },
+    // Foreign inputs → qcow2 + data file (issue 16): the same image file for both tools.
+    {
+      name: `${k}/qemu-convert-vmdk-stream`,
+      image: kind,
+      outputs: [out(`${k}-qv.qcow2`), out(`${k}-qv.data`)],
+      setup: `qemu-img convert -f raw -O vmdk -o subformat=streamOptimized ${raw} ${out(`${k}-src.vmdk`)}`,
+      command: `qemu-img convert -f vmdk -O qcow2 -o data_file=${out(`${k}-qv.data`)},data_file_raw=on ${out(`${k}-src.vmdk`)} ${out(`${k}-qv.qcow2`)}`,
+    },
+    {
+      name: `${k}/convert-vmdk-stream`,
+      image: kind,
+      peer: `${k}/qemu-convert-vmdk-stream`,
+      outputs: [out(`${k}-ov.qcow2`), out(`${k}-ov.data`)],
+      command: `${ours} convert --quiet --no-sync ${out(`${k}-src.vmdk`)} ${out(`${k}-ov.qcow2`)} --data-file ${out(`${k}-ov.data`)} --force`,
+    },
+    {
+      name: `${k}/convert-vmdk-stream-stdin`,
+      image: kind,
+      peer: `${k}/qemu-convert-vmdk-stream`,
+      outputs: [out(`${k}-pv.qcow2`), out(`${k}-pv.data`)],
+      command: `cat ${out(`${k}-src.vmdk`)} | ${ours} convert --quiet --no-sync - ${out(`${k}-pv.qcow2`)} --data-file ${out(`${k}-pv.data`)} --force`,
+    },
+    {
+      name: `${k}/qemu-convert-vhd-dynamic`,
+      image: kind,
+      outputs: [out(`${k}-qh.qcow2`), out(`${k}-qh.data`)],
+      setup: `qemu-img convert -f raw -O vpc -o subformat=dynamic ${raw} ${out(`${k}-src.vhd`)}`,
+      command: `qemu-img convert -f vpc -O qcow2 -o data_file=${out(`${k}-qh.data`)},data_file_raw=on ${out(`${k}-src.vhd`)} ${out(`${k}-qh.qcow2`)}`,
+    },
+    {
+      name: `${k}/convert-vhd-dynamic`,
+      image: kind,
+      peer: `${k}/qemu-convert-vhd-dynamic`,
+      outputs: [out(`${k}-oh.qcow2`), out(`${k}-oh.data`)],
+      command: `${ours} convert --quiet --no-sync ${out(`${k}-src.vhd`)} ${out(`${k}-oh.qcow2`)} --data-file ${out(`${k}-oh.data`)} --force`,
+    },
   ];
-  // Single-file and compressed images are measured on the mixed image.
-  if (kind !== 'mixed') return all.filter((c) => !MIXED_ONLY.test(c.name) && (kind !== 'sparse' || !PIPE_CASES.test(c.name)) && (kind !== 'dedup' || DEDUP_IMAGE_CASES.test(c.name)));
+  // Single-file and compressed images are measured on the mixed image, and so are the
+  // foreign-format cases (a 64 GiB VMDK or VHD would mostly measure qemu-img making it).
+  if (kind === 'sparse') return all.filter((c) => !MIXED_ONLY.test(c.name) && !PIPE_CASES.test(c.name) && !FOREIGN_CASES.test(c.name));
+  if (kind === 'dedup') return all.filter((c) => DEDUP_IMAGE_CASES.test(c.name));
+  if (kind !== 'mixed') return all.filter((c) => !MIXED_ONLY.test(c.name) && !FOREIGN_CASES.test(c.name));
   return all;
 }
 

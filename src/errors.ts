@@ -23,6 +23,7 @@ export type ErrorCode =
   | 'QCOW_ERR_INPUT_SIZE'
   | 'QCOW_ERR_NOT_SEEKABLE'
   | 'QCOW_ERR_DEDUP_UNSUPPORTED'
+  | 'QCOW_ERR_UNSUPPORTED_FORMAT'
   | 'QCOW_ERR_ABORTED'
   | 'QCOW_ERR_NBD_CONNECTION'
   | 'QCOW_ERR_NBD_PROTOCOL'
@@ -242,6 +243,18 @@ export class CompressionUnsupportedError extends Qcow2StreamError {
   constructor(message: string, reason: 'layout' | 'runtime', options?: ErrorOptions) {
     super(message, options, CompressionUnsupportedError.CODE);
     this.reason = reason;
+  }
+}
+
+/** The input is an image format this library recognises but does not read (vdi, qed, luks…). */
+export class UnsupportedFormatError extends Qcow2StreamError {
+  /** The stable code of this class. */
+  static readonly CODE = 'QCOW_ERR_UNSUPPORTED_FORMAT';
+  /** The format's name, as qemu-img calls it (`vdi`, `qed`, `parallels`…). */
+  readonly format: string;
+  constructor(message: string, format: string, options?: ErrorOptions) {
+    super(message, options, UnsupportedFormatError.CODE);
+    this.format = format;
   }
 }
 

@@ -5,10 +5,13 @@
 import { Command } from 'commander';
 import type { ConvertOptions, ConvertSummary } from '../write/convert.js';
 import { createProgress } from './progress.js';
+import type { ImageFormat } from '../read/image.js';
+import { parseFormat } from './export.js';
 import { action, deferWarning, formatBytes, MAX_CHAIN_DEPTH_OPTION, parseChainDepth, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
 
 /** convert's parsed options, as commander hands them over. */
 export interface ConvertFlags {
+  format?: ImageFormat;
   internal?: boolean;
   dedup?: boolean;
   dedupIndexLimit?: number;
@@ -70,9 +73,10 @@ export function registerConvert(program: Command): void {
  */
 export function defineConvert(command: Command): Command {
   return command
-    .description('Convert a raw image into qcow2 metadata plus a raw external data file')
-    .argument('<input>', "raw image file, s3://bucket/key, '-' for standard input, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://…)")
+    .description('Convert a disk image into qcow2 metadata plus a raw external data file')
+    .argument('<input>', "the image to read (raw, qcow2, vmdk, vpc, vhdx; probed), s3://bucket/key (raw), '-' for standard input, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://…)")
     .argument('<output>', "qcow2 metadata file, s3://bucket/key, or '-' for standard output")
+    .option('-f, --format <format>', 'format of <input> (default: probed; raw for standard input)', parseFormat)
     .option('--data-file <path>', 'the data file to write, a path or s3://bucket/key (default: OUTPUT with its extension replaced by .data; required when OUTPUT is -)')
     .option('--data-file-name <name>', 'the data-file name stored in the image (default: the --data-file path as given)')
     .option('--size <n>', 'input size, e.g. 20G: lets the metadata stream with the data and checks the input length', parseSize)
@@ -89,7 +93,7 @@ export function defineConvert(command: Command): Command {
     .option('--base-name <name>', 'the backing-file name stored in the overlay (default: --base relative to OUTPUT\'s directory)')
     .option('--base-manifest <path>', "compare with this manifest of --base instead of reading it (made with --manifest)")
     .option('--manifest <path>', 'also write the fingerprint of every cluster to this file, for a later --base-manifest')
-    .option('--allow-unsafe-paths', 'follow data-file and backing names stored in --base even outside its directory')
+    .option('--allow-unsafe-paths', 'follow data-file and backing names stored in the input and --base even outside their directory')
     .option(...MAX_CHAIN_DEPTH_OPTION, parseChainDepth)
     .option('--bitmap <name>', 'NBD input: read only the clusters this dirty bitmap marks (qemu:dirty-bitmap:NAME), into an overlay of --base')
     .option('--tls-ca <file>', 'nbds:// input: the CA certificate (PEM) the server\'s certificate must chain to')
@@ -138,6 +142,7 @@ export function convertOptions(input: string, output: string, flags: ConvertFlag
   return {
     sync: flags.sync,
     input,
+    ...(flags.format ? { inputFormat: flags.format } : {}),
     output,
     layout: flags.internal ? 'internal' : 'external',
     clusterSize: flags.clusterSize ?? 65536,

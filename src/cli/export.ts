@@ -65,7 +65,7 @@ export function defineExport(command: Command): Command {
     .description('Write the guest bytes of an image as a raw image (sparse file, or a stream with -)')
     .argument('<image>', 'the qcow2 (or raw) image to read')
     .argument('<output>', "the raw file to write, s3://bucket/key, or '-' for standard output")
-    .option('-f, --format <format>', 'format of <image>: qcow2 or raw (default: probed)', parseFormat)
+    .option('-f, --format <format>', 'format of <image>: qcow2, raw, vmdk, vpc or vhdx (default: probed)', parseFormat)
     .option('--data-file <path>', "use this external data file instead of the name stored in the image")
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--backing-format <format>', 'format of --backing: qcow2 or raw (default: probed)', parseFormat)
@@ -123,6 +123,7 @@ export async function runExport(
  * reports as a usage error next to the option (any other error would escape as a stack trace).
  */
 export function parseFormat(value: string): ImageFormat {
-  if (value === 'qcow2' || value === 'raw') return value;
-  throw new CommanderInvalidArgument(`Unknown image format '${value}' (qcow2 or raw)`);
+  if (value === 'qcow2' || value === 'raw' || value === 'vpc' || value === 'vmdk' || value === 'vhdx') return value;
+  if (value === 'vhd') return 'vpc';
+  throw new CommanderInvalidArgument(`Unknown image format '${value}' (qcow2, raw, vmdk, vpc, vhdx)`);
 }

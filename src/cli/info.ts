@@ -14,7 +14,7 @@ export function registerInfo(program: Command): void {
     .command('info')
     .description("Show an image's header: sizes, features, data file and backing names (never opens them)")
     .argument('<image>', 'the image to inspect')
-    .option('-f, --format <format>', 'qcow2 or raw (default: probed)', parseFormat)
+    .option('-f, --format <format>', 'qcow2, raw, vmdk, vpc or vhdx (default: probed)', parseFormat)
     .option('--json', 'print JSON (field names as in qemu-img info --output=json)')
     .addHelpText(
       'after',

@@ -22,7 +22,7 @@ export function registerMap(program: Command): void {
     .command('map')
     .description('List the extents of an image: data, zero, unallocated, and where the data lives')
     .argument('<image>', 'the image to map')
-    .option('-f, --format <format>', 'qcow2 or raw (default: probed)', parseFormat)
+    .option('-f, --format <format>', 'qcow2, raw, vmdk, vpc or vhdx (default: probed)', parseFormat)
     .option('--data-file <path>', 'use this external data file instead of the name stored in the image')
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')
     .option('--allow-unsafe-paths', 'follow names stored in the image even outside its directory')

@@ -48,7 +48,7 @@ import { PathPolicyError } from '../errors.js';
 import { kindOf } from './files.js';
 
 /** Which reference inside an image a name came from; used in messages and hints. */
-export type StoredNameKind = 'data file' | 'backing file';
+export type StoredNameKind = 'data file' | 'backing file' | 'extent file' | 'parent disk';
 
 /** Options of {@link resolveStoredName}. */
 export interface PathPolicyOptions {
@@ -59,9 +59,19 @@ export interface PathPolicyOptions {
   allowUnsafePaths?: boolean;
 }
 
+/** Where each kind of name is stored, for error context. */
+const FIELDS: Record<StoredNameKind, string> = {
+  'data file': 'data file name',
+  'backing file': 'backing file name',
+  'extent file': 'VMDK descriptor extent name',
+  'parent disk': 'VHD/VHDX parent locator',
+};
+
 const PROTOCOL_PREFIX = /^[a-z][a-z0-9+.-]*:/i;
 
 function hintFor(kind: StoredNameKind): string {
+  if (kind === 'extent file') return 'If you trust this image, opt out of the check with --allow-unsafe-paths (API: allowUnsafePaths)';
+  if (kind === 'parent disk') kind = 'backing file';
   const flag = kind === 'data file' ? '--data-file' : '--backing';
   const api = kind === 'data file' ? 'dataFile' : 'backing';
   return `If you trust this image, pass the ${kind} explicitly with ${flag} PATH (API: ${api}), or opt out of the check with --allow-unsafe-paths (API: allowUnsafePaths)`;
@@ -83,7 +93,7 @@ export async function resolveStoredName(
     throw new PathPolicyError(`Refusing the ${kind} named in '${imagePath}': ${JSON.stringify(storedName)} ${why}`, storedName, {
       hint: hintFor(kind),
       structure: 'header',
-      field: kind === 'data file' ? 'data file name' : 'backing file name',
+      field: FIELDS[kind],
     });
   };
 

@@ -209,6 +209,27 @@ async function readSegment(seg: Segment, target: Uint8Array): Promise<void> {
   await seg.source.readAt(seg.hostOffset, target);
 }
 
+/**
+ * A layer's own segments with its unallocated ranges answered by its backing image (depth + 1),
+ * up to the backing's size; past it they stay unallocated at this layer, as qemu reports them.
+ * For readers of formats with a parent (VHD and VHDX differencing, VMDK with a parent).
+ */
+export async function* throughBacking(own: AsyncIterable<Segment>, backing: BaseImage | undefined): AsyncGenerator<Segment> {
+  for await (const seg of own) {
+    if (seg.kind !== 'unallocated' || !backing) {
+      yield seg;
+      continue;
+    }
+    const segEnd = seg.start + seg.length;
+    const backingEnd = Math.min(segEnd, backing.virtualSize);
+    if (seg.start < backingEnd) {
+      for await (const below of backing.segments(seg.start, backingEnd)) yield { ...below, depth: below.depth + 1 };
+    }
+    const tail = Math.max(seg.start, backingEnd);
+    if (tail < segEnd) yield { ...seg, start: tail, length: segEnd - tail };
+  }
+}
+
 export function plain(start: number, length: number, kind: ExtentKind): Segment {
   return { start, length, kind, depth: 0, source: undefined, hostOffset: undefined, compressed: undefined };
 }

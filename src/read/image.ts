@@ -11,6 +11,10 @@ import type { ParsedHeader } from '../format/index.js';
 import { newContext } from './base-image.js';
 import { openQcow2 } from './qcow2-reader.js';
 import { openRaw } from './raw-reader.js';
+import { openVhd } from './vhd-reader.js';
+import { openVmdk } from './vmdk-reader.js';
+import { openVhdx } from './vhdx-reader.js';
+import { InvalidArgumentError } from '../errors.js';
 import { probeFormat } from './probe.js';
 
 export { extentFile, openSeekable, type ExtentFile } from './base-image.js';
@@ -19,7 +23,7 @@ export { isDataFileRaw, readHeader, validateTables } from './qcow2-reader.js';
 export { probeFormat } from './probe.js';
 
 /** Image formats the reader opens. */
-export type ImageFormat = 'qcow2' | 'raw';
+export type ImageFormat = 'qcow2' | 'raw' | 'vpc' | 'vmdk' | 'vhdx';
 
 /**
  * What a guest range is, as seen from the top of the chain:
@@ -67,6 +71,12 @@ export interface OpenImageOptions {
    * 128 (qemu sets no limit; nightly overlays make long chains).
    */
   maxChainDepth?: number;
+  /**
+   * VHD, VMDK and VHDX: open only the image, not the parent it names (inspecting an untrusted
+   * image must not touch the files it names: `info`). Ranges the parent would answer read as
+   * unallocated zeros. @internal
+   */
+  withoutParents?: boolean;
   /**
    * Bytes of L2 tables kept in memory for the top image. Default 8 MiB (at least 4 tables);
    * each backing image keeps an eighth of it, so a long chain stays small.
@@ -130,9 +140,25 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
  */
 export async function openDisk(path: string, options: OpenDiskOptions = {}): Promise<DiskImage> {
   const context = newContext(options);
-  if (options.format === 'qcow2') return openQcow2(path, context, 0, options.dataFile, options.backing, options.backingFormat);
-  if (options.format === 'raw') return openRaw(path, context);
-  return (await probeFormat(path)) === 'qcow2'
-    ? openQcow2(path, context, 0, options.dataFile, options.backing, options.backingFormat)
-    : openRaw(path, context);
+  const format = options.format ?? (await probeFormat(path, context.warn));
+  switch (format) {
+    case 'qcow2':
+      return openQcow2(path, context, 0, options.dataFile, options.backing, options.backingFormat);
+    case 'raw':
+      return openRaw(path, context);
+    case 'vpc':
+      refuseDataFile(options, format);
+      return openVhd(path, context, 0, options.backing);
+    case 'vmdk':
+      refuseDataFile(options, format);
+      return openVmdk(path, context, 0, options.backing);
+    case 'vhdx':
+      refuseDataFile(options, format);
+      return openVhdx(path, context, 0, options.backing);
+  }
+}
+
+/** --data-file is a qcow2 notion: refused for other formats rather than silently ignored. */
+function refuseDataFile(options: OpenDiskOptions, format: ImageFormat): void {
+  if (options.dataFile !== undefined) throw new InvalidArgumentError(`A data file was given, but a ${format} image has no external data file`, { hint: 'Leave out --data-file' });
 }

@@ -20,19 +20,20 @@ import {
 import { CorruptImageError, fileError } from '../errors.js';
 import { readFully, type OpenedFile } from '../io/files.js';
 import { openSeekable, readHeader, validateTables, type ImageFormat } from './image.js';
-import { QCOW2_MAGIC } from '../format/index.js';
+import { probeFormat } from './probe.js';
+import { openDisk } from './image.js';
 
 /** qemu-img info's JSON, field for field where qemu has one. */
 export interface ImageInfo {
   /** The path as given. */
   filename: string;
-  /** `qcow2`, or `raw` for anything without the qcow2 magic (unless a format was forced). */
+  /** The format probed (src/read/probe.ts) or forced: qcow2, raw, vpc, vmdk or vhdx. */
   format: ImageFormat;
   /** The guest disk size in bytes. */
   'virtual-size': number;
   /** Bytes the image file occupies on disk (the data file is not counted, as in qemu). */
   'actual-size': number;
-  /** qcow2: bytes per cluster. */
+  /** qcow2: bytes per cluster; VHD/VHDX: the block size; VMDK: the grain size. */
   'cluster-size'?: number;
   /** qcow2: the backing file name as stored (never opened). */
   'backing-filename'?: string;
@@ -128,9 +129,14 @@ export async function readImageInfo(path: string, format?: ImageFormat): Promise
     } catch (err) {
       throw fileError(err, 'inspect', path);
     }
-    const magic = new Uint8Array(4);
-    const got = await readFully(file.handle, magic, 0, 4, 0, path);
-    const isQcow2 = format === 'qcow2' || (format === undefined && got === 4 && new DataView(magic.buffer).getUint32(0) === QCOW2_MAGIC);
+    const chosen = format ?? (await probeFormat(path));
+    if (chosen === 'vpc' || chosen === 'vmdk' || chosen === 'vhdx') {
+      // Only the image (and a VMDK's extents, through the path policy), never a parent it names.
+      const image = await openDisk(path, { format: chosen, withoutParents: true });
+      await image.close();
+      return { filename: path, format: chosen, 'virtual-size': image.virtualSize, 'actual-size': actualSize, 'cluster-size': image.clusterSize };
+    }
+    const isQcow2 = chosen === 'qcow2';
     if (!isQcow2) return { filename: path, format: 'raw', 'virtual-size': file.size, 'actual-size': actualSize };
     const header = await readHeader(file);
     validateTables(header, file.size, path, 'inspect');

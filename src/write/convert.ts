@@ -11,22 +11,25 @@
  * error, abort, size mismatch) removes what this run created.
  */
 
+import { fstatSync } from 'node:fs';
+import { stat } from 'node:fs/promises';
 import { relative, dirname, resolve } from 'node:path';
 import { Duplex, Readable, type Writable } from 'node:stream';
 import { asStream, chainUnchecked, flushable, gen, none } from 'stream-chain';
 import { chainUnchecked as coreChain } from 'stream-chain/core';
 import { blockEnd, toBatches, type Block, type BlockBatch, type BlockItem } from '../block.js';
 import type { Progress } from '../progress.js';
-import { AbortedError, CompressionUnsupportedError, DedupUnsupportedError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
+import { AbortedError, CompressionUnsupportedError, DedupUnsupportedError, fileError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
+import { kindOf } from '../io/files.js';
 import type { OutputTarget } from '../io/output.js';
-import type { DiskImage } from '../read/image.js';
+import type { DiskImage, ImageFormat } from '../read/image.js';
 import { DEFAULT_MAX_CHAIN_DEPTH } from '../format/constants.js';
 import { detectZeros } from '../../transforms/zero-detect.js';
 import type { BaseComparer } from '../../transforms/base-compare.js';
 import type { DedupStats } from '../../transforms/dedup.js';
 import type { ManifestWriter } from '../../transforms/manifest.js';
-import { abortable, abortError } from './abort.js';
+import { abortable, abortError, raceAbort } from './abort.js';
 import { ClusterCutter, clusterizeBatches } from './clusterize.js';
 import { checkCompressionType, type CompressionType, type CompressorPool } from './compress.js';
 import { ExternalWriter, missingInputEnd } from './external-sink.js';
@@ -36,14 +39,18 @@ import { defaultDataFilePath } from './paths.js';
 import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.js';
 import { storedNameFindsFile } from '../io/path-policy.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
+import { imageBlocks } from './image-source.js';
+import type { StreamInput } from './stream-image.js';
 import { BufferPool, openInput, readBatches, readBlocks, type OpenedInput } from './sources.js';
 import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
 import type { NbdInput } from './nbd-source.js';
 import { isS3Uri, keyBaseName } from '../io/s3-uri.js';
+import { inputSizeMismatch } from './clusterize.js';
 
 /**
- * A raw image: a path, `s3://bucket/key`, '-' for standard input, an NBD URI (nbd://,
- * nbd+unix://, nbds://, nbds+unix://), a Node Readable or any async iterable of bytes.
+ * The input image: a path (its format probed, or given by `inputFormat`), `s3://bucket/key`
+ * (raw), '-' for standard input, an NBD URI (nbd://, nbd+unix://, nbds://, nbds+unix://), a Node
+ * Readable or any async iterable of raw bytes.
  */
 export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 
@@ -51,8 +58,18 @@ export type ConvertInput = string | Readable | AsyncIterable<Uint8Array>;
 export type ConvertProgress = Progress;
 
 export interface ConvertOptions extends ImageOptions {
-  /** The raw image: a path, '-' for standard input, a Node Readable or any async iterable of bytes. */
+  /**
+   * The input: a path, '-' for standard input, a Node Readable or any async iterable of raw
+   * bytes. A path is probed (src/read/probe.ts): raw is copied as it is, an image format the
+   * readers open (qcow2 with its chain…) is read through its reader, and a recognised format
+   * no reader opens is refused by name (UnsupportedFormatError), never taken as raw.
+   */
   input: ConvertInput;
+  /**
+   * The format of a path input, instead of probing it (`raw` for untrusted raw files, so a
+   * planted header is not obeyed).
+   */
+  inputFormat?: ImageFormat;
   /** The qcow2 file: a path, '-' for standard output, or a Writable (external layout only). */
   output: OutputTarget;
   /**
@@ -104,7 +121,7 @@ export interface ConvertOptions extends ImageOptions {
   baseManifest?: string;
   /** Write a fingerprint manifest of the new image to this path. */
   manifest?: string;
-  /** Follow names stored inside the base image even outside its directory (see the path policy). */
+  /** Follow names stored inside the input and base images even outside their directory (see the path policy). */
   allowUnsafePaths?: boolean;
   /**
    * Most images the new overlay's chain may hold, itself included (default 128, as every
@@ -248,10 +265,26 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   const nbdUri = typeof options.input === 'string' && isNbdUri(options.input) ? options.input : undefined;
   // Connected (and the bitmap checked) before any output is created.
   const nbd = nbdUri === undefined ? undefined : await (await import('./nbd-source.js')).openNbdInput(nbdUri, options);
+  let image: DiskImage | undefined;
   let input: OpenedInput | undefined;
+  let streamed: StreamInput | undefined;
   try {
-    input = typeof options.input === 'string' && !nbd ? await openInput(options.input, options.size) : undefined;
+    // A path is probed: an image is read through its reader, never taken as raw bytes.
+    image = typeof options.input === 'string' && !nbd ? await openImageInput(options.input, options, plan.warn) : undefined;
+    input = typeof options.input === 'string' && !nbd && !image ? await openInput(options.input, options.size) : undefined;
+    // A pipe is probed from its first bytes: raw goes on as raw, a streamOptimized VMDK or a
+    // fixed VHD (-f vpc) is read in one pass, other formats need a file.
+    if (input && !input.target.positional) {
+      const probing = (await import('./stream-image.js')).openStreamInput(input.target, options.inputFormat, plan.settings.clusterSize);
+      // The probe reads the first bytes: a quiet pipe must not outlast an abort.
+      streamed = signal ? await raceAbort(probing, signal) : await probing;
+      if (streamed.kind !== 'blocks') input = { ...input, target: streamed.target };
+    }
   } catch (err) {
+    // As below: a pipe's close may wait for a read an abort left pending.
+    if (signal?.aborted && !input?.target.positional) void input?.close().catch(() => {});
+    else await input?.close().catch(() => {});
+    await image?.close().catch(() => {});
     await nbd?.close().catch(() => {});
     throw err;
   }
@@ -261,17 +294,23 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   let conversion: Conversion | undefined;
   try {
     // Compression holds more Blocks at once (batches in flight): recycle their buffers rather than drop them to the GC.
-    const pool = input || nbd ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
-    conversion = await openConversion(options, plan, input, nbd, pool, started);
+    const pool = input || nbd || image ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
+    conversion = await openConversion(options, plan, { input, nbd, image, streamed }, pool, started);
     const { settings, size } = conversion;
     const fileFd = input?.target.positional ? input.target.fd : undefined;
     const userStages = options.stages ?? [];
     let throughStages = true;
-    if (fileFd !== undefined && conversion.external?.canCopyFromFile && !conversion.baseCompared && !conversion.manifest && userStages.length === 0) {
+    const copyNatively = conversion.external?.canCopyFromFile && !conversion.baseCompared && !conversion.manifest && userStages.length === 0;
+    if (image && (image.format === 'vpc' || image.format === 'vhdx') && copyNatively) {
+      // VHD and VHDX store blocks uncompressed: copy them natively from where they lie.
+      const { copyImageToExternal } = await import('./file-copy.js');
+      throughStages = false;
+      await copyImageToExternal(image, conversion.external!, { signal, onAdvance: (done) => conversion!.advance(done) });
+    } else if (fileFd !== undefined && copyNatively) {
       // Nothing but the zero check needs the bytes: copy them natively, no Block per cluster.
       const { copyFileToExternal } = await import('./file-copy.js');
       throughStages = false;
-      await copyFileToExternal({ fd: fileFd, name: input!.name }, size!, conversion.external, { signal, onAdvance: (done) => conversion!.advance(done) });
+      await copyFileToExternal({ fd: fileFd, name: input!.name }, size!, conversion.external!, { signal, onAdvance: (done) => conversion!.advance(done) });
     } else {
       const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
       let batches: AsyncIterable<BlockBatch>;
@@ -281,6 +320,12 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         let blocks: AsyncIterable<Block> = nbd.blocks(settings.clusterSize, pool);
         if (signal) blocks = abortable(blocks, signal);
         batches = toBatches(blocks, sourceOptions);
+      } else if (image) {
+        // Ranges no layer holds data for come as zero runs, never read.
+        batches = toBatches(imageBlocks(image, { clusterSize: settings.clusterSize, ...(pool ? { pool } : {}) }), sourceOptions);
+      } else if (streamed?.kind === 'blocks') {
+        // A streamOptimized VMDK from a pipe: its grains in order, batched here.
+        batches = toBatches(signal ? abortable(streamed.blocks, signal) : streamed.blocks, sourceOptions);
       } else if (input) {
         // Holes come as zero runs, never read: every stage handles runs.
         batches = readBatches(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
@@ -301,6 +346,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   } finally {
     await conversion?.close();
     await nbd?.close().catch(() => {});
+    await image?.close().catch(() => {});
     // After an abort a read of a quiet pipe (without the addon) may never return, and closing
     // its handle would wait for that read: close it in the background instead (the CLI exits
     // right after). A regular file's reads always return: wait for its close.
@@ -347,7 +393,7 @@ export function createConvertStream(options: ConvertStreamOptions): ConvertStrea
   finished.catch(() => {});
   // The outputs open while the first bytes arrive; the first stage waits for them.
   let conversion: Conversion | undefined;
-  const opening = planConversion({ ...options, input: '' }).then(async (plan) => (conversion = await openConversion({ ...options, input: '' }, plan, undefined, undefined, undefined, started)));
+  const opening = planConversion({ ...options, input: '' }).then(async (plan) => (conversion = await openConversion({ ...options, input: '' }, plan, { input: undefined, nbd: undefined, image: undefined, streamed: undefined }, undefined, started)));
   opening.catch(() => {});
   let settled = false;
   const fail = async (err: unknown) => {
@@ -462,6 +508,8 @@ interface ConversionPlan {
   backing: { name: string; format: string } | undefined;
   /** Warnings so far (more may come while the run goes). */
   warnings: string[];
+  /** Adds a warning (and tells onWarning). */
+  warn: (message: string) => void;
 }
 
 async function planConversion(options: ConvertOptions): Promise<ConversionPlan> {
@@ -508,19 +556,19 @@ async function planConversion(options: ConvertOptions): Promise<ConversionPlan> 
   }
   const backing = options.base === undefined ? undefined : await describeBacking(options.base, options.baseName, output);
   if (signal?.aborted) throw abortError(signal);
-  return { layout, settings, dataFile, dataFileName, backing, warnings };
+  return { layout, settings, dataFile, dataFileName, backing, warnings, warn };
 }
 
 /** Opens the outputs (and the base, manifest, hasher a conversion needs) and builds its stage list. */
 async function openConversion(
   options: ConvertOptions,
   plan: ConversionPlan,
-  input: OpenedInput | undefined,
-  nbd: NbdInput | undefined,
+  sources: { input: OpenedInput | undefined; nbd: NbdInput | undefined; image: DiskImage | undefined; streamed: StreamInput | undefined },
   pool: BufferPool | undefined,
   started: number,
 ): Promise<Conversion> {
   const { layout, settings, dataFile, dataFileName, backing, warnings } = plan;
+  const { input, nbd, image, streamed } = sources;
   const { output, signal } = options;
   const needsHasher = Boolean(options.dedup) || options.manifest !== undefined || options.baseManifest !== undefined;
   // What only some conversions use (the reader, hashing, manifests, the internal layout) is
@@ -535,7 +583,9 @@ async function openConversion(
   let sink: BlockSink | undefined;
   let manifest: ManifestWriter | undefined;
   try {
-    const size = nbd ? nbd.size : input ? input.size : options.size;
+    const imageSize = image ? image.virtualSize : streamed?.kind === 'blocks' ? await streamed.size : undefined;
+    if (imageSize !== undefined && options.size !== undefined && options.size !== imageSize) throw inputSizeMismatch(options.size, imageSize);
+    const size = nbd ? nbd.size : (imageSize ?? (input ? input.size : options.size));
     if (size !== undefined) checkVirtualSize(roundUpToSector(size), settings.clusterBits);
     // An incremental from a dirty bitmap knows what changed: the base is only the backing file.
     const incremental = options.bitmap !== undefined;
@@ -543,7 +593,7 @@ async function openConversion(
     const baseImage = options.base !== undefined ? await openBase(options) : undefined;
     if (baseImage) opened.push(baseImage);
     if (baseImage) checkNewChainDepth(baseImage, options.maxChainDepth);
-    await refuseOverlaps(await readFiles(input, options, baseImage), writtenFiles(output, dataFile, options.manifest));
+    await refuseOverlaps(await readFiles(input, image, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
     // Every stage of ours lets go of a Block once the sink is done with it; a user's stage
@@ -693,6 +743,8 @@ async function openConversion(
       async finish(throughStages) {
         // The stages must have passed the source's last batch on, or the image's length is unknown.
         if (throughStages && !theSink.sawInputEnd) throw missingInputEnd('convert');
+        // A fixed VHD's footer is known once the stream ended: it must describe what came before it.
+        if (streamed?.kind === 'fixed-vhd') streamed.check(bytesDone);
         const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings, options.compression);
         await theManifest?.finish(summary.virtualSize);
         report();
@@ -865,9 +917,11 @@ async function finishInternal(writer: InternalImageWriter | PlannedImageWriter, 
 }
 
 /** Every file the conversion reads: the input, the base (its whole chain), the base manifest. */
-async function readFiles(input: OpenedInput | undefined, options: ConvertOptions, baseImage: DiskImage | undefined): Promise<RunFile[]> {
+async function readFiles(input: OpenedInput | undefined, image: DiskImage | undefined, options: ConvertOptions, baseImage: DiskImage | undefined): Promise<RunFile[]> {
   const files: RunFile[] = [];
   if (input?.file) files.push({ role: 'input', path: input.file.path, stats: await input.file.handle.stat() });
+  // An image input: none of the files it reads (its chain, data files) may be written.
+  if (image) files.push(...(await import('../read/chain-files.js')).chainFiles(image, 'input'));
   if (baseImage) files.push(...(await import('../read/chain-files.js')).chainFiles(baseImage, 'base'));
   else if (options.base !== undefined) files.push({ role: 'base', path: options.base });
   if (options.baseManifest !== undefined) files.push({ role: 'base manifest', path: options.baseManifest });
@@ -883,4 +937,32 @@ function writtenFiles(output: OutputTarget, dataFile: string | Writable | undefi
   }
   if (manifest !== undefined) files.push({ role: 'manifest', path: manifest });
   return files;
+}
+
+/**
+ * Opens a path input as an image when it is not raw: probed unless `inputFormat` says. Returns
+ * undefined for raw input (standard input, a pipe, or a file probed or declared raw), which the
+ * raw sources read. Recognised formats no reader opens are refused by name here.
+ */
+async function openImageInput(path: string, options: ConvertOptions, warn: (message: string) => void): Promise<DiskImage | undefined> {
+  if (options.inputFormat === 'raw') return undefined;
+  let seekable: boolean;
+  try {
+    const kind = kindOf(path === '-' ? fstatSync(0) : await stat(path));
+    seekable = kind === 'file' || kind === 'block-device';
+  } catch (err) {
+    throw fileError(err, 'open', path);
+  }
+  // A pipe is probed from its first bytes by the stream reader (write/stream-image.ts).
+  if (!seekable) return undefined;
+  // '< image' on standard input: the file behind it, read like any file.
+  if (path === '-') path = '/dev/stdin';
+  const { openDisk, probeFormat } = await import('../read/image.js');
+  const format = options.inputFormat ?? (await probeFormat(path, warn));
+  if (format === 'raw') return undefined;
+  return openDisk(path, {
+    format,
+    ...(options.allowUnsafePaths ? { allowUnsafePaths: true } : {}),
+    onWarning: warn,
+  });
 }

@@ -297,13 +297,14 @@ export class ExternalWriter {
    * clusters are recorded in order. `offset` is a cluster boundary at or past the last cluster
    * taken, `length` at most 16 MiB and whole clusters, except for the image's last bytes. The
    * file must stay open until finish() or abort() settles. Only where {@link canCopyFromFile}.
+   * `sourceOffset` reads the bytes from elsewhere in the file (an image's block: VHD, VHDX).
    */
-  async copyFromFile(source: CopySource, offset: number, length: number): Promise<void> {
+  async copyFromFile(source: CopySource, offset: number, length: number, sourceOffset = offset): Promise<void> {
     const index = this.takeRange('copyFromFile', offset, length);
     // Data gathered by write() goes out first, so a failure surfaces in input order.
     await this.flushRun();
     const flags = new Uint8Array(Math.ceil(length / this.settings.clusterSize));
-    const copied = this.data.copyClustersFrom(source, offset, offset, length, this.settings.clusterSize, flags);
+    const copied = this.data.copyClustersFrom(source, sourceOffset, offset, length, this.settings.clusterSize, flags);
     // Observed when its turn comes (recordNext); until then a failure must not count as unhandled.
     copied.catch(() => {});
     this.pending.push({ index, length, flags, copied });

@@ -10,6 +10,9 @@
 
 import { abortError } from './abort.js';
 import type { ExternalWriter } from './external-sink.js';
+import { isAllZero } from '../io/buffers.js';
+import { extentFile, type DiskImage } from '../read/image.js';
+import { imageSegments } from './image-source.js';
 import { fileSegments, MAX_ZERO_RUN_BYTES } from './sources.js';
 
 /** Options of {@link copyFileToExternal}. */
@@ -42,5 +45,43 @@ export async function copyFileToExternal(source: { fd: number; name: string }, s
       await writer.takeHole(start, length);
       onAdvance?.(start + length);
     }
+  }
+}
+
+/**
+ * The same for an image whose data sits uncompressed in its file (VHD, VHDX): each 2 MiB read
+ * of `imageSegments` that one data extent covers is copied natively from where the image stores
+ * it; ranges no layer holds are holes; anything else (a window mixing kinds or layers, bytes
+ * past a file's end) is read through the image and written as Blocks, zero-checked here.
+ */
+export async function copyImageToExternal(image: DiskImage, writer: ExternalWriter, options: FileCopyOptions = {}): Promise<void> {
+  const { signal, onAdvance } = options;
+  const cs = writer.settings.clusterSize;
+  for await (const segment of imageSegments(image, cs)) {
+    if (signal?.aborted) throw abortError(signal);
+    const end = segment.start + segment.length;
+    if (segment.hole) {
+      for (let start = segment.start; start < end; start += MAX_ZERO_RUN_BYTES) {
+        const length = Math.min(MAX_ZERO_RUN_BYTES, end - start);
+        await writer.takeHole(start, length);
+        onAdvance?.(start + length);
+      }
+      continue;
+    }
+    const extents = [];
+    for await (const extent of image.extents(segment.start, end)) extents.push(extent);
+    const only = extents.length === 1 ? extents[0]! : undefined;
+    const file = only?.kind === 'data' ? extentFile(only) : undefined;
+    if (only && file && only.hostOffset !== undefined && only.hostOffset + segment.length <= file.size) {
+      await writer.copyFromFile({ fd: file.fd, name: file.name }, segment.start, segment.length, only.hostOffset);
+    } else {
+      const bytes = new Uint8Array(segment.length);
+      await image.readInto(bytes, segment.start);
+      for (let off = 0; off < bytes.length; off += cs) {
+        const data = bytes.subarray(off, Math.min(bytes.length, off + cs));
+        await writer.write({ index: (segment.start + off) / cs, data, zero: isAllZero(data) });
+      }
+    }
+    onAdvance?.(end);
   }
 }

@@ -83,7 +83,7 @@ test('usage errors: one line with the code and a hint naming the right --help, e
   assert.match(unknownOption.stderr, /hint: run 'qcow2-stream info --help' for usage/);
 
   // A bad value for an option with a parser (this one used to escape as a stack trace).
-  assertOneLineError(runCli(['compare', '-f', 'vmdk', 'a', 'b']), /Unknown image format 'vmdk'/);
+  assertOneLineError(runCli(['compare', '-f', 'vdi', 'a', 'b']), /Unknown image format 'vdi'/);
   assertOneLineError(runCli(['export', 'a.qcow2']), /missing required argument 'output'/);
   assertOneLineError(runCli(['check', 'a.qcow2', 'b.qcow2']), /too many arguments/);
 });

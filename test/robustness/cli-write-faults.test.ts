@@ -33,7 +33,7 @@ interface Fault {
   position?: number;
 }
 
-const temporaryOf = (final: string) => `/\\.${final.replace('.', '\\.')}\\.[0-9a-f]+\\.partial$`;
+const temporaryOf = (final: string) => `/\\.${final.replace(".", "\\.")}\\.qs\\d+-[0-9a-f]+\\.partial$`;
 
 function faultEnv(fault: Fault | undefined): Record<string, string> {
   return fault

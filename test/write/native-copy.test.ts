@@ -39,7 +39,8 @@ async function convertBothWays(t: TestContext, dir: string, input: string, optio
   const blocks = await withoutNative(() => convert({ input, output: join(dir, 'b.qcow2'), dataFile: join(dir, 'b.data'), dataFileName: 'x.data', sync: false, ...options }));
   assert.equal(sha256File(join(dir, 'n.qcow2')), sha256File(join(dir, 'b.qcow2')), 'metadata differs');
   assert.equal(sha256File(join(dir, 'n.data')), sha256File(join(dir, 'b.data')), 'data file differs');
-  const strip = ({ seconds: _s, dataFile: _d, ...rest }: ConvertSummary) => rest;
+  // The two runs store the same name for different files: both warn, naming their own output.
+  const strip = ({ seconds: _s, dataFile: _d, warnings: _w, ...rest }: ConvertSummary) => rest;
   assert.deepEqual(strip(native.result), strip(blocks), 'summaries differ');
   return { native: native.result, copies: native.copies };
 }
