@@ -18,7 +18,20 @@
  */
 
 export * from './errors.js';
-export { blockEnd, expandZeroRuns, zeroRun, type Block } from './block.js';
+export {
+  blockEnd,
+  expandZeroRuns,
+  flattenBatches,
+  isBatch,
+  perBlock,
+  toBatches,
+  zeroRun,
+  MAX_BATCH_BLOCKS,
+  type Block,
+  type BlockBatch,
+  type BlockItem,
+  type ToBatchesOptions,
+} from './block.js';
 export type { Progress } from './progress.js';
 export * from './write/index.js';
 export * from './read/index.js';

@@ -12,7 +12,9 @@
  */
 
 import { Transform } from 'node:stream';
-import type { Block } from '../src/block.js';
+import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
+import { map } from '@reactivex/ix-esnext-esm/asynciterable/operators';
+import { isBatch, type Block, type BlockItem } from '../src/block.js';
 import { FingerprintIndex, type FingerprintIndexOptions } from './fingerprint-index.js';
 import type { Hasher } from './fingerprint.js';
 
@@ -159,27 +161,29 @@ export interface DedupStageOptions extends FingerprintIndexOptions {
   readCluster: (index: number, length: number) => Promise<Uint8Array>;
 }
 
+/** The annotated items, with the live `stats` (and `blocks`, the same iterable, for the older result shape). */
+export type DedupStage<T> = AsyncIterableX<T> & {
+  /** Counts so far, updated as the blocks flow. */
+  readonly stats: DedupStats;
+  /** The same items (the older `{ blocks, stats }` result shape). */
+  readonly blocks: AsyncIterableX<T>;
+};
+
 /**
  * Annotates `duplicateOf` on every non-zero block whose bytes equal an earlier block's, and
- * `fingerprint` on every non-zero block. Returns the stats object, live-updated.
+ * `fingerprint` on every non-zero block, over Blocks or batches. The result is the annotated
+ * items, with the live stats on it: `const out = dedupBlocks(items, options); … out.stats`.
  */
-export function dedupBlocks(
-  blocks: AsyncIterable<Block>,
-  options: DedupStageOptions,
-): {
-  /** The blocks, annotated. */
-  blocks: AsyncGenerator<Block>;
-  /** Counts so far, updated as the blocks flow. */
-  stats: DedupStats;
-} {
+export function dedupBlocks<T extends BlockItem>(items: AsyncIterable<T> | Iterable<T>, options: DedupStageOptions): DedupStage<T> {
   const dedup = new Deduplicator({ ...options, readBack: options.readCluster });
-  async function* run(): AsyncGenerator<Block> {
-    for await (const block of blocks) {
-      await annotate(dedup, block);
-      yield block;
-    }
-  }
-  return { blocks: run(), stats: dedup.stats };
+  const out = from(items).pipe(
+    map(async (item: T) => {
+      if (!isBatch(item)) await annotate(dedup, item as Block);
+      else for (const block of item.blocks) await annotate(dedup, block);
+      return item;
+    }),
+  );
+  return Object.assign(out, { stats: dedup.stats, blocks: out });
 }
 
 /** {@link dedupBlocks} as a Node stream of Blocks; `stats` is on the returned stream. */
@@ -191,8 +195,9 @@ export function createDedupStream(options: DedupStageOptions): Transform & {
   const stream = new Transform({
     objectMode: true,
     highWaterMark: 32,
-    transform(block: Block, _encoding, done) {
-      annotate(dedup, block).then(() => done(null, block), (err: unknown) => done(err as Error));
+    transform(item: BlockItem, _encoding, done) {
+      const work = isBatch(item) ? (async () => { for (const block of item.blocks) await annotate(dedup, block); })() : annotate(dedup, item);
+      work.then(() => done(null, item), (err: unknown) => done(err as Error));
     },
   });
   return Object.assign(stream, { stats: dedup.stats });

@@ -1,12 +1,24 @@
 /**
- * The public transforms: stages over Blocks, each as a generator (for composing in code) and
- * as a Node stream (for `pipeline(...)`).
+ * The public transforms: stages over Blocks or batches of them, each of one shape,
+ * `(items, options?) => AsyncIterable` (an ix AsyncIterableX, so `.pipe(filter(…), map(…))`
+ * works on it), and as a Node stream (for `pipeline(...)`).
  */
-export { zeroDetect, createZeroDetectStream } from './zero-detect.js';
-export { createHasher, fingerprintBlocks, createFingerprintStream, type Hasher } from './fingerprint.js';
+export { zeroDetect, detectZeros, markZero, createZeroDetectStream } from './zero-detect.js';
+export { createHasher, fingerprintBlocks, createFingerprintStream, type FingerprintOptions, type Hasher } from './fingerprint.js';
 export { FingerprintIndex, INDEX_BYTES_PER_ENTRY_AVERAGE, INDEX_BYTES_PER_ENTRY_MAX, type FingerprintIndexOptions } from './fingerprint-index.js';
-export { Deduplicator, dedupBlocks, createDedupStream, type DedupStats, type DedupDecision, type DeduplicatorOptions, type DedupStageOptions } from './dedup.js';
-export { compareWithBase, compareWithManifest, type BaseImage, type BaseCompareStats } from './base-compare.js';
+export { Deduplicator, dedupBlocks, createDedupStream, type DedupStage, type DedupStats, type DedupDecision, type DeduplicatorOptions, type DedupStageOptions } from './dedup.js';
+export {
+  compareWithBase,
+  compareWithManifest,
+  createBaseComparer,
+  createManifestComparer,
+  type BaseComparer,
+  type BaseCompareStage,
+  type BaseImage,
+  type BaseCompareStats,
+  type CompareWithBaseOptions,
+  type CompareWithManifestOptions,
+} from './base-compare.js';
 export {
   ManifestWriter,
   ManifestReader,

@@ -22,6 +22,23 @@ export interface NativeAddon {
    * negative `errno` and `syscall` (`read` or `write`).
    */
   copyClusters(srcFd: number, srcOffset: number, dstFd: number, dstOffset: number, length: number, clusterSize: number, flags: Uint8Array): Promise<number>;
+  /** XXH64 (seed 0) of the bytes, as xxhash-wasm's h64Raw gives it, without the copy into wasm memory. */
+  xxh64?(bytes: Uint8Array): bigint;
+  /**
+   * Linux: on the thread pool, fills `buffer[offset, offset + length)` from a pipe, FIFO or
+   * socket, waiting in poll() on `fd` and on the canceller `efd` (never blocked in read()).
+   * Resolves with the bytes read (fewer than `length` only at the end of the input); rejects
+   * with `errno` −ECANCELED once the canceller is signalled, or another negative errno.
+   */
+  readFull?(fd: number, buffer: Uint8Array, offset: number, length: number, efd: number): Promise<number>;
+  /** Linux: the same for writing all of `buffer[offset, offset + length)`; EPIPE once the reader is gone. */
+  writeFull?(fd: number, buffer: Uint8Array, offset: number, length: number, efd: number): Promise<number>;
+  /** Linux: a new eventfd to cancel readFull/writeFull with; close it with fs.closeSync. */
+  createCanceller?(): number;
+  /** Linux: wakes every readFull/writeFull waiting on this canceller, now and later, with ECANCELED. */
+  signalCanceller?(efd: number): void;
+  /** Linux: F_SETPIPE_SZ up to `bytes` (halved until allowed); the pipe's size after, 0 if `fd` is no pipe. */
+  setPipeSize?(fd: number, bytes: number): number;
 }
 
 /** Set to any value but '' or '0' to ignore the addon. */

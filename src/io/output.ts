@@ -27,6 +27,7 @@ import { fileError, FileError } from '../errors.js';
 import { kindOf } from './files.js';
 import { zeroBuffer } from './buffers.js';
 import { nativeAddon } from './native.js';
+import { nativePipeWriter } from './pipe.js';
 import { isS3Uri } from './s3-uri.js';
 
 /**
@@ -75,6 +76,8 @@ interface SequentialSink {
   write(chunk: Uint8Array): Promise<void>;
   /** Ends the output; for an object, this is when it appears under its key. */
   close(): Promise<void>;
+  /** Wakes a write blocked on a full pipe (it then fails): abort() calls it first. */
+  cancel?(): void;
   /** Drops a failed output (an object's multipart upload is aborted); without it, close(). */
   abort?(): Promise<void>;
 }
@@ -306,6 +309,14 @@ export class OffsetWriter {
   }
 
   /**
+   * Wakes a write blocked on a full pipe, which then fails (an AbortedError): for a caller that
+   * must stop at once while writes are still pending (abort() does this itself).
+   */
+  cancel(): void {
+    this.sink?.cancel?.();
+  }
+
+  /**
    * Removes an output that commit() put in place, when a later step of the same run failed (the
    * data file of an image whose metadata could not be written). Files and objects only; never throws.
    */
@@ -323,6 +334,7 @@ export class OffsetWriter {
   async abort(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.sink?.cancel?.();
     await (this.sink?.abort ? this.sink.abort() : this.sink?.close())?.catch(() => {});
     await this.handle?.close().catch(() => {});
     await this.removeTemp();
@@ -388,8 +400,26 @@ function remainder(chunks: readonly Uint8Array[], skip: number): Uint8Array[] {
   return out;
 }
 
-/** Sequential writes to a descriptor on the thread pool: a full pipe makes the promise wait. */
+/**
+ * Sequential writes to a descriptor. A pipe, FIFO or socket goes through the addon's
+ * cancellable whole-buffer writes where it is built (src/io/pipe.ts); otherwise, and for
+ * terminals and devices, fs.write on the thread pool: a full pipe makes the promise wait.
+ */
 function fdSink(fd: number, name: string): SequentialSink {
+  const native = nativePipeWriter(fd, name, { ownsFd: false });
+  if (native) {
+    return {
+      write: (chunk) => native.write(chunk),
+      // The descriptor belongs to the caller (stdout) or to the OffsetWriter's handle.
+      close: () => native.close(),
+      cancel: () => native.cancel(),
+    };
+  }
+  return eventLoopFdSink(fd, name);
+}
+
+/** fs.write on the thread pool; EAGAIN (a non-blocking pipe that is full) waits and retries. */
+function eventLoopFdSink(fd: number, name: string): SequentialSink {
   const writeOnce = (chunk: Uint8Array, offset: number) =>
     new Promise<number>((resolve, reject) => {
       fsWrite(fd, chunk, offset, chunk.length - offset, null, (err, written) => (err ? reject(err) : resolve(written)));

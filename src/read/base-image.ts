@@ -9,6 +9,7 @@
  */
 
 import type { FileHandle } from 'node:fs/promises';
+import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
 import { InvalidArgumentError, NotSeekableError } from '../errors.js';
 import { openForRead, readFully, type OpenedFile } from '../io/files.js';
 import { confirmOpened, type StoredNameKind } from '../io/path-policy.js';
@@ -142,7 +143,11 @@ export abstract class BaseImage implements DiskImage {
     if (pending) yield pending;
   }
 
-  async *extents(start = 0, end = this.virtualSize): AsyncGenerator<Extent> {
+  extents(start = 0, end = this.virtualSize): AsyncIterableX<Extent> {
+    return from(this.extentsFrom(start, end));
+  }
+
+  private async *extentsFrom(start: number, end: number): AsyncGenerator<Extent> {
     for await (const seg of this.coalescedSegments(start, end)) {
       const extent = toExtent(seg);
       if (seg.kind === 'data' && seg.source && !seg.compressed) extentFiles.set(extent, seg.source);

@@ -7,7 +7,8 @@
  */
 
 import type { Progress } from '../progress.js';
-import { Readable } from 'node:stream';
+import { type Duplex, Readable } from 'node:stream';
+import { chainUnchecked } from 'stream-chain';
 import { AbortedError } from '../errors.js';
 import { allocIoBuffer, isAllZero, zeroBuffer } from '../io/buffers.js';
 import { COPIES_IN_FLIGHT, OffsetWriter, type OutputTarget } from '../io/output.js';
@@ -249,4 +250,43 @@ async function writeSparse(writer: OffsetWriter, offset: number, data: Uint8Arra
     }
   }
   if (runStart >= 0) await writer.write(offset + runStart, data.subarray(runStart));
+}
+
+/** Options of {@link createExportStream}. */
+export interface ExportStreamOptions extends ExportOptions {
+  /**
+   * Stages of your own over the raw chunks, stream-chain style (a function of one chunk, a
+   * generator, a Node stream), between the image and the stream's readable side. Their output
+   * must stay bytes.
+   */
+  stages?: readonly unknown[];
+}
+
+/** The stream of {@link createExportStream}: raw bytes out, and `finished`. */
+export interface ExportStream extends Duplex {
+  /** Resolves once the last byte has been read from the stream; rejects with the error that stopped it. */
+  readonly finished: Promise<ExportResult>;
+  /** `for await (const chunk of stream)` gives the raw bytes, typed. */
+  [Symbol.asyncIterator](): AsyncIterableIterator<Uint8Array>;
+}
+
+/**
+ * {@link exportStream} as one stream-chain `chain()`: the image's guest bytes, through your
+ * `stages`, out of the readable side; `await stream.finished` gives the result (bytes counts
+ * what came out of the last stage). The image stays open; close it after.
+ */
+export function createExportStream(image: DiskImage, options: ExportStreamOptions = {}): ExportStream {
+  let bytesWritten = 0;
+  const count = (chunk: Uint8Array) => {
+    bytesWritten += chunk.length;
+    return chunk;
+  };
+  const stream = chainUnchecked([exportStream(image, options), ...(options.stages ?? []), count], { readableObjectMode: false, writableObjectMode: false }) as unknown as Duplex;
+  const finished = new Promise<ExportResult>((resolve, reject) => {
+    stream.once('end', () => resolve({ bytes: image.virtualSize, bytesWritten, warnings: image.warnings }));
+    stream.once('error', (err) => reject(err));
+    stream.once('close', () => reject(new AbortedError('The export stream was destroyed before its end')));
+  });
+  finished.catch(() => {});
+  return Object.assign(stream, { finished });
 }

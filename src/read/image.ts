@@ -6,6 +6,7 @@
  * shared mechanism of base-image.ts; probe.ts tells the formats apart.
  */
 
+import type { AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
 import type { ParsedHeader } from '../format/index.js';
 import { newContext } from './base-image.js';
 import { openQcow2 } from './qcow2-reader.js';
@@ -111,8 +112,11 @@ export interface DiskImage {
   read(offset: number, length: number): Promise<Uint8Array>;
   /** Reads `target.length` guest bytes at `offset` into `target`. */
   readInto(target: Uint8Array, offset: number): Promise<void>;
-  /** Coalesced extents covering [start, end) (default: the whole image), in order. */
-  extents(start?: number, end?: number): AsyncGenerator<Extent>;
+  /**
+   * Coalesced extents covering [start, end) (default: the whole image), in order: an ix
+   * AsyncIterableX, so `image.extents().pipe(filter((e) => e.data), map(…))` works.
+   */
+  extents(start?: number, end?: number): AsyncIterableX<Extent>;
   /** Closes every file of the chain. */
   close(): Promise<void>;
 }

@@ -41,3 +41,28 @@ export async function* abortable<T>(source: AsyncIterable<T>, signal: AbortSigna
     if (!finished) void iterator.return?.()?.catch?.(() => {});
   }
 }
+
+/** Settles with `promise`, or rejects with the AbortedError as soon as `signal` aborts (the promise is left to settle alone). */
+export function raceAbort<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) {
+    promise.catch(() => {});
+    return Promise.reject(abortError(signal));
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => {
+      promise.catch(() => {});
+      reject(abortError(signal));
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(value);
+      },
+      (err: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(err);
+      },
+    );
+  });
+}

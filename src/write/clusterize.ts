@@ -7,7 +7,8 @@
  */
 
 import { Duplex } from 'node:stream';
-import type { Block } from '../block.js';
+import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
+import { flattenBatches, type Block, type BlockBatch } from '../block.js';
 import { InputSizeError, InvalidArgumentError } from '../errors.js';
 import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
 
@@ -58,52 +59,104 @@ function asBytes(chunk: unknown): Uint8Array {
  * Cuts `source` into Blocks of `clusterSize` bytes (the last may be shorter), numbered from 0.
  * An empty input yields nothing.
  */
-export async function* clusterize(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions = {}): AsyncGenerator<Block> {
-  const { clusterSize, size } = checkOptions(options);
-  let index = 0;
-  let total = 0;
+export function clusterize(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions = {}): AsyncIterableX<Block> {
+  return from(flattenBatches(clusterizeBatches(source, options)));
+}
+
+/**
+ * {@link clusterize} a chunk at a time: one {@link BlockBatch} per input chunk (the clusters
+ * it completes), then a last batch with the short tail, if any, and `inputEnd`.
+ */
+export function clusterizeBatches(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions = {}): AsyncIterableX<BlockBatch> {
+  return from(cutBatches(source, options));
+}
+
+async function* cutBatches(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions): AsyncGenerator<BlockBatch> {
+  const cutter = new ClusterCutter(options);
+  for await (const raw of source) {
+    const batch = cutter.push(raw);
+    if (batch) yield batch;
+  }
+  yield cutter.end();
+}
+
+/**
+ * The state of {@link clusterizeBatches}, one chunk at a time: what a per-item stage (a
+ * stream-chain function) needs. `push` each chunk (a batch of the clusters it completes, or
+ * undefined), then `end()` for the last batch (the short tail, `inputEnd`). A size mismatch
+ * throws an InputSizeError (for excess bytes: after the clusters up to the size were cut).
+ */
+export class ClusterCutter {
+  /** Bytes per cluster. */
+  readonly clusterSize: number;
+  private readonly size: number | undefined;
+  private index = 0;
+  private total = 0;
   // A cluster being assembled from several chunks: a fresh buffer each time, because the last
   // one was handed out inside a Block.
-  let assembly: Buffer | undefined;
-  let filled = 0;
+  private assembly: Buffer | undefined;
+  private filled = 0;
+  /** Clusters cut from an excess chunk, handed out before its error. */
+  private pendingError: Error | undefined;
 
-  for await (const raw of source) {
-    let chunk = asBytes(raw);
-    if (chunk.length === 0) continue;
-    if (size !== undefined && total + chunk.length > size) {
-      // Process the bytes up to the declared size, then fail: nothing beyond it is yielded.
-      const excess = total + chunk.length - size;
-      chunk = chunk.subarray(0, chunk.length - excess);
-      yield* cut(chunk);
-      throw inputSizeMismatch(size, size + excess, true);
-    }
-    total += chunk.length;
-    yield* cut(chunk);
+  constructor(options: ClusterizeOptions = {}) {
+    const { clusterSize, size } = checkOptions(options);
+    this.clusterSize = clusterSize;
+    this.size = size;
   }
-  if (size !== undefined && total !== size) throw inputSizeMismatch(size, total);
-  if (filled > 0 && assembly) yield { index: index++, data: assembly.subarray(0, filled) };
 
-  function* cut(chunk: Uint8Array): Generator<Block> {
+  /** Cuts the next chunk; the batch of the clusters it completes, if any. */
+  push(raw: unknown): BlockBatch | undefined {
+    if (this.pendingError) throw this.pendingError;
+    let chunk = asBytes(raw);
+    if (chunk.length === 0) return undefined;
+    const { size, clusterSize } = this;
+    if (size !== undefined && this.total + chunk.length > size) {
+      // Process the bytes up to the declared size, then fail: nothing beyond it is yielded.
+      const excess = this.total + chunk.length - size;
+      chunk = chunk.subarray(0, chunk.length - excess);
+      this.pendingError = inputSizeMismatch(size, size + excess, true);
+      const blocks = this.cut(chunk);
+      if (blocks.length > 0) return { clusterSize, blocks };
+      throw this.pendingError;
+    }
+    this.total += chunk.length;
+    const blocks = this.cut(chunk);
+    return blocks.length > 0 ? { clusterSize, blocks } : undefined;
+  }
+
+  /** The last batch: the short tail (if any) and `inputEnd`. */
+  end(): BlockBatch {
+    if (this.pendingError) throw this.pendingError;
+    if (this.size !== undefined && this.total !== this.size) throw inputSizeMismatch(this.size, this.total);
+    const tail: Block[] = this.filled > 0 && this.assembly ? [{ index: this.index++, data: this.assembly.subarray(0, this.filled) }] : [];
+    return { clusterSize: this.clusterSize, blocks: tail, inputEnd: this.total };
+  }
+
+  private cut(chunk: Uint8Array): Block[] {
+    const { clusterSize } = this;
+    const out: Block[] = [];
     let pos = 0;
-    if (filled > 0 && assembly) {
-      const n = Math.min(clusterSize - filled, chunk.length);
-      assembly.set(chunk.subarray(0, n), filled);
-      filled += n;
+    if (this.filled > 0 && this.assembly) {
+      const n = Math.min(clusterSize - this.filled, chunk.length);
+      this.assembly.set(chunk.subarray(0, n), this.filled);
+      this.filled += n;
       pos = n;
-      if (filled < clusterSize) return;
-      const data = assembly;
-      assembly = undefined;
-      filled = 0;
-      yield { index: index++, data };
+      if (this.filled < clusterSize) return out;
+      const data = this.assembly;
+      this.assembly = undefined;
+      this.filled = 0;
+      out.push({ index: this.index++, data });
     }
     for (; chunk.length - pos >= clusterSize; pos += clusterSize) {
-      yield { index: index++, data: chunk.subarray(pos, pos + clusterSize) };
+      out.push({ index: this.index++, data: chunk.subarray(pos, pos + clusterSize) });
     }
     if (pos < chunk.length) {
-      assembly = Buffer.allocUnsafeSlow(clusterSize);
-      assembly.set(chunk.subarray(pos), 0);
-      filled = chunk.length - pos;
+      this.assembly = Buffer.allocUnsafeSlow(clusterSize);
+      this.assembly.set(chunk.subarray(pos), 0);
+      this.filled = chunk.length - pos;
     }
+    return out;
   }
 }
 

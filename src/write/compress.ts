@@ -281,3 +281,41 @@ export async function* compressBlocks(blocks: AsyncIterable<Block>, pool: Compre
     release?.();
   }
 }
+
+/**
+ * Sets `compressed` on every block of one batch that will be stored and shrinks: the batch is
+ * split across the pool's threads and awaited (the per-batch form of {@link compressBlocks},
+ * for a stage list that handles one batch at a time). The compressed bytes are views into the
+ * pool's reused buffers: call the returned function once the sink has taken them.
+ */
+export async function compressBatch(blocks: readonly Block[], pool: CompressorPool): Promise<() => void> {
+  const targets = blocks.filter(storable);
+  if (targets.length === 0) return () => {};
+  const parts = Math.min(pool.threads, targets.length);
+  const per = Math.ceil(targets.length / parts);
+  const chunks: Block[][] = [];
+  for (let i = 0; i < targets.length; i += per) chunks.push(targets.slice(i, i + per));
+  const settled = await Promise.allSettled(chunks.map((chunk) => pool.compress(chunk.map((b) => b.data))));
+  const releases: Array<() => void> = [];
+  let failure: unknown;
+  let failed = false;
+  settled.forEach((result, k) => {
+    if (result.status === 'rejected') {
+      if (!failed) failure = result.reason;
+      failed = true;
+      return;
+    }
+    releases.push(result.value.release);
+    result.value.results.forEach((compressed, i) => {
+      if (compressed) chunks[k]![i]!.compressed = compressed;
+    });
+  });
+  const release = () => {
+    for (const r of releases) r();
+  };
+  if (failed) {
+    release();
+    throw failure;
+  }
+  return release;
+}

@@ -14,22 +14,25 @@
 import { fstatSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { relative, dirname, resolve } from 'node:path';
-import type { Readable, Writable } from 'node:stream';
-import { blockEnd, type Block } from '../block.js';
+import { Duplex, Readable, type Writable } from 'node:stream';
+import { asStream, chainUnchecked, flushable, gen, none } from 'stream-chain';
+import { chainUnchecked as coreChain } from 'stream-chain/core';
+import { blockEnd, toBatches, type Block, type BlockBatch, type BlockItem } from '../block.js';
 import type { Progress } from '../progress.js';
-import { CompressionUnsupportedError, DedupUnsupportedError, fileError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
+import { AbortedError, CompressionUnsupportedError, DedupUnsupportedError, fileError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { kindOf } from '../io/files.js';
 import type { OutputTarget } from '../io/output.js';
 import type { DiskImage, ImageFormat } from '../read/image.js';
 import { DEFAULT_MAX_CHAIN_DEPTH } from '../format/constants.js';
-import { zeroDetect } from '../../transforms/zero-detect.js';
+import { detectZeros } from '../../transforms/zero-detect.js';
+import type { BaseComparer } from '../../transforms/base-compare.js';
 import type { DedupStats } from '../../transforms/dedup.js';
 import type { ManifestWriter } from '../../transforms/manifest.js';
-import { abortable, abortError } from './abort.js';
-import { clusterize } from './clusterize.js';
+import { abortable, abortError, raceAbort } from './abort.js';
+import { ClusterCutter, clusterizeBatches } from './clusterize.js';
 import { checkCompressionType, type CompressionType, type CompressorPool } from './compress.js';
-import { ExternalWriter } from './external-sink.js';
+import { ExternalWriter, missingInputEnd } from './external-sink.js';
 import type { InternalImageWriter } from './internal-sink.js';
 import type { PlannedImageWriter } from './internal-stream.js';
 import { defaultDataFilePath } from './paths.js';
@@ -38,8 +41,9 @@ import { storedNameFindsFile } from '../io/path-policy.js';
 import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
 import { imageBlocks } from './image-source.js';
 import type { StreamInput } from './stream-image.js';
-import { BufferPool, openInput, readBlocks, type OpenedInput } from './sources.js';
+import { BufferPool, openInput, readBatches, readBlocks, type OpenedInput } from './sources.js';
 import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
+import type { NbdInput } from './nbd-source.js';
 import { isS3Uri, keyBaseName } from '../io/s3-uri.js';
 import { inputSizeMismatch } from './clusterize.js';
 
@@ -153,6 +157,12 @@ export interface ConvertOptions extends ImageOptions {
   onProgress?: (progress: ConvertProgress) => void;
   /** Bytes of input between two `onProgress` calls: a positive whole number. Default 32 MiB. */
   progressInterval?: number;
+  /**
+   * Stages of your own, run on every batch of Blocks after zero-detect and the base comparison
+   * and before the manifest and the sink (see {@link ConvertStage}). They turn the native data
+   * mover off: every cluster then goes through Blocks.
+   */
+  stages?: readonly ConvertStage[];
 }
 
 /** `dataClusters` counts clusters stored in the data file, or in the image (internal layout). */
@@ -201,19 +211,308 @@ const PROGRESS_STEP = 32 * 1024 * 1024;
 
 /** What convert() writes blocks into: the external or the internal writer. */
 interface BlockSink {
-  write(block: Block): Promise<void>;
+  writeItem(item: BlockItem): Promise<void>;
+  readonly sawInputEnd: boolean;
   abort(): Promise<void>;
+}
+
+/**
+ * A stage a user puts into a conversion (`stages`), stream-chain style: a function of one
+ * batch (its return value goes on; `none` from stream-chain drops it, `many([...])` fans out,
+ * async functions are awaited), a generator function of one batch, or a Node stream
+ * (object mode, batches in and out). Use {@link perBlock} for a function of one Block.
+ */
+export type ConvertStage =
+  | ((batch: BlockBatch) => unknown)
+  | ((batch: BlockBatch) => AsyncGenerator<unknown> | Generator<unknown>)
+  | NodeJS.ReadWriteStream;
+
+/** Everything a conversion holds once its outputs are open: the stage list and how to end it. */
+interface Conversion {
+  readonly settings: ImageSettings;
+  /** The input's length when known. */
+  readonly size: number | undefined;
+  readonly external: ExternalWriter | undefined;
+  readonly baseCompared: boolean;
+  readonly manifest: ManifestWriter | undefined;
+  /** The stages from zero-detect to the sink (stream-chain items), users' in between. */
+  stages(user: readonly ConvertStage[]): unknown[];
+  /** Records progress up to this guest byte. */
+  advance(done: number): void;
+  /** Commits the outputs; the summary. `throughStages`: the Blocks went through the stage list (not the native copy). */
+  finish(throughStages: boolean): Promise<ConvertSummary>;
+  /** Removes what this run created. Never throws. */
+  abort(): Promise<void>;
+  /** Closes the base image and manifest reader. */
+  close(): Promise<void>;
 }
 
 /**
  * Converts a raw image into qcow2. Throws a Qcow2StreamError (InvalidArgumentError,
  * DedupUnsupportedError, InputSizeError, FileError, AbortedError…) with no output left behind.
+ *
+ * The Blocks go through the same stage list as {@link createConvertStream}'s (zero-detect →
+ * [base compare] → the `stages` given → [compression] → [manifest] → sink), driven here without a stream per
+ * stage: stream-chain's async-iterable core, one step per batch.
  */
 export async function convert(options: ConvertOptions): Promise<ConvertSummary> {
   // Objects (s3://) in or out: the same conversion over rewritten options (write/object-io.ts).
   if (isS3Uri(options.input)) return convert(await (await import('./object-io.js')).withObjectInput({ ...options, input: options.input }));
   if (options.layout === 'internal' && isS3Uri(options.output)) return (await import('./object-io.js')).internalToObject(options, convert);
   const started = performance.now();
+  const { signal } = options;
+  const plan = await planConversion(options);
+  const nbdUri = typeof options.input === 'string' && isNbdUri(options.input) ? options.input : undefined;
+  // Connected (and the bitmap checked) before any output is created.
+  const nbd = nbdUri === undefined ? undefined : await (await import('./nbd-source.js')).openNbdInput(nbdUri, options);
+  let image: DiskImage | undefined;
+  let input: OpenedInput | undefined;
+  let streamed: StreamInput | undefined;
+  try {
+    // A path is probed: an image is read through its reader, never taken as raw bytes.
+    image = typeof options.input === 'string' && !nbd ? await openImageInput(options.input, options, plan.warn) : undefined;
+    input = typeof options.input === 'string' && !nbd && !image ? await openInput(options.input, options.size) : undefined;
+    // A pipe is probed from its first bytes: raw goes on as raw, a streamOptimized VMDK or a
+    // fixed VHD (-f vpc) is read in one pass, other formats need a file.
+    if (input && !input.target.positional) {
+      const probing = (await import('./stream-image.js')).openStreamInput(input.target, options.inputFormat, plan.settings.clusterSize);
+      // The probe reads the first bytes: a quiet pipe must not outlast an abort.
+      streamed = signal ? await raceAbort(probing, signal) : await probing;
+      if (streamed.kind !== 'blocks') input = { ...input, target: streamed.target };
+    }
+  } catch (err) {
+    // As below: a pipe's close may wait for a read an abort left pending.
+    if (signal?.aborted && !input?.target.positional) void input?.close().catch(() => {});
+    else await input?.close().catch(() => {});
+    await image?.close().catch(() => {});
+    await nbd?.close().catch(() => {});
+    throw err;
+  }
+  if (typeof options.input !== 'string' && !isByteSource(options.input)) {
+    throw new InvalidArgumentError(`convert: input must be a path, '-', a Readable or an async iterable of bytes, not ${describe(options.input)}`);
+  }
+  let conversion: Conversion | undefined;
+  try {
+    // Compression holds more Blocks at once (batches in flight): recycle their buffers rather than drop them to the GC.
+    const pool = input || nbd || image ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
+    conversion = await openConversion(options, plan, { input, nbd, image, streamed }, pool, started);
+    const { settings, size } = conversion;
+    const fileFd = input?.target.positional ? input.target.fd : undefined;
+    const userStages = options.stages ?? [];
+    let throughStages = true;
+    const copyNatively = conversion.external?.canCopyFromFile && !conversion.baseCompared && !conversion.manifest && userStages.length === 0;
+    if (image && (image.format === 'vpc' || image.format === 'vhdx') && copyNatively) {
+      // VHD and VHDX store blocks uncompressed: copy them natively from where they lie.
+      const { copyImageToExternal } = await import('./file-copy.js');
+      throughStages = false;
+      await copyImageToExternal(image, conversion.external!, { signal, onAdvance: (done) => conversion!.advance(done) });
+    } else if (fileFd !== undefined && copyNatively) {
+      // Nothing but the zero check needs the bytes: copy them natively, no Block per cluster.
+      const { copyFileToExternal } = await import('./file-copy.js');
+      throughStages = false;
+      await copyFileToExternal({ fd: fileFd, name: input!.name }, size!, conversion.external!, { signal, onAdvance: (done) => conversion!.advance(done) });
+    } else {
+      const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
+      let batches: AsyncIterable<BlockBatch>;
+      if (nbd) {
+        // A source of single Blocks: batched here. A server can stall (up to the client's
+        // timeout): race each Block against the signal.
+        let blocks: AsyncIterable<Block> = nbd.blocks(settings.clusterSize, pool);
+        if (signal) blocks = abortable(blocks, signal);
+        batches = toBatches(blocks, sourceOptions);
+      } else if (image) {
+        // Ranges no layer holds data for come as zero runs, never read.
+        batches = toBatches(imageBlocks(image, { clusterSize: settings.clusterSize, ...(pool ? { pool } : {}) }), sourceOptions);
+      } else if (streamed?.kind === 'blocks') {
+        // A streamOptimized VMDK from a pipe: its grains in order, batched here.
+        batches = toBatches(signal ? abortable(streamed.blocks, signal) : streamed.blocks, sourceOptions);
+      } else if (input) {
+        // Holes come as zero runs, never read: every stage handles runs.
+        batches = readBatches(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
+        // A pipe can block for ever: race each read against the abort signal. (File reads
+        // return promptly; the per-batch check in the sink is enough for them.)
+        if (signal && !input.target.positional) batches = abortable(batches, signal);
+      } else {
+        batches = clusterizeBatches(options.input as Readable | AsyncIterable<Uint8Array>, sourceOptions);
+        if (signal) batches = abortable(batches, signal);
+      }
+      await runStages(batches, conversion.stages(userStages));
+    }
+    if (signal?.aborted) throw abortError(signal);
+    return await conversion.finish(throughStages);
+  } catch (err) {
+    await conversion?.abort();
+    throw err;
+  } finally {
+    await conversion?.close();
+    await nbd?.close().catch(() => {});
+    await image?.close().catch(() => {});
+    // After an abort a read of a quiet pipe (without the addon) may never return, and closing
+    // its handle would wait for that read: close it in the background instead (the CLI exits
+    // right after). A regular file's reads always return: wait for its close.
+    if (signal?.aborted && !input?.target.positional) void input?.close().catch(() => {});
+    else await input?.close();
+  }
+}
+
+/** Options of {@link createConvertStream}: convert()'s, with the raw bytes written into the stream instead of `input`. */
+export type ConvertStreamOptions = Omit<ConvertOptions, 'input'>;
+
+/** The Duplex of {@link createConvertStream}: raw bytes in; the summary out (one object), and on `finished`. */
+export interface ConvertStream extends Duplex {
+  /**
+   * The summary once the image is complete (its outputs committed); rejects with the error
+   * that stopped the conversion (a Qcow2StreamError; an AbortedError when the stream was
+   * destroyed first). Nothing is left behind on failure.
+   */
+  readonly finished: Promise<ConvertSummary>;
+}
+
+/**
+ * convert() as one Duplex, built with stream-chain's `chain()` from the same stage list:
+ * raw bytes in → clusterize → zero-detect → [base compare] → your `stages` → [compression] → [manifest] →
+ * sink. Write the raw image into it (or `pipeline(source, stream)`); `await stream.finished`
+ * gives the summary, which is also the one object the readable side yields. Blocks move in
+ * batches (one per input chunk), so a stage of yours costs one call per chunk.
+ *
+ * ```ts
+ * const stream = createConvertStream({ output: 'disk.qcow2', stages: [perBlock((b) => { … })] });
+ * await pipeline(createReadStream('disk.raw', { highWaterMark: 2 << 20 }), stream);
+ * const summary = await stream.finished;
+ * ```
+ */
+export function createConvertStream(options: ConvertStreamOptions): ConvertStream {
+  const started = performance.now();
+  let resolveFinished!: (summary: ConvertSummary) => void;
+  let rejectFinished!: (reason: unknown) => void;
+  const finished = new Promise<ConvertSummary>((resolve, reject) => {
+    resolveFinished = resolve;
+    rejectFinished = reject;
+  });
+  // Callers who only await pipeline() see the error there; an unobserved rejection must not crash.
+  finished.catch(() => {});
+  // The outputs open while the first bytes arrive; the first stage waits for them.
+  let conversion: Conversion | undefined;
+  const opening = planConversion({ ...options, input: '' }).then(async (plan) => (conversion = await openConversion({ ...options, input: '' }, plan, { input: undefined, nbd: undefined, image: undefined, streamed: undefined }, undefined, started)));
+  opening.catch(() => {});
+  let settled = false;
+  const fail = async (err: unknown) => {
+    if (settled) return;
+    settled = true;
+    await conversion?.abort();
+    await conversion?.close();
+    rejectFinished(err);
+  };
+  // Bytes → batches as a per-chunk function: one fused stage with the ones after it.
+  let cutter: ClusterCutter | undefined;
+  const cutterFor = (ready: Conversion) =>
+    (cutter ??= new ClusterCutter({ clusterSize: ready.settings.clusterSize, ...(ready.size === undefined ? {} : { size: ready.size }) }));
+  const stages = [
+    flushable<unknown, unknown>(
+      async (chunk) => cutterFor(await opening).push(chunk) ?? none,
+      async () => cutterFor(await opening).end(),
+    ),
+    // The rest of the list is known once the outputs are open (which stages the options need).
+    ...lazyStages(opening, options.stages ?? []),
+    flushable<unknown, unknown>(
+      (summary) => summary,
+      async () => {
+        const summary = await conversion!.finish(true);
+        settled = true;
+        await conversion!.close();
+        resolveFinished(summary);
+        return summary;
+      },
+    ),
+  ];
+  const stream = chainUnchecked<Uint8Array, ConvertSummary>(bounded(stages), { writableObjectMode: false, readableObjectMode: true });
+  stream.on('error', (err) => void fail(err));
+  stream.on('close', () => void fail(new AbortedError('The conversion stream was destroyed before the image was complete')));
+  options.signal?.addEventListener('abort', () => stream.destroy(abortError(options.signal!)), { once: true });
+  return Object.assign(stream as unknown as Duplex, { finished });
+}
+
+/**
+ * The conversion's stages for a stream built before the outputs open: the same functions as
+ * {@link Conversion.stages}, each looked up once the conversion is ready (user stages as given).
+ */
+function lazyStages(opening: Promise<Conversion>, user: readonly ConvertStage[]): unknown[] {
+  let own: unknown[] | undefined;
+  const ownStage = (i: number) => async (batch: BlockBatch) => {
+    own ??= (await opening).stages([]);
+    return (own[i] as (b: BlockBatch) => unknown)(batch);
+  };
+  // Own stages: 0 zero-detect, 1 base compare (or pass), then users', then 2 compression (or
+  // pass), 3 manifest (or pass), 4 sink.
+  return [ownStage(0), ownStage(1), ...user, ownStage(2), ownStage(3), ownStage(4)];
+}
+
+/** Drives a stage list over batches: stream-chain's async-iterable core, or its Node chain when a stage is a stream. */
+async function runStages(batches: AsyncIterable<BlockBatch>, stages: unknown[]): Promise<void> {
+  if (stages.some(isNodeStream)) {
+    const stream = chainUnchecked([Readable.from(batches, { objectMode: true, highWaterMark: INNER_HIGH_WATER_MARK }), ...bounded(stages)]);
+    for await (const _ of stream) void _;
+    return;
+  }
+  for await (const _ of coreChain(stages)(batches)) void _;
+}
+
+/**
+ * Batches a stream stage may hold on each side. A batch is a 2 MiB read, and stream-chain's own
+ * stages keep Node's object-mode default of 16 per side (chain options reach only the outer
+ * wrapper): 64 MiB per stage. Two keep the stages overlapping at a few MiB each.
+ */
+const INNER_HIGH_WATER_MARK = 2;
+
+/**
+ * The stage list as stream-chain would build it, with bounded queues: each run of functions
+ * fused into one `asStream(gen(...))` (what chain() does itself) with
+ * {@link INNER_HIGH_WATER_MARK}, streams as given.
+ */
+function bounded(items: readonly unknown[]): unknown[] {
+  const out: unknown[] = [];
+  let group: unknown[] = [];
+  const close = () => {
+    if (group.length === 0) return;
+    out.push(asStream(gen(...(group as [(x: unknown) => unknown])), { readableHighWaterMark: INNER_HIGH_WATER_MARK, writableHighWaterMark: INNER_HIGH_WATER_MARK }));
+    group = [];
+  };
+  for (const item of items) {
+    if (isNodeStream(item)) {
+      close();
+      out.push(item);
+    } else group.push(item);
+  }
+  close();
+  return out;
+}
+
+function isNodeStream(item: unknown): boolean {
+  return typeof item === 'object' && item !== null && typeof (item as { pipe?: unknown }).pipe === 'function';
+}
+
+function isByteSource(input: unknown): boolean {
+  return typeof input === 'object' && input !== null && (Symbol.asyncIterator in input || Symbol.iterator in input);
+}
+
+function describe(value: unknown): string {
+  return value === null ? 'null' : typeof value === 'object' ? 'an object that is not iterable' : `a ${typeof value}`;
+}
+
+/** What convert() checks and decides before anything is opened. */
+interface ConversionPlan {
+  layout: 'external' | 'internal';
+  settings: ImageSettings;
+  dataFile: string | Writable | undefined;
+  dataFileName: string | undefined;
+  backing: { name: string; format: string } | undefined;
+  /** Warnings so far (more may come while the run goes). */
+  warnings: string[];
+  /** Adds a warning (and tells onWarning). */
+  warn: (message: string) => void;
+}
+
+async function planConversion(options: ConvertOptions): Promise<ConversionPlan> {
   const layout = options.layout ?? 'external';
   const warnings: string[] = [];
   const warn = (message: string) => {
@@ -257,7 +556,20 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   }
   const backing = options.base === undefined ? undefined : await describeBacking(options.base, options.baseName, output);
   if (signal?.aborted) throw abortError(signal);
+  return { layout, settings, dataFile, dataFileName, backing, warnings, warn };
+}
 
+/** Opens the outputs (and the base, manifest, hasher a conversion needs) and builds its stage list. */
+async function openConversion(
+  options: ConvertOptions,
+  plan: ConversionPlan,
+  sources: { input: OpenedInput | undefined; nbd: NbdInput | undefined; image: DiskImage | undefined; streamed: StreamInput | undefined },
+  pool: BufferPool | undefined,
+  started: number,
+): Promise<Conversion> {
+  const { layout, settings, dataFile, dataFileName, backing, warnings } = plan;
+  const { input, nbd, image, streamed } = sources;
+  const { output, signal } = options;
   const needsHasher = Boolean(options.dedup) || options.manifest !== undefined || options.baseManifest !== undefined;
   // What only some conversions use (the reader, hashing, manifests, the internal layout) is
   // loaded when used: a plain conversion starts faster without it.
@@ -265,23 +577,12 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   // Every file this run writes is fsynced unless the caller opted out.
   const sync = options.sync ?? true;
   const opened: Array<{ close(): Promise<void> }> = [];
-  const nbdUri = typeof options.input === 'string' && isNbdUri(options.input) ? options.input : undefined;
-  // Connected (and the bitmap checked) before any output is created.
-  const nbd = nbdUri === undefined ? undefined : await (await import('./nbd-source.js')).openNbdInput(nbdUri, options);
-  if (nbd) opened.push(nbd);
-  // A path is probed: an image is read through its reader, never taken as raw bytes.
-  const image = typeof options.input === 'string' && !nbd ? await openImageInput(options.input, options, warn) : undefined;
-  if (image) opened.push(image);
-  let input: OpenedInput | undefined;
+  const closeOpened = async () => {
+    for (const resource of opened) await resource.close().catch(() => {});
+  };
+  let sink: BlockSink | undefined;
+  let manifest: ManifestWriter | undefined;
   try {
-    input = typeof options.input === 'string' && !nbd && !image ? await openInput(options.input, options.size) : undefined;
-    // A pipe is probed from its first bytes: raw goes on as raw, a streamOptimized VMDK or a
-    // fixed VHD (-f vpc) is read in one pass, other formats need a file.
-    let streamed: StreamInput | undefined;
-    if (input && !input.target.positional) {
-      streamed = await (await import('./stream-image.js')).openStreamInput(input.target, options.inputFormat, settings.clusterSize);
-      if (streamed.kind !== 'blocks') input = { ...input, target: streamed.target };
-    }
     const imageSize = image ? image.virtualSize : streamed?.kind === 'blocks' ? await streamed.size : undefined;
     if (imageSize !== undefined && options.size !== undefined && options.size !== imageSize) throw inputSizeMismatch(options.size, imageSize);
     const size = nbd ? nbd.size : (imageSize ?? (input ? input.size : options.size));
@@ -295,10 +596,10 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     await refuseOverlaps(await readFiles(input, image, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
-    // Compression holds more Blocks at once (batches in flight): recycle their buffers rather than drop them to the GC.
-    const pool = input || nbd || image ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
-    // Every stage below is ours and lets go of a Block once the sink is done with it.
-    const onBlockDone = pool ? (block: Block) => pool.release(block.data) : undefined;
+    // Every stage of ours lets go of a Block once the sink is done with it; a user's stage
+    // might keep one, so with user stages buffers are not recycled (the GC takes them).
+    const recycle = pool && (options.stages ?? []).length === 0 ? pool : undefined;
+    const onBlockDone = recycle ? (block: Block) => recycle.release(block.data) : undefined;
 
     let external: ExternalWriter | undefined;
     let internal: InternalImageWriter | PlannedImageWriter | undefined;
@@ -334,6 +635,8 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
           clusterSize: settings.clusterSize,
           ...(options.compressionThreads === undefined ? {} : { threads: options.compressionThreads }),
         });
+        // Closed with the rest, on every path (finish, abort, a failure while opening).
+        opened.push(compressor);
       }
       if (toStream) {
         const { PlannedImageWriter } = await import('./internal-stream.js');
@@ -367,103 +670,104 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
         onBlockDone,
       });
     }
-    const sink: BlockSink = (external ?? internal)!;
-    let manifest: ManifestWriter | undefined;
-    try {
-      if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync, overwrite: options.overwrite ?? false });
-      const progressInterval = options.progressInterval ?? PROGRESS_STEP;
-      let nextReport = progressInterval;
-      let bytesDone = 0;
-      const report = () => options.onProgress?.(size === undefined ? { bytesDone } : { bytesDone, bytesTotal: size });
-      const advance = (done: number) => {
-        bytesDone = done;
-        // The last report is left to the one after finishing (no duplicate at 100%).
-        if (options.onProgress && bytesDone >= nextReport && bytesDone !== size) {
-          report();
-          nextReport = bytesDone + progressInterval;
-        }
-      };
-      /** The general path: Blocks through every stage that needs the bytes. */
-      async function writeBlocks(): Promise<void> {
-        const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
-        let blocks: AsyncIterable<Block>;
-        if (nbd) {
-          // A server can stall (up to the client's timeout): race each Block against the signal.
-          blocks = nbd.blocks(settings.clusterSize, pool);
-          if (signal) blocks = abortable(blocks, signal);
-        } else if (image) {
-          // Ranges no layer holds data for come as zero runs, never read.
-          blocks = imageBlocks(image, { clusterSize: settings.clusterSize, ...(pool ? { pool } : {}) });
-        } else if (streamed?.kind === 'blocks') {
-          blocks = signal ? abortable(streamed.blocks, signal) : streamed.blocks;
-        } else if (input) {
-          // Holes come as zero runs, never read: every stage below handles runs.
-          blocks = readBlocks(input.target, { ...sourceOptions, zeroRuns: true, ...(pool ? { pool } : {}) });
-          // A pipe can block for ever: race each read against the abort signal. (File reads
-          // return promptly; the per-block check below is enough for them.)
-          if (signal && !input.target.positional) blocks = abortable(blocks, signal);
-        } else {
-          const bytes = options.input as Readable | AsyncIterable<Uint8Array>;
-          blocks = clusterize(bytes, sourceOptions);
-          if (signal) blocks = abortable(blocks, signal);
-        }
-        blocks = zeroDetect(blocks);
-        if ((baseImage || baseManifest) && !incremental) {
-          const { compareWithBase, compareWithManifest } = await import('../../transforms/base-compare.js');
-          if (baseManifest) blocks = compareWithManifest(blocks, baseManifest, hasher!, settings.clusterBits).blocks;
-          else blocks = compareWithBase(blocks, baseImage!, settings.clusterSize).blocks;
-        }
-        if (compressor) blocks = (await import('./compress.js')).compressBlocks(blocks, compressor);
-
-        for await (const block of blocks) {
-          if (signal?.aborted) throw abortError(signal);
-          // The manifest reads the bytes first: the sink may recycle them once written.
-          if (incremental && baseManifest) await manifest?.addUnchanged(block, baseManifest);
-          else await manifest?.add(block);
-          await sink.write(block);
-          advance(blockEnd(block, settings.clusterSize));
-        }
-      }
-      const fileFd = input?.target.positional ? input.target.fd : undefined;
-      if (image && (image.format === 'vpc' || image.format === 'vhdx') && external?.canCopyFromFile && !baseImage && !baseManifest && !manifest) {
-        // VHD and VHDX store blocks uncompressed: copy them natively from where they lie.
-        const { copyImageToExternal } = await import('./file-copy.js');
-        await copyImageToExternal(image, external, { signal, onAdvance: advance });
-      } else if (fileFd !== undefined && external?.canCopyFromFile && !baseImage && !baseManifest && !manifest) {
-        // Nothing but the zero check needs the bytes: copy them natively, no Block per cluster.
-        const { copyFileToExternal } = await import('./file-copy.js');
-        await copyFileToExternal({ fd: fileFd, name: input!.name }, size!, external, { signal, onAdvance: advance });
-      } else {
-        await writeBlocks();
-      }
-      // A fixed VHD's footer is known once the stream ended: it must describe what came before it.
-      if (streamed?.kind === 'fixed-vhd') streamed.check(bytesDone);
-      if (signal?.aborted) throw abortError(signal);
-      const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings, options.compression);
-      await manifest?.finish(summary.virtualSize);
-      report();
-      return {
-        ...summary,
-        ...(backing ? { backingFile: backing.name } : {}),
-        ...(options.manifest !== undefined ? { manifest: options.manifest } : {}),
-        warnings,
-        ...(nbd ? { sourceBytesRead: nbd.bytesRead } : {}),
-        seconds: (performance.now() - started) / 1000,
-      };
-    } catch (err) {
-      await sink.abort();
-      await manifest?.abort();
-      throw err;
-    } finally {
-      await compressor?.close();
+    sink = (external ?? internal)!;
+    if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync, overwrite: options.overwrite ?? false });
+    let comparer: BaseComparer | undefined;
+    // An incremental from a dirty bitmap knows what changed: the base is only the backing file.
+    if ((baseImage || baseManifest) && !incremental) {
+      const { createBaseComparer, createManifestComparer } = await import('../../transforms/base-compare.js');
+      // With a manifest the base is open too (its chain is counted), but the manifest is compared.
+      comparer = baseManifest
+        ? createManifestComparer({ manifest: baseManifest, hasher: hasher!, clusterSize: settings.clusterSize })
+        : createBaseComparer({ base: baseImage!, clusterSize: settings.clusterSize });
     }
-  } finally {
-    for (const resource of opened) await resource.close().catch(() => {});
-    // After an abort a read of a quiet pipe may never return, and closing its handle would wait
-    // for that read: close it in the background instead (the CLI exits right after). A file's
-    // reads return promptly, so it is closed before convert() settles, like every other path.
-    if (signal?.aborted && !input?.target.positional) void input?.close().catch(() => {});
-    else await input?.close();
+
+    const progressInterval = options.progressInterval ?? PROGRESS_STEP;
+    let nextReport = progressInterval;
+    let bytesDone = 0;
+    const report = () => options.onProgress?.(size === undefined ? { bytesDone } : { bytesDone, bytesTotal: size });
+    const advance = (done: number) => {
+      bytesDone = done;
+      // The last report is left to the one after finishing (no duplicate at 100%).
+      if (options.onProgress && bytesDone >= nextReport && bytesDone !== size) {
+        report();
+        nextReport = bytesDone + progressInterval;
+      }
+    };
+    const clusterSize = settings.clusterSize;
+    const theSink = sink;
+    const theManifest = manifest;
+    const theCompressor = compressor;
+    const compressBatch = theCompressor ? (await import('./compress.js')).compressBatch : undefined;
+    // A batch's compressed bytes live in the pool's reused buffers until the sink has them.
+    const releases = new WeakMap<BlockBatch, () => void>();
+    const pass = (batch: BlockBatch) => batch;
+    const stages = (user: readonly ConvertStage[]): unknown[] => [
+      detectZeros<BlockBatch>,
+      comparer ? (batch: BlockBatch) => comparer.compareBatch(batch) : pass,
+      ...user,
+      // After the users' stages (they may change the bytes), before the sink.
+      theCompressor && compressBatch
+        ? async (batch: BlockBatch) => {
+            releases.set(batch, await compressBatch(batch.blocks, theCompressor));
+            return batch;
+          }
+        : pass,
+      theManifest
+        ? async (batch: BlockBatch) => {
+            // The manifest reads the bytes first: the sink may recycle them once written.
+            if (incremental && baseManifest) for (const block of batch.blocks) await theManifest.addUnchanged(block, baseManifest);
+            else for (const block of batch.blocks) await theManifest.add(block);
+            return batch;
+          }
+        : pass,
+      async (batch: BlockBatch) => {
+        if (signal?.aborted) throw abortError(signal);
+        await theSink.writeItem(batch);
+        releases.get(batch)?.();
+        releases.delete(batch);
+        const last = batch.blocks[batch.blocks.length - 1];
+        if (batch.inputEnd !== undefined) advance(batch.inputEnd);
+        else if (last) advance(blockEnd(last, clusterSize));
+        return none;
+      },
+    ];
+    return {
+      settings,
+      size,
+      external,
+      baseCompared: comparer !== undefined,
+      manifest,
+      stages,
+      advance,
+      async finish(throughStages) {
+        // The stages must have passed the source's last batch on, or the image's length is unknown.
+        if (throughStages && !theSink.sawInputEnd) throw missingInputEnd('convert');
+        // A fixed VHD's footer is known once the stream ended: it must describe what came before it.
+        if (streamed?.kind === 'fixed-vhd') streamed.check(bytesDone);
+        const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings, options.compression);
+        await theManifest?.finish(summary.virtualSize);
+        report();
+        return {
+          ...summary,
+          ...(backing ? { backingFile: backing.name } : {}),
+          ...(options.manifest !== undefined ? { manifest: options.manifest } : {}),
+          warnings,
+          ...(nbd ? { sourceBytesRead: nbd.bytesRead } : {}),
+          seconds: (performance.now() - started) / 1000,
+        };
+      },
+      async abort() {
+        await theSink.abort();
+        await theManifest?.abort();
+      },
+      close: closeOpened,
+    };
+  } catch (err) {
+    await sink?.abort();
+    await manifest?.abort();
+    await closeOpened();
+    throw err;
   }
 }
 

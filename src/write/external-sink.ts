@@ -16,7 +16,9 @@
  */
 
 import { Writable } from 'node:stream';
-import { BLOCK_STREAM_HIGH_WATER_MARK, type Block } from '../block.js';
+import { BLOCK_STREAM_HIGH_WATER_MARK, clusterSizeFor, isBatch, type Block, type BlockItem } from '../block.js';
+import { abortable, abortError } from './abort.js';
+import { isAllZero } from '../io/buffers.js';
 import { AbortedError, InvalidArgumentError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { COPIES_IN_FLIGHT, OffsetWriter, type CopySource, type OutputTarget } from '../io/output.js';
@@ -129,6 +131,7 @@ export class ExternalWriter {
   /** How many of them are native copies in flight. */
   private copiesInFlight = 0;
   private done = false;
+  private inputEnded = false;
 
   private constructor(
     /** The validated image settings (cluster size, refcount width, raw bit). */
@@ -209,6 +212,9 @@ export class ExternalWriter {
       );
     }
     if (data.length < cs) this.shortBlockSeen = true;
+    // A Block nobody zero-checked is checked here (memcmp speed): a pipeline that left
+    // zero-detect out must not store zero clusters as data.
+    if (block.zero === undefined && block.count === undefined && !block.sameAsBase) block.zero = isAllZero(data);
     const offset = index * cs;
     const end = (index + clusters - 1) * cs + data.length;
     if (this.declaredSize !== undefined && end > this.declaredSize) throw inputSizeMismatch(this.declaredSize, end, true);
@@ -241,6 +247,38 @@ export class ExternalWriter {
     }
     if (this.onBlockDone) this.runBlocks.push(block);
     this.runBytes += data.length;
+  }
+
+  /**
+   * Takes the next Block or batch. A batch's cluster size must be the sink's; its `inputEnd`
+   * (on a source's last batch) is where the image ends, whatever Blocks came before it.
+   */
+  async writeItem(item: BlockItem): Promise<void> {
+    if (!isBatch(item)) return this.write(item);
+    if (item.clusterSize !== this.settings.clusterSize) {
+      throw new InvalidArgumentError(`A batch of ${item.clusterSize}-byte clusters reached a sink of ${this.settings.clusterSize}-byte clusters`, {
+        hint: 'Leave the sink\'s clusterSize out: writeExternal() learns it from the batches',
+      });
+    }
+    const { blocks } = item;
+    for (let i = 0; i < blocks.length; i++) await this.write(blocks[i]!);
+    if (item.inputEnd !== undefined) this.takeInputEnd(item.inputEnd);
+  }
+
+  /** Records where the input ended (a source's last batch): the image ends there. */
+  private takeInputEnd(inputEnd: number): void {
+    if (!Number.isSafeInteger(inputEnd) || inputEnd < this.end) {
+      throw new InvalidArgumentError(`A batch says the input ended at ${inputEnd}, but Blocks up to ${this.end} arrived`);
+    }
+    if (this.declaredSize !== undefined && inputEnd !== this.declaredSize) throw inputSizeMismatch(this.declaredSize, inputEnd);
+    // Trailing Blocks a stage dropped are zeros: the image keeps the input's length.
+    this.end = inputEnd;
+    this.inputEnded = true;
+  }
+
+  /** Whether a batch with `inputEnd` (a source's last) has arrived. */
+  get sawInputEnd(): boolean {
+    return this.inputEnded;
   }
 
   /**
@@ -390,6 +428,9 @@ export class ExternalWriter {
     this.stretchMemory = undefined;
     this.runBlocks = [];
     this.runBytes = 0;
+    // A write blocked on a full pipe would never settle: wake it (it fails) before waiting.
+    this.data.cancel();
+    this.metadata.cancel();
     // The descriptors stay open until no copy or write can touch them any more.
     const pending = this.pending;
     this.pending = [];
@@ -481,13 +522,13 @@ export class ExternalSinkStream extends Writable {
   }
 
   /** Writes one Block (Node's stream hook). @internal */
-  override _write(block: Block, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+  override _write(block: BlockItem, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
     const writer = this.writer;
     if (!writer) {
       callback(new Error('unreachable: write before the sink opened'));
       return;
     }
-    writer.write(block).then(() => callback(), (err: Error) => callback(err));
+    writer.writeItem(block).then(() => callback(), (err: Error) => callback(err));
   }
 
   /** Finishes the image (Node's stream hook). @internal */
@@ -529,4 +570,67 @@ export class ExternalSinkStream extends Writable {
  */
 export function createExternalSink(options: ExternalSinkOptions): ExternalSinkStream {
   return new ExternalSinkStream(options);
+}
+
+/** Options of {@link writeExternal}: the sink's, with the cluster size learned from the batches. */
+export interface WriteExternalOptions extends Omit<ExternalSinkOptions, 'clusterSize'> {
+  /**
+   * Bytes per cluster: only for a source of single Blocks, or to insist on one (a batch of
+   * another size is then refused). Batches carry it; the default is 65536.
+   */
+  clusterSize?: number;
+  /** Cancels the write: it rejects with an AbortedError and removes both outputs. */
+  signal?: AbortSignal;
+}
+
+/**
+ * The external sink at the end of an iterable chain: takes Blocks or batches (in index order)
+ * and resolves with what was written once both files are committed. The cluster size is the
+ * batches' own. A stream of batches must include its source's last (the one with `inputEnd`):
+ * ending without it means a stage dropped it, and the image would come out shorter than the
+ * input, so that is an InvalidArgumentError. On any failure or abort nothing is left behind.
+ *
+ * ```ts
+ * const summary = await writeExternal(zeroDetect(readBatches(target, { size })), { output: 'disk.qcow2', dataFile: 'disk.data' });
+ * ```
+ */
+export async function writeExternal(items: AsyncIterable<BlockItem> | Iterable<BlockItem>, options: WriteExternalOptions): Promise<SinkResult> {
+  const { signal, clusterSize: wanted, ...sinkOptions } = options;
+  if (signal?.aborted) throw abortError(signal);
+  const source = signal ? abortable(toAsync(items), signal) : toAsync(items);
+  const iterator = source[Symbol.asyncIterator]();
+  let writer: ExternalWriter | undefined;
+  let sawBatch = false;
+  try {
+    let next = await iterator.next();
+    const first = next.done ? undefined : next.value;
+    const clusterSize = first && isBatch(first) ? clusterSizeFor('writeExternal', first.clusterSize, wanted) : wanted;
+    writer = await ExternalWriter.open({ ...sinkOptions, ...(clusterSize === undefined ? {} : { clusterSize }) });
+    while (!next.done) {
+      const item = next.value;
+      if (isBatch(item)) sawBatch = true;
+      await writer.writeItem(item);
+      next = await iterator.next();
+    }
+    if (signal?.aborted) throw abortError(signal);
+    if (sawBatch && !writer.sawInputEnd) throw missingInputEnd('writeExternal');
+    const result = await writer.finish();
+    writer = undefined;
+    return result;
+  } catch (err) {
+    await writer?.abort();
+    void iterator.return?.(undefined)?.catch(() => {});
+    throw err;
+  }
+}
+
+/** The error for a stream of batches that ended without its source's last batch. */
+export function missingInputEnd(sink: string): InvalidArgumentError {
+  return new InvalidArgumentError(`${sink}: the batches ended without the source's last one (the batch with inputEnd), so the image's length is unknown`, {
+    hint: 'A stage dropped it: pass every batch on (empty ones too, or at least the one with inputEnd)',
+  });
+}
+
+async function* toAsync<T>(items: AsyncIterable<T> | Iterable<T>): AsyncGenerator<T> {
+  yield* items;
 }

@@ -23,7 +23,9 @@
  */
 
 import { Writable } from 'node:stream';
-import type { Block } from '../block.js';
+import { clusterSizeFor, isBatch, type Block, type BlockItem } from '../block.js';
+import { abortable, abortError } from './abort.js';
+import { missingInputEnd } from './external-sink.js';
 import { InvalidArgumentError, NotSeekableError } from '../errors.js';
 import {
   buildRefcountTable,
@@ -49,7 +51,7 @@ import {
   OFFSET_MASK_HI,
   OFFSET_MASK_LO,
 } from '../format/index.js';
-import { allocIoBuffer } from '../io/buffers.js';
+import { allocIoBuffer, isAllZero } from '../io/buffers.js';
 import { decompressCluster } from '../read/decompress.js';
 import type { CompressionType } from './compress.js';
 import { HostAllocator, HostQueue, HostRefcounts } from './host-alloc.js';
@@ -153,6 +155,7 @@ export class InternalImageWriter {
   private readonly retired: Array<[guest: number, count: number]> = [];
   private readonly counts = { stored: 0, zero: 0, duplicate: 0, compressed: 0, unchangedFromBase: 0 };
   private dataBytes = 0;
+  private inputEnded = false;
 
   private constructor(
     private readonly output: OffsetWriter,
@@ -199,9 +202,39 @@ export class InternalImageWriter {
     return new InternalImageWriter(output, options);
   }
 
+  /**
+   * Takes the next Block or batch (see {@link write}). A batch's cluster size must be the
+   * writer's; its `inputEnd` (a source's last batch) is where the image ends.
+   */
+  async writeItem(item: BlockItem): Promise<void> {
+    if (!isBatch(item)) return this.write(item);
+    if (item.clusterSize !== this.cs) {
+      throw new InvalidArgumentError(`A batch of ${item.clusterSize}-byte clusters reached an image of ${this.cs}-byte clusters`, {
+        hint: "Leave the sink's cluster size out: writeInternal() learns it from the batches",
+      });
+    }
+    const { blocks } = item;
+    for (let i = 0; i < blocks.length; i++) await this.write(blocks[i]!);
+    if (item.inputEnd !== undefined) {
+      if (!Number.isSafeInteger(item.inputEnd) || item.inputEnd < this.end) {
+        throw new InvalidArgumentError(`A batch says the input ended at ${item.inputEnd}, but Blocks up to ${this.end} arrived`);
+      }
+      // Trailing Blocks a stage dropped are zeros (unallocated): the image keeps the input's length.
+      this.end = item.inputEnd;
+      this.inputEnded = true;
+    }
+  }
+
+  /** Whether a batch with `inputEnd` (a source's last) has arrived. */
+  get sawInputEnd(): boolean {
+    return this.inputEnded;
+  }
+
   /** Adds the next block. Blocks come in increasing guest order; skipped clusters stay unallocated. */
   async write(block: Block): Promise<void> {
     if (block.index < this.nextGuest) throw new RangeError(`InternalImageWriter: block ${block.index} out of order`);
+    // A Block nobody zero-checked is checked here: zero clusters are never stored as data.
+    if (block.zero === undefined && block.count === undefined && !block.sameAsBase) block.zero = isAllZero(block.data);
     const clusters = block.count ?? 1;
     this.nextGuest = block.index + clusters;
     this.end = (block.index + clusters - 1) * this.cs + block.data.length;
@@ -515,4 +548,69 @@ export function createInternalSink(writer: InternalImageWriter, virtualSize: () 
       else done(null);
     },
   });
+}
+
+/** Options of {@link writeInternal}: the writer's, in the library's usual units, the cluster size learned from the batches. */
+export interface WriteInternalOptions extends Omit<InternalImageOptions, 'clusterBits' | 'refcountOrder' | 'dedup'> {
+  /** Bytes per cluster: only for a source of single Blocks, or to insist on one. Batches carry it; default 65536. */
+  clusterSize?: number;
+  /** Refcount width in bits (1..64, a power of two). Default 16. */
+  refcountBits?: number;
+  /**
+   * Share identical clusters (confirmed byte for byte): `{ hasher }` from `createHasher()`,
+   * with an optional `maxEntries` cap on the fingerprint index.
+   */
+  dedup?: InternalImageOptions['dedup'];
+  /** Cancels the write: it rejects with an AbortedError and removes the image. */
+  signal?: AbortSignal;
+}
+
+/** What {@link writeInternal} wrote: the writer's summary and the guest length. */
+export interface WriteInternalResult extends InternalSummary {
+  /** Guest bytes received (the input size). */
+  inputBytes: number;
+}
+
+/**
+ * The internal (single-file) sink at the end of an iterable chain; see writeExternal in
+ * external-sink.ts for the rules (cluster size from the batches, the last batch required,
+ * nothing left behind on failure or abort).
+ */
+export async function writeInternal(items: AsyncIterable<BlockItem> | Iterable<BlockItem>, options: WriteInternalOptions): Promise<WriteInternalResult> {
+  const { signal, clusterSize: wanted, refcountBits = 16, ...rest } = options;
+  if (signal?.aborted) throw abortError(signal);
+  const refcountOrder = Math.log2(refcountBits);
+  if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > 6) throw new InvalidArgumentError(`Invalid refcountBits ${refcountBits}: a power of two from 1 to 64`);
+  const source = signal ? abortable(asAsync(items), signal) : asAsync(items);
+  const iterator = source[Symbol.asyncIterator]();
+  let writer: InternalImageWriter | undefined;
+  let sawBatch = false;
+  try {
+    let next = await iterator.next();
+    const first = next.done ? undefined : next.value;
+    const clusterSize = (first && isBatch(first) ? clusterSizeFor('writeInternal', first.clusterSize, wanted) : wanted) ?? 65536;
+    const clusterBits = Math.log2(clusterSize);
+    if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: a power of two from 512 bytes to 2 MiB`);
+    writer = await InternalImageWriter.create({ ...rest, clusterBits, refcountOrder });
+    while (!next.done) {
+      const item = next.value;
+      if (isBatch(item)) sawBatch = true;
+      await writer.writeItem(item);
+      next = await iterator.next();
+    }
+    if (signal?.aborted) throw abortError(signal);
+    if (sawBatch && !writer.sawInputEnd) throw missingInputEnd('writeInternal');
+    const inputBytes = writer.inputBytes;
+    const summary = await writer.finish();
+    writer = undefined;
+    return { ...summary, inputBytes };
+  } catch (err) {
+    await writer?.abort();
+    void iterator.return?.(undefined)?.catch(() => {});
+    throw err;
+  }
+}
+
+async function* asAsync<T>(items: AsyncIterable<T> | Iterable<T>): AsyncGenerator<T> {
+  yield* items;
 }

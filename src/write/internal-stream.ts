@@ -18,7 +18,7 @@
  * stream, and a stream of another size means the input changed, which is an error).
  */
 
-import type { Block } from '../block.js';
+import { isBatch, type Block, type BlockItem } from '../block.js';
 import { CorruptImageError, InvalidArgumentError } from '../errors.js';
 import {
   buildL1Table,
@@ -403,6 +403,7 @@ export interface PlannedImageOptions extends Omit<PlanInternalOptions, 'dedup' |
  */
 export class PlannedImageWriter {
   private end = 0;
+  private inputEnded = false;
   private constructor(
     private readonly output: OffsetWriter,
     private readonly plan: InternalPlan,
@@ -444,6 +445,27 @@ export class PlannedImageWriter {
     this.end = (block.index + (block.count ?? 1) - 1) * this.plan.cs + block.data.length;
     await this.plan.record(block);
     this.options.onBlockDone?.(block);
+  }
+
+  /** Pass 1: records a Block or a batch's Blocks (a batch's `inputEnd` sets the input's length). */
+  async writeItem(item: BlockItem): Promise<void> {
+    if (!isBatch(item)) return this.write(item);
+    if (item.clusterSize !== this.plan.cs) {
+      throw new InvalidArgumentError(`A batch of ${item.clusterSize}-byte clusters reached an image of ${this.plan.cs}-byte clusters`);
+    }
+    for (const block of item.blocks) await this.write(block);
+    if (item.inputEnd !== undefined) {
+      if (!Number.isSafeInteger(item.inputEnd) || item.inputEnd < this.end) {
+        throw new InvalidArgumentError(`A batch says the input ended at ${item.inputEnd}, but Blocks up to ${this.end} arrived`);
+      }
+      this.end = item.inputEnd;
+      this.inputEnded = true;
+    }
+  }
+
+  /** Whether a batch with `inputEnd` (a source's last) has arrived. */
+  get sawInputEnd(): boolean {
+    return this.inputEnded;
   }
 
   /** Guest bytes received so far. */

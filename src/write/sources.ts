@@ -14,12 +14,14 @@ import { closeSync, constants, createReadStream, fstatSync, openSync, read as fs
 import { stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
-import { BLOCK_STREAM_HIGH_WATER_MARK, zeroRun, type Block } from '../block.js';
+import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
+import { BLOCK_STREAM_HIGH_WATER_MARK, flattenBatches, zeroRun, type Block, type BlockBatch } from '../block.js';
 import { fileError, InvalidArgumentError } from '../errors.js';
 import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
 import { allocIoBuffer } from '../io/buffers.js';
 import { dataExtents, MIN_SKIPPED_HOLE, type DataExtent } from '../io/extents.js';
 import { kindOf, openForRead, type OpenedFile } from '../io/files.js';
+import { nativePipeIoAvailable, nativePipeReader } from '../io/pipe.js';
 import { inputShrank, inputSizeMismatch } from './clusterize.js';
 
 /** Bytes per read: a multiple of every cluster size (512 B .. 2 MiB). */
@@ -269,11 +271,25 @@ interface Slot {
 }
 
 /**
- * Reads `target` into Blocks of `clusterSize` bytes (the last may be short), numbered from 0.
+ * Reads `target` into Blocks of `clusterSize` bytes (the last may be short), numbered from 0,
+ * as an ix AsyncIterableX (so `.pipe(filter(…), map(…))` works on it).
  * With `zeroRuns`, the holes of a regular file come as zero runs (see Block.count) instead.
  * The caller keeps ownership of the descriptor (closes it after the generator ends).
  */
-export async function* readBlocks(target: ReadTarget, options: BlockSourceOptions = {}): AsyncGenerator<Block> {
+export function readBlocks(target: ReadTarget, options: BlockSourceOptions = {}): AsyncIterableX<Block> {
+  return from(flattenBatches(readBatches(target, options)));
+}
+
+/**
+ * {@link readBlocks} a read at a time: one {@link BlockBatch} per read (the cluster views of
+ * one buffer) or per hole (its zero runs), then an empty batch carrying `inputEnd`. This is
+ * what convert() and the stream stages move: framework cost per batch, not per cluster.
+ */
+export function readBatches(target: ReadTarget, options: BlockSourceOptions = {}): AsyncIterableX<BlockBatch> {
+  return from(batchesOf(target, options));
+}
+
+async function* batchesOf(target: ReadTarget, options: BlockSourceOptions): AsyncGenerator<BlockBatch> {
   const clusterSize = options.clusterSize ?? 2 ** DEFAULT_CLUSTER_BITS;
   if (!Number.isInteger(Math.log2(clusterSize)) || clusterSize < 512 || clusterSize > READ_SIZE) {
     throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: it must be a power of two from 512 bytes to 2 MiB`);
@@ -345,6 +361,8 @@ export async function* readBlocks(target: ReadTarget, options: BlockSourceOption
   };
 
   let index = 0;
+  /** One past the last input byte yielded. */
+  let end = 0;
   try {
     for (;;) {
       pump();
@@ -361,17 +379,23 @@ export async function* readBlocks(target: ReadTarget, options: BlockSourceOption
       if (!buffer) {
         const runEnd = index + segment.length / clusterSize;
         const maxRun = MAX_ZERO_RUN_BYTES / clusterSize;
+        const runs: Block[] = [];
         while (index < runEnd) {
           const count = Math.min(maxRun, runEnd - index);
-          yield zeroRun(index, count, clusterSize);
+          runs.push(zeroRun(index, count, clusterSize));
           index += count;
         }
+        end = segment.start + segment.length;
+        yield { clusterSize, blocks: runs };
         continue;
       }
       pool?.lease(buffer, Math.ceil(length / clusterSize));
-      for (let off = 0; off < length; off += clusterSize) {
-        yield { index: index++, data: buffer.subarray(off, Math.min(length, off + clusterSize)) };
+      const blocks: Block[] = new Array<Block>(Math.ceil(length / clusterSize));
+      for (let off = 0, i = 0; off < length; off += clusterSize, i++) {
+        blocks[i] = { index: index++, data: buffer.subarray(off, Math.min(length, off + clusterSize)) };
       }
+      end = segment.start + length;
+      if (blocks.length > 0) yield { clusterSize, blocks };
       if (length < segment.length) {
         if (target.positional) throw inputShrank(size!, segment.start + length, target.name);
         if (size !== undefined) throw inputSizeMismatch(size, segment.start + length);
@@ -383,6 +407,7 @@ export async function* readBlocks(target: ReadTarget, options: BlockSourceOption
       const probe = Buffer.allocUnsafe(1);
       if ((await target.read(probe, 0, 1, null)) > 0) throw inputSizeMismatch(size, size + 1, true);
     }
+    yield { clusterSize, blocks: [], inputEnd: end };
   } finally {
     // The consumer may stop early; let outstanding reads settle before the caller closes the file.
     stopped = true;
@@ -444,8 +469,7 @@ export async function openInput(path: string, declaredSize?: number): Promise<Op
       hint: 'Pipe an image in (… | qcow2-stream convert - OUT) or name the input file',
     });
   }
-  const fd = path === '-' && kind === 'pipe' ? openNonBlocking('/dev/stdin') : undefined;
-  const target = fd === undefined ? readableTarget(await streamFor(path, kind), name) : nonBlockingTarget(fd, name);
+  const target = nativeTarget(path, kind, name) ?? (await eventLoopTarget(path, kind, name));
   return {
     name,
     size: declaredSize,
@@ -454,6 +478,49 @@ export async function openInput(path: string, declaredSize?: number): Promise<Op
     target,
     close: async () => target.close(),
   };
+}
+
+/**
+ * A pipe, FIFO or socket read through the addon's cancellable full-buffer reads (src/io/pipe.ts):
+ * one trip per 2 MiB buffer, off the main thread, and a pending read ends the moment close()
+ * is called. Undefined without the addon, where {@link eventLoopTarget} serves the same bytes.
+ */
+function nativeTarget(path: string, kind: OpenedFile['kind'], name: string): (ReadTarget & { close(): void }) | undefined {
+  if (!nativePipeIoAvailable() || (kind !== 'pipe' && kind !== 'socket')) return undefined;
+  let fd: number;
+  let ownsFd = true;
+  if (path === '-') {
+    // A pipe is reopened (our own open file description); a socket cannot be, so fd 0 is read
+    // as it is (process.stdin is then never touched).
+    const reopened = kind === 'pipe' ? openNonBlocking('/dev/stdin') : undefined;
+    fd = reopened ?? 0;
+    ownsFd = reopened !== undefined;
+  } else {
+    if (kind !== 'pipe') return undefined;
+    try {
+      // Opening a FIFO waits for its writer, as `cat fifo` does.
+      fd = openSync(path, 'r');
+    } catch (err) {
+      throw fileError(err, 'open', path);
+    }
+  }
+  const reader = nativePipeReader(fd, name, { ownsFd });
+  if (!reader) {
+    if (ownsFd) closeSync(fd);
+    return undefined;
+  }
+  return {
+    name,
+    positional: false,
+    read: (buffer, offset, length) => reader.read(buffer, offset, length),
+    close: () => void reader.close(),
+  };
+}
+
+/** A non-regular input read through the event loop: a reopened non-blocking stdin pipe, or a stream. */
+async function eventLoopTarget(path: string, kind: OpenedFile['kind'], name: string): Promise<ReadTarget & { close(): void }> {
+  const fd = path === '-' && kind === 'pipe' ? openNonBlocking('/dev/stdin') : undefined;
+  return fd === undefined ? readableTarget(await streamFor(path, kind), name) : nonBlockingTarget(fd, name);
 }
 
 /**

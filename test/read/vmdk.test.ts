@@ -29,7 +29,7 @@ test('VMDK of every subformat, odd sizes: export is qemu-img convert -O raw byte
   assert.equal(qemuIo(['-c', 'write -z 0 1M', 'z.vmdk'], dir).code, 0);
   await assertReadsLikeQemu(dir, 'z.vmdk');
   const image = await openDisk(join(dir, 'z.vmdk'));
-  const first = await image.extents().next();
+  const first = await image.extents()[Symbol.asyncIterator]().next();
   await image.close();
   assert.equal(first.value?.kind, 'zero');
 });
