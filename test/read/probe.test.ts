@@ -35,7 +35,7 @@ test('the probe names every format qemu-img makes, as qemu-img does', async (t) 
     ['qed', 'x.qed', [], 'qed'],
     ['parallels', 'x.hdd', [], 'parallels'],
     ['qcow', 'x.qcow', [], 'qcow'],
-    ['luks', 'x.luks', ['--object', 'secret,id=s0,data=pw', '-o', 'key-secret=s0,iter-time=10'], 'luks'],
+    ['luks', 'x.luks', ['--object', 'secret,id=s0,data=pw', '-o', 'key-secret=s0,iter-time=200'], 'luks'],
     ['raw', 'plain.img', [], 'raw'],
   ];
   for (const [format, name, options, expected] of cases) {
@@ -51,7 +51,7 @@ test('recognised formats no reader opens are refused by name; raw is read; wrong
     ['vdi', 'x.vdi', []],
     ['qed', 'x.qed', []],
     ['parallels', 'x.hdd', []],
-    ['luks', 'x.luks', ['--object', 'secret,id=s0,data=pw', '-o', 'key-secret=s0,iter-time=10']],
+    ['luks', 'x.luks', ['--object', 'secret,id=s0,data=pw', '-o', 'key-secret=s0,iter-time=200']],
   ] as const) {
     const path = create(dir, name, format, '1M', [...options]);
     await assert.rejects(probeFormat(path), (err: unknown) => {
