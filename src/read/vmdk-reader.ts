@@ -478,6 +478,20 @@ const MAX_MARKER_SECTORS = MAX_GD_BYTES / SECTOR;
  * skipped; the end-of-stream marker (or the end of the input) ends it. Memory is one grain.
  * `header` is called once with the disk's capacity before the first grain.
  */
+/**
+ * Reads what follows the end-of-stream marker (a writer's padding) up to a bound, so that the
+ * program feeding a pipe (`cat disk.vmdk |`) is not cut off with EPIPE; past the bound the rest
+ * is left unread, as a hostile endless stream must be.
+ */
+async function drainTail(input: SequentialBytes): Promise<void> {
+  const TAIL_LIMIT = 16 * 1024 * 1024;
+  for (let drained = 0; drained < TAIL_LIMIT; ) {
+    const chunk = await input.read(64 * 1024);
+    if (chunk.length === 0) return;
+    drained += chunk.length;
+  }
+}
+
 export async function* streamOptimizedGrains(input: SequentialBytes, name: string, onHeader: (header: SparseHeader) => void): AsyncGenerator<{ offset: number; data: Uint8Array }> {
   const first = await input.read(SECTOR);
   if (first.length < SECTOR) throw new CorruptImageError(`'${name}' ends inside the VMDK header`, { structure: 'VMDK header', offset: 0 });
@@ -515,7 +529,10 @@ export async function* streamOptimizedGrains(input: SequentialBytes, name: strin
     if (size === 0) {
       const type = marker.getUint32(12, true);
       position += SECTOR;
-      if (type === MARKER_EOS) return;
+      if (type === MARKER_EOS) {
+        await drainTail(input);
+        return;
+      }
       if (type !== MARKER_GT && type !== MARKER_GD && type !== MARKER_FOOTER) {
         throw new CorruptImageError(`Unknown VMDK stream marker type ${type} at byte ${position - SECTOR} of '${name}'`, { structure: 'VMDK stream', offset: position - SECTOR });
       }
