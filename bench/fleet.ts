@@ -8,13 +8,15 @@
  *
  *   npm run bench:fleet                                   # 16 × 256 MiB, 2 GiB upload, 3 rounds
  *   npm run bench:fleet -- --count 2 --size 8M --s3-size 16M --rounds 1     # a smoke run
+ *   npm run bench:fleet -- --record                       # also writes bench/RESULTS-fleet.md
  *
  * Needs a build (`npm run build`), redis-server and qemu-img; s3rver runs as a child process (it
  * writes to disk, so the s3 figures describe this machine's disk more than a real store).
  */
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createReadStream, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { createReadStream, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
@@ -33,6 +35,7 @@ const { values: args } = parseArgs({
     rounds: { type: 'string', default: '3' },
     cases: { type: 'string', default: 'fleet,s3' },
     dir: { type: 'string', default: join(root, 'bench/out-fleet') },
+    record: { type: 'boolean', default: false },
   },
 });
 
@@ -60,6 +63,12 @@ async function timed(run: () => Promise<void> | void): Promise<number> {
   return (performance.now() - start) / 1000;
 }
 
+const reported: string[] = [];
+function report(line: string): void {
+  console.log(line);
+  reported.push(line);
+}
+
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function benchFleet(): Promise<void> {
@@ -75,13 +84,12 @@ async function benchFleet(): Promise<void> {
   const clean = () => sh(`rm -f ${dir}/f*.qcow2 ${dir}/f*.data`);
   const ratios: number[] = [];
   try {
-    for (let round = 0; round < rounds; round++) {
-      clean();
-      const sequential = await timed(() => {
+    const runSequential = () =>
+      timed(() => {
         for (const path of images) sh(`node ${cli} convert ${path} ${path.replace(/\.raw$/, '.qcow2')} --no-sync -q`);
       });
-      clean();
-      const fleet = await timed(async () => {
+    const runFleet = (round: number) =>
+      timed(async () => {
         const ids = await Promise.all(
           images.map(async (path, i) => (await enqueue(queue, ['convert', path, path.replace(/\.raw$/, '.qcow2'), '--no-sync'], { id: `r${round}-f${i}` })).id),
         );
@@ -92,11 +100,26 @@ async function benchFleet(): Promise<void> {
           await new Promise((r) => setTimeout(r, 50));
         }
       });
+    for (let round = 0; round < rounds; round++) {
+      // The order alternates every round; each run starts from no outputs (timed() syncs first).
+      let sequential = 0;
+      let fleet = 0;
+      if (round % 2 === 0) {
+        clean();
+        sequential = await runSequential();
+        clean();
+        fleet = await runFleet(round);
+      } else {
+        clean();
+        fleet = await runFleet(round);
+        clean();
+        sequential = await runSequential();
+      }
       for (const path of images) sh(`qemu-img compare -q -f raw -F qcow2 ${path} ${path.replace(/\.raw$/, '.qcow2')}`, { ...process.env });
       ratios.push(sequential / fleet);
-      console.log(`fleet round ${round + 1}: sequential CLI ${sequential.toFixed(2)} s, fleet (--concurrency ${args.concurrency}) ${fleet.toFixed(2)} s, speed ratio ${(sequential / fleet).toFixed(2)}`);
+      report(`fleet round ${round + 1}: sequential CLI ${sequential.toFixed(2)} s, fleet (--concurrency ${args.concurrency}) ${fleet.toFixed(2)} s, speed ratio ${(sequential / fleet).toFixed(2)}`);
     }
-    console.log(`fleet: ${count} × ${args.size}, median speed ratio fleet/sequential ${median(ratios).toFixed(2)} (target ≥ 0.90)`);
+    report(`fleet: ${count} × ${args.size}, median speed ratio fleet/sequential ${median(ratios).toFixed(2)} (target ≥ 0.90)`);
   } finally {
     worker.kill('SIGTERM');
     await queue.close();
@@ -123,19 +146,27 @@ async function benchS3(): Promise<void> {
   const ratios: number[] = [];
   try {
     for (let round = 0; round < rounds; round++) {
+      const runUpload = () =>
+        timed(async () => {
+          // The same part size and parallelism our upload picks for this size.
+          const { partSizeFor } = await import('../src/io/s3.js');
+          const partSize = partSizeFor(size);
+          await new Upload({ client, params: { Bucket: 'bench', Key: 'raw', Body: createReadStream(image, { highWaterMark: 2 * 1024 * 1024 }) }, partSize, queueSize: Math.max(1, Math.min(4, Math.floor((64 << 20) / partSize))) }).done();
+        });
+      const runOurs = () => timed(() => sh(`node ${cli} convert ${image} s3://bench/disk.qcow2 -q`, env));
+      // The order alternates every round; each run starts from an empty bucket.
+      let upload = 0;
+      let ours = 0;
       await empty();
-      const upload = await timed(async () => {
-        // The same part size and parallelism our upload picks for this size.
-        const { partSizeFor } = await import('../src/io/s3.js');
-        const partSize = partSizeFor(size);
-        await new Upload({ client, params: { Bucket: 'bench', Key: 'raw', Body: createReadStream(image, { highWaterMark: 2 * 1024 * 1024 }) }, partSize, queueSize: Math.max(1, Math.min(4, Math.floor((64 << 20) / partSize))) }).done();
-      });
+      if (round % 2 === 0) upload = await runUpload();
+      else ours = await runOurs();
       await empty();
-      const ours = await timed(() => sh(`node ${cli} convert ${image} s3://bench/disk.qcow2 -q`, env));
+      if (round % 2 === 0) ours = await runOurs();
+      else upload = await runUpload();
       ratios.push(upload / ours);
-      console.log(`s3 round ${round + 1}: lib-storage Upload of the raw file ${upload.toFixed(2)} s, convert to s3:// ${ours.toFixed(2)} s, throughput ratio ${(upload / ours).toFixed(2)}`);
+      report(`s3 round ${round + 1}: lib-storage Upload of the raw file ${upload.toFixed(2)} s, convert to s3:// ${ours.toFixed(2)} s, throughput ratio ${(upload / ours).toFixed(2)}`);
     }
-    console.log(`s3: ${args['s3-size']}, median throughput ratio convert/Upload ${median(ratios).toFixed(2)} (target ≥ 0.80)`);
+    report(`s3: ${args['s3-size']}, median throughput ratio convert/Upload ${median(ratios).toFixed(2)} (target ≥ 0.80)`);
   } finally {
     client.destroy();
     await s3.stop();
@@ -145,3 +176,20 @@ async function benchS3(): Promise<void> {
 
 if (cases.has('fleet')) await benchFleet();
 if (cases.has('s3')) await benchS3();
+if (args.record) {
+  const doc = [
+    '# Fleet and object-storage benchmark results',
+    '',
+    `Recorded ${new Date().toISOString()} with \`npm run bench:fleet -- ${process.argv.slice(2).join(' ')}\`.`,
+    '',
+    `Machine: ${cpus().length} × ${cpus()[0]?.model ?? 'unknown CPU'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB; Node ${process.version}; Redis from \`redis-server\` on 127.0.0.1; s3rver on local disk (so the s3 figures describe this disk more than a real store).`,
+    'Each timed run syncs first (untimed) and starts from no outputs; fleet rounds alternate which side runs first. Targets (issue 19): fleet ≥ 0.90× the sequential CLI runs\' speed; convert to s3:// ≥ 0.80× the throughput of lib-storage\'s Upload of the raw file.',
+    '',
+    '```',
+    ...reported,
+    '```',
+    '',
+  ].join('\n');
+  writeFileSync(join(root, 'bench/RESULTS-fleet.md'), doc);
+  process.stderr.write('wrote bench/RESULTS-fleet.md\n');
+}

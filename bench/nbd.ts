@@ -5,6 +5,7 @@
  *
  *   node --import tsx bench/nbd.ts                       # 2 GiB mixed image, 5 rounds
  *   node --import tsx bench/nbd.ts --size 64M --rounds 1 # a smoke run
+ *   node --import tsx bench/nbd.ts --record              # also writes bench/RESULTS-nbd.md
  *
  * Needs a build (`npm run build`), qemu-img, qemu-io and qemu-nbd (qemu-utils). The nbdcopy
  * cases need libnbd-bin (`apt-get install -y libnbd-bin`) and are skipped with a message
@@ -22,6 +23,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { cpus, totalmem } from 'node:os';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { generateImage } from './images.js';
@@ -35,6 +37,7 @@ const { values: args } = parseArgs({
     size: { type: 'string', default: '2G' },
     rounds: { type: 'string', default: '5' },
     dir: { type: 'string', default: join(root, 'bench/out/nbd') },
+    record: { type: 'boolean', default: false },
   },
 });
 
@@ -181,15 +184,39 @@ async function main(): Promise<void> {
   ];
   for (const [src, fmt, image] of checks) sh(`cd ${dir} && qemu-img compare -q -f ${fmt} -F qcow2 ${src} ${image}`);
 
-  const lines = ['| case | median s | min s | MB/s (virtual) | × peer (throughput) |', '| --- | ---: | ---: | ---: | ---: |'];
+  const lines = ['| case | median s | min s | MB/s (virtual) | × peer (median) | × peer per round |', '| --- | ---: | ---: | ---: | ---: | --- |'];
   for (const c of cases) {
     const s = samples.get(c.name)!;
     const peer = c.peer ? samples.get(c.peer) : undefined;
-    const ratio = peer ? median(s.map((x, i) => peer[i]!.seconds / x.seconds)) : undefined;
+    const perRound = peer ? s.map((x, i) => peer[i]!.seconds / x.seconds) : undefined;
+    const ratio = perRound ? median(perRound) : undefined;
     const failed = s.filter((x) => !x.ok).length;
-    lines.push(`| ${c.name}${failed ? ` (${failed} FAILED)` : ''}${c.peer ? ` vs ${c.peer}` : ''} | ${median(s.map((x) => x.seconds)).toFixed(3)} | ${Math.min(...s.map((x) => x.seconds)).toFixed(3)} | ${(size / 1e6 / median(s.map((x) => x.seconds))).toFixed(0)} | ${ratio === undefined ? '' : ratio.toFixed(2)} |`);
+    lines.push(`| ${c.name}${failed ? ` (${failed} FAILED)` : ''}${c.peer ? ` vs ${c.peer}` : ''} | ${median(s.map((x) => x.seconds)).toFixed(3)} | ${Math.min(...s.map((x) => x.seconds)).toFixed(3)} | ${(size / 1e6 / median(s.map((x) => x.seconds))).toFixed(0)} | ${ratio === undefined ? '' : ratio.toFixed(2)} | ${perRound?.map((x) => x.toFixed(2)).join(' ') ?? ''} |`);
   }
-  process.stdout.write(`${lines.join('\n')}\n`);
+  const table = lines.join('\n');
+  process.stdout.write(`${table}\n`);
+  if (args.record) {
+    const version = (cmd: string) => spawnSync(cmd, ['--version'], { encoding: 'utf8' }).stdout.split('\n')[0];
+    const doc = [
+      '# NBD benchmark results',
+      '',
+      `Recorded ${new Date().toISOString()} with \`node --import tsx bench/nbd.ts ${process.argv.slice(2).join(' ')}\`.`,
+      '',
+      `Machine: ${cpus().length} × ${cpus()[0]?.model ?? 'unknown CPU'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB; Node ${process.version}; ${version('qemu-nbd')}; ${hasNbdcopy ? version('nbdcopy') : 'nbdcopy not installed'}.`,
+      `Image: mixed ${size} B (bench/images.ts) served read-only by qemu-nbd over a Unix socket; ${rounds} interleaved rounds, order alternating, outputs deleted and \`sync\` (untimed) before each run.`,
+      '',
+      '"× peer" is the peer\'s time divided by ours in the same round (above 1.00 we are faster). Targets (issue 18): convert-raw-on ≥ 1.0× nbdcopy into a raw file, ≥ 2× nbdcopy into a qemu-nbd qcow2 target; incremental-1pct ≥ 20× the full conversion (≤ 5% of its time).',
+      '',
+      table,
+      '',
+      '## Commands',
+      '',
+      ...cases.map((c) => `- ${c.name}: \`${c.command}\``),
+      '',
+    ].join('\n');
+    writeFileSync(join(root, 'bench/RESULTS-nbd.md'), doc);
+    process.stderr.write('wrote bench/RESULTS-nbd.md\n');
+  }
 }
 
 main()
