@@ -294,7 +294,9 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   let conversion: Conversion | undefined;
   try {
     // Compression holds more Blocks at once (batches in flight): recycle their buffers rather than drop them to the GC.
-    const pool = input || nbd || image ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
+    // A user's stage might keep a Block, so with user stages nothing is pooled: a pool whose
+    // buffers are never released would hold every buffer read (the whole input) until the end.
+    const pool = (input || nbd || image) && (options.stages ?? []).length === 0 ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
     conversion = await openConversion(options, plan, { input, nbd, image, streamed }, pool, started);
     const { settings, size } = conversion;
     const fileFd = input?.target.positional ? input.target.fd : undefined;
@@ -596,10 +598,9 @@ async function openConversion(
     await refuseOverlaps(await readFiles(input, image, options, baseImage), writtenFiles(output, dataFile, options.manifest));
     const baseManifest = options.baseManifest === undefined ? undefined : await (await import('../../transforms/manifest.js')).ManifestReader.open(options.baseManifest);
     if (baseManifest) opened.push(baseManifest);
-    // Every stage of ours lets go of a Block once the sink is done with it; a user's stage
-    // might keep one, so with user stages buffers are not recycled (the GC takes them).
-    const recycle = pool && (options.stages ?? []).length === 0 ? pool : undefined;
-    const onBlockDone = recycle ? (block: Block) => recycle.release(block.data) : undefined;
+    // Every stage of ours lets go of a Block once the sink is done with it (with user stages
+    // there is no pool: the GC takes the buffers).
+    const onBlockDone = pool ? (block: Block) => pool.release(block.data) : undefined;
 
     let external: ExternalWriter | undefined;
     let internal: InternalImageWriter | PlannedImageWriter | undefined;
