@@ -15,8 +15,30 @@
  * The buffers are shared and reused batch after batch, so no per-batch garbage builds up.
  */
 
+import { runInNewContext } from 'node:vm';
 import { parentPort } from 'node:worker_threads';
 import * as zlib from 'node:zlib';
+
+/**
+ * Every cluster costs a zlib object and its output buffers, garbage held outside V8's heap
+ * that no heap limit bounds: V8 lets ~64 MiB of it build up per thread before collecting,
+ * which made each worker ~40 MiB larger. A young-generation collection every few batches
+ * frees it (measured: 2 workers, 115 → 68 MiB; well under 1% of the time). The pool turns
+ * `--expose-gc` on while its workers start, so this context can take `gc`; without it
+ * (another embedder), nothing is collected early.
+ */
+type GcFunction = (options: { type: 'minor' | 'major' }) => void;
+const gc = (() => {
+  try {
+    return runInNewContext('typeof gc === "function" ? gc : undefined') as GcFunction | undefined;
+  } catch {
+    return undefined;
+  }
+})();
+/** Bytes of input compressed between collections. */
+const COLLECT_EVERY_BYTES = 2 * 1024 * 1024;
+let sinceCollect = 0;
+parentPort!.postMessage({ ready: true });
 
 interface Job {
   id: number;
@@ -75,6 +97,11 @@ parentPort!.on('message', (job: Job) => {
       total += out.length;
     });
     parentPort!.postMessage({ id: job.id, sizes }, [sizes.buffer]);
+    sinceCollect += pos;
+    if (gc && sinceCollect >= COLLECT_EVERY_BYTES) {
+      sinceCollect = 0;
+      gc({ type: 'minor' });
+    }
   } catch (err) {
     parentPort!.postMessage({ id: job.id, error: err instanceof Error ? err.message : String(err) });
   }

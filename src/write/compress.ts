@@ -11,6 +11,7 @@
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
+import { setFlagsFromString } from 'node:v8';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import * as zlib from 'node:zlib';
@@ -87,6 +88,23 @@ function startWorker(): Worker {
   return new Worker(`require(${JSON.stringify(tsx)}).register(); require(${JSON.stringify(source)});`, { eval: true, resourceLimits: WORKER_LIMITS });
 }
 
+/**
+ * Pools starting right now. While any is, V8's `--expose-gc` is on, so each new worker's first
+ * context can take the `gc` function (see compress-worker.ts); it is off again once every
+ * worker has it, so no other context of the process gets a `gc` global.
+ */
+let startingPools = 0;
+
+function exposeGcWhileStarting(): () => void {
+  if (startingPools++ === 0) setFlagsFromString('--expose-gc');
+  let released = false;
+  return () => {
+    if (released) return;
+    released = true;
+    if (--startingPools === 0) setFlagsFromString('--no-expose-gc');
+  };
+}
+
 /** Worker threads that compress batches of clusters; `close()` when done. */
 export class CompressorPool {
   /** Worker threads in the pool. */
@@ -103,12 +121,25 @@ export class CompressorPool {
     readonly options: CompressorPoolOptions,
   ) {
     this.threads = options.threads ?? Math.max(1, availableParallelism());
+    const release = exposeGcWhileStarting();
+    let starting = this.threads;
+    const started = () => {
+      if (--starting === 0) release();
+    };
     for (let i = 0; i < this.threads; i++) {
       const worker = startWorker();
       worker.unref();
-      worker.on('message', (message: { id: number; sizes?: Int32Array; error?: string }) => this.settle(message));
+      let ready = false;
+      worker.on('message', (message: { id: number; sizes?: Int32Array; error?: string } | { ready: true }) => {
+        if ('ready' in message) {
+          ready = true;
+          started();
+        } else this.settle(message);
+      });
       worker.on('error', (err) => this.fail(err));
       worker.on('exit', (code) => {
+        if (!ready) started();
+        ready = true;
         if (code !== 0 && !this.closed) this.fail(new Error(`A compression worker exited with code ${code}`));
       });
       this.workers.push(worker);
