@@ -15,16 +15,13 @@
  */
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createReadStream, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
+import { createReadStream, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { fileURLToPath } from 'node:url';
+import { cli, machineLine, median, parseSize, root } from './common.js';
 import { generateImage } from './images.js';
 import { startRedis, startS3 } from '../test/helpers/servers.js';
 
-const root = fileURLToPath(new URL('..', import.meta.url));
-const cli = join(root, (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { bin: Record<string, string> }).bin['qcow2-stream']!);
 
 const { values: args } = parseArgs({
   options: {
@@ -38,12 +35,6 @@ const { values: args } = parseArgs({
     record: { type: 'boolean', default: false },
   },
 });
-
-function parseSize(text: string): number {
-  const m = /^(\d+)([KMGT]?)$/i.exec(text);
-  if (!m) throw new Error(`bad size ${text}`);
-  return Number(m[1]) * 1024 ** ' KMGT'.indexOf((m[2] || ' ').toUpperCase());
-}
 
 const dir = args.dir;
 const count = Number(args.count);
@@ -68,8 +59,6 @@ function report(line: string): void {
   console.log(line);
   reported.push(line);
 }
-
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function benchFleet(): Promise<void> {
   const size = parseSize(args.size);
@@ -182,7 +171,7 @@ if (args.record) {
     '',
     `Recorded ${new Date().toISOString()} with \`npm run bench:fleet -- ${process.argv.slice(2).join(' ')}\`.`,
     '',
-    `Machine: ${cpus().length} × ${cpus()[0]?.model ?? 'unknown CPU'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB; Node ${process.version}; Redis from \`redis-server\` on 127.0.0.1; s3rver on local disk (so the s3 figures describe this disk more than a real store).`,
+    `Machine: ${machineLine()}; Redis from \`redis-server\` on 127.0.0.1; s3rver on local disk (so the s3 figures describe this disk more than a real store).`,
     'Each timed run syncs first (untimed) and starts from no outputs; fleet rounds alternate which side runs first. Targets (issue 19): fleet ≥ 0.90× the sequential CLI runs\' speed; convert to s3:// ≥ 0.80× the throughput of lib-storage\'s Upload of the raw file.',
     '',
     '```',

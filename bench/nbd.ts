@@ -21,15 +21,12 @@
  */
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cpus, totalmem } from 'node:os';
 import { parseArgs } from 'node:util';
-import { fileURLToPath } from 'node:url';
+import { cli, machineLine, median, parseSize, root } from './common.js';
 import { generateImage } from './images.js';
 
-const root = fileURLToPath(new URL('..', import.meta.url));
-const cli = join(root, (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { bin: Record<string, string> }).bin['qcow2-stream']!);
 const ours = `node ${cli}`;
 
 const { values: args } = parseArgs({
@@ -40,12 +37,6 @@ const { values: args } = parseArgs({
     record: { type: 'boolean', default: false },
   },
 });
-
-function parseSize(text: string): number {
-  const m = /^(\d+)([KMGT]?)$/i.exec(text);
-  if (!m) throw new Error(`bad size ${text}`);
-  return Number(m[1]) * 1024 ** ' KMGT'.indexOf((m[2] || ' ').toUpperCase());
-}
 
 const onPath = (name: string) => spawnSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' }).status === 0;
 function sh(command: string): void {
@@ -90,12 +81,6 @@ function timed(command: string): Sample {
   if (result.status !== 0) process.stderr.write(`FAILED (${result.status}): ${command}\n${result.stderr}\n`);
   return { seconds, ok: result.status === 0 };
 }
-
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 
 async function main(): Promise<void> {
   if (!existsSync(cli)) sh(`cd ${root} && npm run build --silent`);
@@ -202,7 +187,7 @@ async function main(): Promise<void> {
       '',
       `Recorded ${new Date().toISOString()} with \`node --import tsx bench/nbd.ts ${process.argv.slice(2).join(' ')}\`.`,
       '',
-      `Machine: ${cpus().length} × ${cpus()[0]?.model ?? 'unknown CPU'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB; Node ${process.version}; ${version('qemu-nbd')}; ${hasNbdcopy ? version('nbdcopy') : 'nbdcopy not installed'}.`,
+      `Machine: ${machineLine()}; ${version('qemu-nbd')}; ${hasNbdcopy ? version('nbdcopy') : 'nbdcopy not installed'}.`,
       `Image: mixed ${size} B (bench/images.ts) served read-only by qemu-nbd over a Unix socket; ${rounds} interleaved rounds, order alternating, outputs deleted and \`sync\` (untimed) before each run.`,
       '',
       '"× peer" is the peer\'s time divided by ours in the same round (above 1.00 we are faster). Targets (issue 18): convert-raw-on ≥ 1.0× nbdcopy into a raw file, ≥ 2× nbdcopy into a qemu-nbd qcow2 target; incremental-1pct ≥ 20× the full conversion (≤ 5% of its time).',

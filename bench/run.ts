@@ -12,15 +12,11 @@
 
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { fileURLToPath } from 'node:url';
+import { cli, machineLine, median, parseSize, root } from './common.js';
 import { generateImage, type ImageKind, type ImageStats } from './images.js';
 
-const root = fileURLToPath(new URL('..', import.meta.url));
-// The installed command: package.json's bin, the single-file bundle `npm run build` makes.
-const cli = join(root, (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { bin: Record<string, string> }).bin['qcow2-stream']!);
 
 const { values: args } = parseArgs({
   options: {
@@ -32,12 +28,6 @@ const { values: args } = parseArgs({
     record: { type: 'boolean', default: false },
   },
 });
-
-function parseSize(text: string): number {
-  const m = /^(\d+)([KMGT]?)$/i.exec(text);
-  if (!m) throw new Error(`bad size ${text}`);
-  return Number(m[1]) * 1024 ** ' KMGT'.indexOf((m[2] || ' ').toUpperCase());
-}
 
 interface Case {
   name: string;
@@ -298,12 +288,6 @@ function timed(command: string): Sample {
   return { seconds, rssKiB, ok: result.status === 0 };
 }
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
-
 function sh(command: string): void {
   const r = spawnSync('bash', ['-c', command], { stdio: 'inherit' });
   if (r.status !== 0) throw new Error(`failed: ${command}`);
@@ -389,7 +373,7 @@ function main(): void {
       '',
       `Recorded ${new Date().toISOString()} with \`npm run bench -- ${process.argv.slice(2).join(' ')}\`.`,
       '',
-      `Machine: ${cpus().length} × ${cpus()[0]?.model ?? 'unknown CPU'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB; Node ${process.version}; ${qemuVersion}.`,
+      `Machine: ${machineLine()}; ${qemuVersion}.`,
       `Images: mixed ${sizes.mixed} B, sparse ${sizes.sparse} B, dedup ${sizes.dedup} B (bench/images.ts); ${rounds} interleaved rounds, order alternating.`,
       '',
       '"× peer" is the peer\'s time divided by ours in the same round (a throughput ratio: above 1.00 we are faster), listed per round and as the median over rounds. Peers: qemu-img for file conversions and exports to a file; `cat IN | cat > OUT` for the pipe-in cases; `cat IN | cat > /dev/null` for export to a pipe; `convert()` for the pipeline a user composes from the public stages (bench/api.mjs); plain `--internal` for `--internal --dedup`. Before each timed run its outputs are deleted and `sync` runs (untimed); the order of the cases alternates every round.',
