@@ -158,11 +158,49 @@ export interface ConvertOptions extends ImageOptions {
   /** Bytes of input between two `onProgress` calls: a positive whole number. Default 32 MiB. */
   progressInterval?: number;
   /**
-   * Stages of your own, run on every batch of Blocks after zero-detect and the base comparison
-   * and before the manifest and the sink (see {@link ConvertStage}). They turn the native data
-   * mover off: every cluster then goes through Blocks.
+   * Stages of your own (see {@link ConvertStage}). A list runs on every batch after zero-detect
+   * and the base comparison, before compression, the manifest and the sink; an object puts
+   * stages at any of the {@link StagePoint}s between ours. They turn the native data mover off:
+   * every cluster then goes through Blocks.
    */
-  stages?: readonly ConvertStage[];
+  stages?: ConvertStages;
+}
+
+/**
+ * Where a user's stages run, between the conversion's own:
+ * `input` → zero-detect → `zeroDetected` → base compare → `compared` → compression →
+ * `compressed` → manifest → `beforeSink` → the sink.
+ * Stages at `input` see Blocks before their `zero` flag is set (zero-detect sets it after them,
+ * so a stage there may change bytes freely); at `beforeSink` they see what the sink stores.
+ * Stages at `compressed` and `beforeSink` must not change a Block's bytes: its `compressed`
+ * bytes and the manifest's fingerprint were made from them.
+ */
+export type StagePoint = 'input' | 'zeroDetected' | 'compared' | 'compressed' | 'beforeSink';
+
+/** User stages: a list (run at `compared`), or lists by {@link StagePoint}. */
+export type ConvertStages = readonly ConvertStage[] | Readonly<Partial<Record<StagePoint, readonly ConvertStage[]>>>;
+
+const STAGE_POINTS: readonly StagePoint[] = ['input', 'zeroDetected', 'compared', 'compressed', 'beforeSink'];
+
+/** The user's stages by point, checked: an unknown point or a non-list is an InvalidArgumentError. */
+function stagesByPoint(stages: ConvertStages | undefined): Record<StagePoint, readonly ConvertStage[]> {
+  const byPoint: Record<StagePoint, readonly ConvertStage[]> = { input: [], zeroDetected: [], compared: [], compressed: [], beforeSink: [] };
+  if (stages === undefined) return byPoint;
+  if (Array.isArray(stages)) return { ...byPoint, compared: stages as readonly ConvertStage[] };
+  if (typeof stages !== 'object' || stages === null) throw new InvalidArgumentError('convert: stages must be a list of stages, or lists by stage point');
+  for (const [point, list] of Object.entries(stages)) {
+    if (!STAGE_POINTS.includes(point as StagePoint)) {
+      throw new InvalidArgumentError(`convert: unknown stage point '${point}': use ${STAGE_POINTS.map((p) => `'${p}'`).join(', ')}`);
+    }
+    if (list === undefined) continue;
+    if (!Array.isArray(list)) throw new InvalidArgumentError(`convert: stages.${point} must be a list of stages`);
+    byPoint[point as StagePoint] = list as readonly ConvertStage[];
+  }
+  return byPoint;
+}
+
+function countStages(byPoint: Record<StagePoint, readonly ConvertStage[]>): number {
+  return STAGE_POINTS.reduce((n, point) => n + byPoint[point].length, 0);
 }
 
 /** `dataClusters` counts clusters stored in the data file, or in the image (internal layout). */
@@ -235,8 +273,8 @@ interface Conversion {
   readonly external: ExternalWriter | undefined;
   readonly baseCompared: boolean;
   readonly manifest: ManifestWriter | undefined;
-  /** The stages from zero-detect to the sink (stream-chain items), users' in between. */
-  stages(user: readonly ConvertStage[]): unknown[];
+  /** The stages from zero-detect to the sink (stream-chain items), users' at their points. */
+  stages(user: Record<StagePoint, readonly ConvertStage[]>): unknown[];
   /** Records progress up to this guest byte. */
   advance(done: number): void;
   /** Commits the outputs; the summary. `throughStages`: the Blocks went through the stage list (not the native copy). */
@@ -261,6 +299,7 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
   if (options.layout === 'internal' && isS3Uri(options.output)) return (await import('./object-io.js')).internalToObject(options, convert);
   const started = performance.now();
   const { signal } = options;
+  const userStages = stagesByPoint(options.stages);
   const plan = await planConversion(options);
   const nbdUri = typeof options.input === 'string' && isNbdUri(options.input) ? options.input : undefined;
   // Connected (and the bitmap checked) before any output is created.
@@ -296,13 +335,12 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     // Compression holds more Blocks at once (batches in flight): recycle their buffers rather than drop them to the GC.
     // A user's stage might keep a Block, so with user stages nothing is pooled: a pool whose
     // buffers are never released would hold every buffer read (the whole input) until the end.
-    const pool = (input || nbd || image) && (options.stages ?? []).length === 0 ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
+    const pool = (input || nbd || image) && countStages(userStages) === 0 ? new BufferPool(undefined, options.compression ? 48 : undefined) : undefined;
     conversion = await openConversion(options, plan, { input, nbd, image, streamed }, pool, started);
     const { settings, size } = conversion;
     const fileFd = input?.target.positional ? input.target.fd : undefined;
-    const userStages = options.stages ?? [];
     let throughStages = true;
-    const copyNatively = conversion.external?.canCopyFromFile && !conversion.baseCompared && !conversion.manifest && userStages.length === 0;
+    const copyNatively = conversion.external?.canCopyFromFile && !conversion.baseCompared && !conversion.manifest && countStages(userStages) === 0;
     if (image && (image.format === 'vpc' || image.format === 'vhdx') && copyNatively) {
       // VHD and VHDX store blocks uncompressed: copy them natively from where they lie.
       const { copyImageToExternal } = await import('./file-copy.js');
@@ -385,6 +423,7 @@ export interface ConvertStream extends Duplex {
  */
 export function createConvertStream(options: ConvertStreamOptions): ConvertStream {
   const started = performance.now();
+  const userStages = stagesByPoint(options.stages);
   let resolveFinished!: (summary: ConvertSummary) => void;
   let rejectFinished!: (reason: unknown) => void;
   const finished = new Promise<ConvertSummary>((resolve, reject) => {
@@ -415,7 +454,7 @@ export function createConvertStream(options: ConvertStreamOptions): ConvertStrea
       async () => cutterFor(await opening).end(),
     ),
     // The rest of the list is known once the outputs are open (which stages the options need).
-    ...lazyStages(opening, options.stages ?? []),
+    ...lazyStages(opening, userStages),
     flushable<unknown, unknown>(
       (summary) => summary,
       async () => {
@@ -438,15 +477,41 @@ export function createConvertStream(options: ConvertStreamOptions): ConvertStrea
  * The conversion's stages for a stream built before the outputs open: the same functions as
  * {@link Conversion.stages}, each looked up once the conversion is ready (user stages as given).
  */
-function lazyStages(opening: Promise<Conversion>, user: readonly ConvertStage[]): unknown[] {
+function lazyStages(opening: Promise<Conversion>, user: Record<StagePoint, readonly ConvertStage[]>): unknown[] {
   let own: unknown[] | undefined;
   const ownStage = (i: number) => async (batch: BlockBatch) => {
-    own ??= (await opening).stages([]);
+    own ??= (await opening).stages(stagesByPoint(undefined));
     return (own[i] as (b: BlockBatch) => unknown)(batch);
   };
-  // Own stages: 0 zero-detect, 1 base compare (or pass), then users', then 2 compression (or
-  // pass), 3 manifest (or pass), 4 sink.
-  return [ownStage(0), ownStage(1), ...user, ownStage(2), ownStage(3), ownStage(4)];
+  return arrangeStages(
+    { zeroDetect: ownStage(0), baseCompare: ownStage(1), compression: ownStage(2), manifest: ownStage(3), sink: ownStage(4) },
+    user,
+  );
+}
+
+/** The conversion's own stages (a pass-through where the options need none). */
+interface OwnStages {
+  zeroDetect: unknown;
+  baseCompare: unknown;
+  compression: unknown;
+  manifest: unknown;
+  sink: unknown;
+}
+
+/** Ours in order, with the user's at their points between them. */
+function arrangeStages(own: OwnStages, user: Record<StagePoint, readonly ConvertStage[]>): unknown[] {
+  return [
+    ...user.input,
+    own.zeroDetect,
+    ...user.zeroDetected,
+    own.baseCompare,
+    ...user.compared,
+    own.compression,
+    ...user.compressed,
+    own.manifest,
+    ...user.beforeSink,
+    own.sink,
+  ];
 }
 
 /** Drives a stage list over batches: stream-chain's async-iterable core, or its Node chain when a stage is a stream. */
@@ -703,18 +768,17 @@ async function openConversion(
     // A batch's compressed bytes live in the pool's reused buffers until the sink has them.
     const releases = new WeakMap<BlockBatch, () => void>();
     const pass = (batch: BlockBatch) => batch;
-    const stages = (user: readonly ConvertStage[]): unknown[] => [
-      detectZeros<BlockBatch>,
-      comparer ? (batch: BlockBatch) => comparer.compareBatch(batch) : pass,
-      ...user,
-      // After the users' stages (they may change the bytes), before the sink.
-      theCompressor && compressBatch
+    const stages = (user: Record<StagePoint, readonly ConvertStage[]>): unknown[] => arrangeStages({
+      zeroDetect: detectZeros<BlockBatch>,
+      baseCompare: comparer ? (batch: BlockBatch) => comparer.compareBatch(batch) : pass,
+      // After the users' stages before it (they may change the bytes), before the sink.
+      compression: theCompressor && compressBatch
         ? async (batch: BlockBatch) => {
             releases.set(batch, await compressBatch(batch.blocks, theCompressor));
             return batch;
           }
         : pass,
-      theManifest
+      manifest: theManifest
         ? async (batch: BlockBatch) => {
             // The manifest reads the bytes first: the sink may recycle them once written.
             if (incremental && baseManifest) for (const block of batch.blocks) await theManifest.addUnchanged(block, baseManifest);
@@ -722,7 +786,7 @@ async function openConversion(
             return batch;
           }
         : pass,
-      async (batch: BlockBatch) => {
+      sink: async (batch: BlockBatch) => {
         if (signal?.aborted) throw abortError(signal);
         await theSink.writeItem(batch);
         releases.get(batch)?.();
@@ -732,7 +796,7 @@ async function openConversion(
         else if (last) advance(blockEnd(last, clusterSize));
         return none;
       },
-    ];
+    }, user);
     return {
       settings,
       size,

@@ -11,6 +11,8 @@ export {
   type ConvertOptions,
   type ConvertProgress,
   type ConvertStage,
+  type ConvertStages,
+  type StagePoint,
   type ConvertStream,
   type ConvertStreamOptions,
   type ConvertSummary,

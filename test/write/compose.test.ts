@@ -249,3 +249,41 @@ test('createConvertStream: an abort or a failing stage rejects finished with a t
   await new Promise((resolve) => setTimeout(resolve, 50));
   assert.deepEqual(readdirSync(dir).sort(), ['in.raw']);
 });
+
+test('stages at each point between ours see the Blocks as that point has them; an unknown point is refused', async (t) => {
+  if (!needQemu(t)) return;
+  const dir = tempDir(t);
+  const input = rawInput(dir, 12);
+  const seen: Record<string, { zeroFlagged: number; compressed: number; blocks: number }> = {};
+  const watch = (point: string) =>
+    perBlock((block: Block) => {
+      const s = (seen[point] ??= { zeroFlagged: 0, compressed: 0, blocks: 0 });
+      s.blocks++;
+      if (block.zero !== undefined) s.zeroFlagged++;
+      if (block.compressed) s.compressed++;
+    });
+  const points = ['input', 'zeroDetected', 'compared', 'compressed', 'beforeSink'] as const;
+  const summary = await convert({
+    input,
+    output: join(dir, 'c.qcow2'),
+    layout: 'internal',
+    compression: 'zlib',
+    sync: false,
+    stages: Object.fromEntries(points.map((p) => [p, [watch(p)]])),
+  });
+  assert.equal(qemuCheck('c.qcow2', dir).code, 0);
+  assertQemuAgrees('in.raw', 'c.qcow2', dir);
+  for (const p of points) assert.ok(seen[p]!.blocks > 0, `no Block reached the '${p}' stage`);
+  // Before zero-detect nothing is flagged (holes come as zero runs, which are always zero).
+  assert.ok(seen.input!.zeroFlagged < seen.zeroDetected!.zeroFlagged, 'zero-detect ran before the input stage');
+  assert.equal(seen.compared!.compressed, 0, 'compression ran before the compared stage');
+  assert.equal(seen.compressed!.compressed, summary.compression!.clusters);
+  assert.equal(seen.beforeSink!.compressed, summary.compression!.clusters);
+
+  const before = readdirSync(dir).sort();
+  await assert.rejects(
+    convert({ input, output: join(dir, 'x.qcow2'), sync: false, stages: { afterSink: [watch('x')] } as never }),
+    (err: unknown) => isQcow2StreamError(err) && err.code === 'QCOW_ERR_INVALID_ARGUMENT' && /unknown stage point 'afterSink'/.test(err.message),
+  );
+  assert.deepEqual(readdirSync(dir).sort(), before, 'a refused run left files behind');
+});
