@@ -11,6 +11,10 @@ export function abortError(signal: AbortSignal): AbortedError {
 /**
  * Yields from `source` until `signal` aborts, even while a read is pending (a quiet pipe).
  *
+ * Not ix's `withAbort`: it only hands the signal to the source's own iterator, so a source
+ * that ignores it (a pipe read, an NBD reply, any user's iterable) keeps the run waiting, and
+ * its operators throw ix's AbortError rather than our AbortedError.
+ *
  * One listener for the whole run, and each pending read's own reject: racing every read
  * against one never-settling abort promise would add a reaction to that promise per item, and
  * they are never freed (the heap grew by about 10 MB per GiB of input through a pipe).
