@@ -96,6 +96,8 @@ function startWorker(): Worker {
 let startingPools = 0;
 
 function exposeGcWhileStarting(): () => void {
+  // Run with --expose-gc already: every context has gc, and turning the flag off would undo that.
+  if (typeof (globalThis as { gc?: unknown }).gc === 'function') return () => {};
   if (startingPools++ === 0) setFlagsFromString('--expose-gc');
   let released = false;
   return () => {
