@@ -128,6 +128,13 @@ test('NBD TLS: STARTTLS against qemu-nbd with x509 certificates (client certific
   await client.read(0, MiB, buffer);
   assert.ok(buffer.equals(bytes));
   assert.ok(client.contexts.has(BASE_ALLOCATION));
+  // A sibling connection (several readers) negotiates TLS the same way.
+  const sibling = await client.connectSibling();
+  assert.equal(sibling.tls, true);
+  const again = Buffer.alloc(MiB);
+  await sibling.read(0, MiB, again);
+  assert.ok(again.equals(bytes));
+  await sibling.close();
   await client.close();
 
   // Files given one by one, over a Unix socket (the certificate's name is then localhost).
