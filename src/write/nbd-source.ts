@@ -53,7 +53,15 @@ export interface NbdBlockSourceOptions {
    * reading. Block status always asks `client`. Default: `client` alone.
    */
   connections?: readonly NbdClient[];
+  /**
+   * Called once, when the reads asked for pass {@link SIBLINGS_AFTER} bytes: the moment to open
+   * more connections (they join `connections`). A short job (an incremental) never pays for them.
+   */
+  wantConnections?: () => void;
 }
+
+/** Read bytes after which more connections are worth their handshakes. */
+export const SIBLINGS_AFTER = 64 * 1024 * 1024;
 
 /**
  * Cuts byte extents (in order, contiguous from 0) into cluster runs. A cluster touched by two
@@ -242,6 +250,8 @@ export async function* nbdBatches(client: NbdClient, options: NbdBlockSourceOpti
   let open: Group | undefined;
   /** Groups holding a buffer, queued or open. */
   let buffered = 0;
+  let requested = 0;
+  let wantConnections = options.wantConnections;
   let planned = false;
 
   /** The live connection with the fewest read bytes outstanding (the list may have grown). */
@@ -273,6 +283,11 @@ export async function* nbdBatches(client: NbdClient, options: NbdBlockSourceOpti
     }
     const start = index * clusterSize;
     const length = Math.min(count * clusterSize, size - start);
+    requested += length;
+    if (wantConnections && requested >= SIBLINGS_AFTER) {
+      wantConnections();
+      wantConnections = undefined;
+    }
     const at = open.used;
     const buffer = open.buffer;
     const parts: Array<Promise<Array<[number, number]>>> = [];
@@ -289,30 +304,34 @@ export async function* nbdBatches(client: NbdClient, options: NbdBlockSourceOpti
     open.used += count * clusterSize;
   };
 
+  /** What is left of the run being planned (a long run is taken a buffer at a time). */
+  let rest: ClusterRun | undefined;
+
   /** Plans ahead until `maxReads` buffers are in use (or the plan ends). */
   const topUp = async (): Promise<void> => {
-    while (!planned && buffered < maxReads && queue.length < MAX_GROUPS_AHEAD) {
-      const next = await runs.next();
-      if (next.done) {
-        planned = true;
-        return;
-      }
-      const run = next.value;
-      if (run.kind !== 'read') {
-        for (let i = 0; i < run.count; i += maxRun) {
-          open ??= { items: [], buffer: undefined, used: 0 };
-          open.items.push({ index: run.index + i, count: Math.min(maxRun, run.count - i), kind: run.kind });
-          if (open.items.length >= MAX_GROUP_ITEMS) close();
+    while (buffered < maxReads && queue.length < MAX_GROUPS_AHEAD) {
+      let run = rest;
+      rest = undefined;
+      if (!run) {
+        if (planned) return;
+        const next = await runs.next();
+        if (next.done) {
+          planned = true;
+          return;
         }
-        continue;
+        run = next.value;
       }
-      for (let i = 0; i < run.count; ) {
-        const room = open?.buffer ? (READ_SIZE - open.used) / clusterSize : READ_SIZE / clusterSize;
-        const n = Math.min(room, run.count - i);
-        addRead(run.index + i, n);
-        i += n;
-        if (open!.used === READ_SIZE || open!.items.length >= MAX_GROUP_ITEMS) close();
+      let n: number;
+      if (run.kind === 'read') {
+        n = Math.min(open?.buffer ? (READ_SIZE - open.used) / clusterSize : READ_SIZE / clusterSize, run.count);
+        addRead(run.index, n);
+      } else {
+        n = Math.min(maxRun, run.count);
+        open ??= { items: [], buffer: undefined, used: 0 };
+        open.items.push({ index: run.index, count: n, kind: run.kind });
       }
+      if (open!.used === READ_SIZE || open!.items.length >= MAX_GROUP_ITEMS) close();
+      if (n < run.count) rest = { index: run.index + n, count: run.count - n, kind: run.kind };
     }
   };
 
@@ -321,6 +340,7 @@ export async function* nbdBatches(client: NbdClient, options: NbdBlockSourceOpti
       await topUp();
       // Nothing closed yet: the open group goes as it is rather than wait to fill.
       if (queue.length === 0) close();
+      if (queue.length === 0 && rest) continue;
       const group = queue.shift();
       if (!group) break;
       const blocks: Block[] = [];
@@ -414,9 +434,10 @@ export const DEFAULT_NBD_CONNECTIONS = 4;
 /**
  * Connects to `uri` for a conversion: negotiates `base:allocation` and, with `bitmap`, the dirty
  * bitmap's context, which the server must publish (NbdServerError otherwise). A declared `size`
- * must match the export's. When the server allows several connections, up to `connections`
- * (default 4) are opened in the background and reads spread over them as they come up; one
- * that cannot be made (a server limiting its clients) is simply not used.
+ * must match the export's. When the server allows several connections and the reads pass
+ * {@link SIBLINGS_AFTER} bytes, up to `connections` (default 4) are opened in the background and
+ * reads spread over them as they come up; one that cannot be made (a server limiting its
+ * clients) is simply not used.
  */
 export async function openNbdInput(
   uri: string,
@@ -439,12 +460,14 @@ export async function openNbdInput(
     throw inputSizeMismatch(options.size, client.size);
   }
   const connections: NbdClient[] = [client];
-  // Siblings connect while the first connection plans and reads: a server that admits fewer
-  // clients than it allows connections for leaves an attempt waiting, which close() cancels.
+  // Siblings connect once a job proves long (nbdBatches says when) while the first connection
+  // goes on reading: a server that admits fewer clients than it allows connections for leaves
+  // an attempt waiting, which close() cancels.
   const cancel = new AbortController();
   let closed = false;
   const connecting: Array<Promise<void>> = [];
-  if (client.flags & NBD_FLAG.CAN_MULTI_CONN) {
+  const openSiblings = (): void => {
+    if (closed || connecting.length > 0 || !(client.flags & NBD_FLAG.CAN_MULTI_CONN)) return;
     for (let i = 1; i < wanted; i++) {
       connecting.push(
         client.connectSibling({ signal: cancel.signal }).then(
@@ -456,8 +479,14 @@ export async function openNbdInput(
         ),
       );
     }
-  }
-  const sourceOptions = (clusterSize: number, pool: BufferPool | undefined): NbdBlockSourceOptions => ({ clusterSize, connections, ...(pool ? { pool } : {}), ...(dirtyContext === undefined ? {} : { dirtyContext }) });
+  };
+  const sourceOptions = (clusterSize: number, pool: BufferPool | undefined): NbdBlockSourceOptions => ({
+    clusterSize,
+    connections,
+    wantConnections: openSiblings,
+    ...(pool ? { pool } : {}),
+    ...(dirtyContext === undefined ? {} : { dirtyContext }),
+  });
   return {
     size: client.size,
     client,

@@ -291,26 +291,54 @@ test('nbdBatches with a dirty bitmap: scattered dirty clusters share one read bu
   await client.close();
 });
 
-test('convert from NBD over several connections (qemu-nbd allows 8): they come up in the background, equal to the served image', async (t) => {
+/**
+ * Reads an opened export through its batches; past `waitAt` bytes, waits (bounded polling)
+ * until `connections` connections are up, so that the siblings take part deterministically.
+ */
+async function readAll(input: Awaited<ReturnType<typeof openNbdInput>>, waitAt: number, connections: number): Promise<Buffer> {
+  const pool = new BufferPool();
+  const bytes = Buffer.alloc(input.size);
+  for await (const batch of input.batches(65536, pool)) {
+    for (const block of batch.blocks) {
+      if (block.count === undefined && !block.zero) bytes.set(block.data, block.index * 65536);
+      pool.release(block.data);
+    }
+    const last = batch.blocks[batch.blocks.length - 1];
+    if (last && last.index * 65536 >= waitAt) {
+      for (let i = 0; i < 500 && input.connections.length < connections; i++) await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+  return bytes;
+}
+
+test('convert from NBD over several connections (qemu-nbd allows 8): siblings join once the job proves long, equal to the served image', async (t) => {
   if (!needQemuNbd(t)) return;
   const dir = tempDir(t);
-  const raw = join(dir, 'mixed.raw');
-  writeRawImage(raw, 48 * MiB, mixedExtents(48 * MiB, 65536));
+  const raw = join(dir, 'data.raw');
+  writeRawImage(raw, 96 * MiB, [{ offset: 0, length: 96 * MiB, kind: 'random' }]);
   const server = await startQemuNbd(t, dir, raw, { format: 'raw' });
   const input = await openNbdInput(server.uri, {});
   t.after(() => input.close());
   assert.ok(input.client.flags & NBD_FLAG.CAN_MULTI_CONN);
-  // Siblings connect while the first connection works; wait for them (bounded: they either come or fail).
-  for (let i = 0; i < 500 && input.connections.length < 4; i++) await new Promise((r) => setTimeout(r, 10));
-  assert.equal(input.connections.length, 4);
-  const pool = new BufferPool();
-  const { bytes } = await assemble(input.batches(65536, pool), input.size, pool);
+  assert.equal(input.connections.length, 1, 'no sibling before the reads pass 64 MiB');
+  // Siblings start when 64 MiB are requested (the consumer, 16 MiB behind, is at 48): wait for them at 56.
+  const bytes = await readAll(input, 56 * MiB, 4);
   assert.ok(bytes.equals(readFileSync(raw)));
+  assert.equal(input.connections.length, 4);
   assert.ok(input.connections.every((c) => c.stats.reads > 0), `reads per connection: ${input.connections.map((c) => c.stats.reads)}`);
+  assert.equal(input.bytesRead, 96 * MiB);
   await input.close();
-  // Through convert, every layout reads the same way.
-  const summary = await convert({ input: server.uri, output: join(dir, 'out.qcow2'), sync: false });
-  assert.ok(summary.sourceBytesRead! > 0);
+
+  // A short job (under 64 MiB of reads) stays on one connection.
+  const small = join(dir, 'small.raw');
+  writeRawImage(small, 16 * MiB, mixedExtents(16 * MiB, 65536));
+  const smallServer = await startQemuNbd(t, dir, small, { format: 'raw' });
+  const short = await openNbdInput(smallServer.uri, {});
+  assert.ok((await readAll(short, Infinity, 1)).equals(readFileSync(small)));
+  assert.equal(short.connections.length, 1);
+  await short.close();
+  // Through convert.
+  await convert({ input: server.uri, output: join(dir, 'out.qcow2'), sync: false });
   compareWith(raw, 'raw', 'out.qcow2', dir);
 });
 
@@ -318,14 +346,38 @@ test('convert from NBD: a server that admits fewer clients than it allows connec
   if (!needQemuNbd(t)) return;
   const dir = tempDir(t);
   const raw = join(dir, 'r.raw');
-  writeRawImage(raw, 16 * MiB, mixedExtents(16 * MiB, 65536, 3));
+  writeRawImage(raw, 80 * MiB, [{ offset: 0, length: 80 * MiB, kind: 'random' }]);
   const server = await startQemuNbd(t, dir, raw, { format: 'raw', args: ['-e', '2'] });
   // Two of the three siblings wait for a greeting that never comes; with a 10-minute timeout,
   // only cancellation at close lets this finish (the runner's 5-minute limit fails it otherwise).
+  const input = await openNbdInput(server.uri, { nbd: { timeout: 600_000 } });
+  assert.ok((await readAll(input, 52 * MiB, 2)).equals(readFileSync(raw)));
+  assert.equal(input.connections.length, 2, 'the one sibling the server admits');
+  await input.close();
+  // The server is free again for the next client, and convert goes the same way.
   const summary = await convert({ input: server.uri, output: join(dir, 'out.qcow2'), sync: false, nbd: { timeout: 600_000 } });
-  assert.ok(summary.sourceBytesRead! > 0);
+  assert.equal(summary.sourceBytesRead, 80 * MiB);
   compareWith(raw, 'raw', 'out.qcow2', dir);
-  // The server is free again for the next client.
-  const again = await convert({ input: server.uri, output: join(dir, 'again.qcow2'), sync: false, nbd: { timeout: 600_000 } });
-  assert.equal(again.sourceBytesRead, summary.sourceBytesRead);
+});
+
+test('nbdBatches: a long data run is read a buffer at a time — 8 buffers ahead, not the whole run at once', async (t) => {
+  const dir = tempDir(t);
+  const disk = randomBytes(64 * MiB);
+  const server = await startFakeServer(t, dir, disk, { maxBlock: 4 * MiB });
+  const client = await NbdClient.connect(server.uri, { metaContexts: [BASE_ALLOCATION] });
+  t.after(() => client.close());
+  const batches = nbdBatches(client);
+  const first = await batches.next();
+  assert.equal(first.done, false);
+  // One run of 1024 clusters: the first buffer and 8 more at most were asked for (512 KiB requests).
+  assert.ok(client.stats.reads <= 9 * 4, `${client.stats.reads} requests issued after the first batch`);
+  const { bytes } = await assemble(
+    (async function* () {
+      yield first.value as BlockBatch;
+      yield* batches;
+    })(),
+    disk.length,
+  );
+  assert.ok(bytes.equals(disk));
+  assert.equal(client.stats.reads, 128);
 });
