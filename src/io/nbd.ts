@@ -20,6 +20,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { InvalidArgumentError, NbdConnectionError, NbdProtocolError, NbdServerError, Qcow2StreamError } from '../errors.js';
+import { allocIoBuffer } from './buffers.js';
 
 // ─── Protocol constants (proto.md) ───────────────────────────────────────────────────────────
 
@@ -112,6 +113,17 @@ export const MAX_READ_REQUEST = 32 * 1024 * 1024;
 const STATUS_WINDOW = 2 ** 30;
 /** Requests in flight at once on one connection. */
 const MAX_IN_FLIGHT = 64;
+/**
+ * The buffer a plain socket reads headers, small payloads and the first bytes of data into
+ * (Node's `onread`): reused, so receiving allocates nothing per read.
+ */
+const SCRATCH_SIZE = 64 * 1024;
+/**
+ * Read payloads with at least this much left are read by the socket straight into the
+ * caller's buffer; shorter tails go through the scratch buffer, which then also takes the
+ * next reply's header in the same read.
+ */
+const DIRECT_MIN = 32 * 1024;
 /** The default time without progress before a pending request fails. */
 export const DEFAULT_NBD_TIMEOUT = 30_000;
 
@@ -207,6 +219,8 @@ export interface NbdConnectOptions {
   tls?: NbdTlsOptions;
   /** Milliseconds without progress (connect, negotiation, a pending reply) before giving up. Default 30 s. */
   timeout?: number;
+  /** Cancels connecting and negotiating (an NbdConnectionError); a connected client is closed with close(). */
+  signal?: AbortSignal;
   /** Test hook: skip NBD_OPT_EXTENDED_HEADERS (a 32-bit-only client). @internal */
   noExtendedHeaders?: boolean;
 }
@@ -292,6 +306,9 @@ export class NbdClient {
   readonly stats: NbdStats = { reads: 0, dataBytes: 0, holeBytes: 0, blockStatusRequests: 0 };
 
   private stream!: Stream;
+  /** While the socket connects: gives up on it (cancellation). */
+  private abortOpen: ((error: Qcow2StreamError) => void) | undefined;
+  private pendingReadBytes = 0;
   private readonly timeout: number;
   private readonly pending = new Map<number, Pending>();
   /** Requests not sent yet because MAX_IN_FLIGHT are pending. */
@@ -318,7 +335,11 @@ export class NbdClient {
   private dataLeft = 0;
   private payload: Buffer | undefined;
   private payloadHave = 0;
-  private readonly onData = (chunk: Buffer) => this.receive(chunk);
+  /** Plain sockets read into these (Node's `onread`), never allocating per read; TLS sockets emit 'data'. */
+  private readonly scratch = allocIoBuffer(SCRATCH_SIZE);
+  /** The view of a read's target handed to the socket as its next read buffer, if any. */
+  private direct: Uint8Array | undefined;
+  private readonly onData = (chunk: Buffer) => this.receive(chunk, false);
   private readonly onError = (err: Error) => this.fail(new NbdConnectionError(`The NBD connection to ${this.address.uri} failed: ${err.message}`, { uri: this.address.uri, cause: err }));
   private readonly onClose = () => {
     if (!this.closing) this.fail(new NbdConnectionError(`The NBD server at ${this.address.uri} closed the connection`, { uri: this.address.uri }));
@@ -343,15 +364,49 @@ export class NbdClient {
     const address = typeof uri === 'string' ? parseNbdUri(uri) : uri;
     const client = new NbdClient(address, options);
     const tlsMaterial = address.tls ? client.loadTlsMaterial() : undefined;
-    await client.open();
+    const { signal } = options;
+    const cancelled = () => new NbdConnectionError(`Connecting to the NBD server at ${address.uri} was cancelled`, { uri: address.uri });
+    if (signal?.aborted) throw cancelled();
+    const onAbort = () => client.cancelConnect(cancelled());
+    signal?.addEventListener('abort', onAbort, { once: true });
     try {
+      await client.open();
       await client.negotiate(tlsMaterial);
     } catch (err) {
       client.closing = true;
-      client.stream.destroy();
+      client.stream?.destroy();
       throw client.failure ?? err;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
     }
     return client;
+  }
+
+  /**
+   * Another connection to the same export, for reads only (no meta contexts), with this one's
+   * TLS material and timeout: for servers that allow several (NBD_FLAG_CAN_MULTI_CONN), so
+   * reads can be spread over them. The server must describe the same export on it.
+   */
+  async connectSibling(options: { signal?: AbortSignal } = {}): Promise<NbdClient> {
+    const { metaContexts: _m, requiredContexts: _r, signal: _s, ...rest } = this.options;
+    const sibling = await NbdClient.connect(this.address, { ...rest, ...(options.signal ? { signal: options.signal } : {}) });
+    if (sibling.size !== this.size || sibling.structuredReplies !== this.structuredReplies || sibling.blockSize.minimum !== this.blockSize.minimum) {
+      await sibling.close();
+      throw this.protocol(`described the export differently on a second connection (${sibling.size} bytes, minimum block ${sibling.blockSize.minimum}; the first: ${this.size}, ${this.blockSize.minimum})`);
+    }
+    return sibling;
+  }
+
+  /** Bytes of read requests sent or queued and not answered yet (to spread reads over connections). */
+  get readBytesPending(): number {
+    return this.pendingReadBytes;
+  }
+
+  /** Aborts connecting or negotiating with `error` (NbdConnectOptions.signal). */
+  private cancelConnect(error: Qcow2StreamError): void {
+    if (!this.negotiating) return;
+    if (this.stream) return this.fail(error);
+    this.abortOpen?.(error);
   }
 
   /** The connection's error, if it has failed (later requests reject with it). */
@@ -449,9 +504,21 @@ export class NbdClient {
   private open(): Promise<void> {
     const net = process.getBuiltinModule('node:net');
     const { address } = this;
-    return new Promise((resolve, reject) => {
-      const socket = address.transport === 'unix' ? net.connect({ path: address.socket! }) : net.connect({ host: address.host!, port: address.port! });
+    return new Promise((resolve, reject_) => {
+      const reject = (error: Qcow2StreamError) => {
+        this.abortOpen = undefined;
+        reject_(error);
+      };
+      // Without TLS the socket reads into buffers we choose (see nextReadBuffer); a socket that
+      // STARTTLS wraps later keeps Node's own reads, which TLS needs (and 'data' events).
+      const onread = address.tls ? {} : { onread: { buffer: () => this.nextReadBuffer(), callback: (n: number, buf: Uint8Array) => this.onRead(n, buf) } };
+      const socket = address.transport === 'unix' ? net.connect({ path: address.socket!, ...onread }) : net.connect({ host: address.host!, port: address.port!, ...onread });
       const where = address.transport === 'unix' ? `socket ${address.socket}` : `${address.host}:${address.port}`;
+      this.abortOpen = (error) => {
+        clearTimeout(timer);
+        socket.destroy();
+        reject(error);
+      };
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new NbdConnectionError(`Cannot connect to the NBD server at ${address.uri}: no answer from ${where} in ${this.timeout / 1000} s`, { uri: address.uri }));
@@ -462,6 +529,7 @@ export class NbdClient {
       });
       socket.once('connect', () => {
         clearTimeout(timer);
+        this.abortOpen = undefined;
         socket.removeAllListeners('error');
         socket.setNoDelay(true);
         this.attach(socket as unknown as Stream);
@@ -712,6 +780,7 @@ export class NbdClient {
         reject,
       };
       if (extra.target) entry.target = extra.target;
+      if (type === CMD.READ) this.pendingReadBytes += length;
       // Past MAX_IN_FLIGHT (a server with a small maximum block size splits a 2 MiB read into
       // many), requests wait here and go out as earlier ones complete.
       if (this.pending.size >= MAX_IN_FLIGHT) this.waiting.push(entry);
@@ -724,10 +793,48 @@ export class NbdClient {
     this.stream.write(this.encodeRequest(entry.type, entry.cookie, entry.offset, entry.length));
   }
 
-  private receive(chunk: Buffer): void {
-    if (this.failure) return;
+  /**
+   * The socket's next read buffer (called after every read): the rest of the payload being
+   * received, in place in its target, when enough of it is left — so data lands where it
+   * belongs without a copy, in reads as large as the kernel has bytes for — else the scratch
+   * buffer. The view is within the target range claim() checked, so a server cannot make the
+   * socket write anywhere else.
+   */
+  private nextReadBuffer(): Uint8Array {
+    if (this.state === 'data' && this.dataLeft >= DIRECT_MIN && !this.failure && !this.closing) {
+      this.direct = this.current!.target!.subarray(this.dataAt, this.dataAt + this.dataLeft);
+      return this.direct;
+    }
+    this.direct = undefined;
+    return this.scratch;
+  }
+
+  /** `onread`'s callback: `nread` bytes arrived in `buffer`, the last one nextReadBuffer gave. */
+  private onRead(nread: number, buffer: Uint8Array): boolean {
+    if (buffer !== this.direct) {
+      this.receive(this.scratch.subarray(0, nread), true);
+      return true;
+    }
+    this.direct = undefined;
+    if (this.failure || this.closing) return true;
+    this.dataAt += nread;
+    this.dataLeft -= nread;
+    this.stats.dataBytes += nread;
+    if (this.dataLeft === 0) {
+      try {
+        this.endChunk();
+      } catch (err) {
+        this.fail(err instanceof Qcow2StreamError ? err : this.protocol(String(err)));
+      }
+    }
+    return true;
+  }
+
+  /** Bytes from the socket; `reused` when `chunk` is the scratch buffer, which the next read overwrites. */
+  private receive(chunk: Buffer, reused: boolean): void {
+    if (this.failure || this.closing) return;
     if (this.negotiating) {
-      this.queue.push(chunk);
+      this.queue.push(reused ? Buffer.from(chunk) : chunk);
       this.queued += chunk.length;
       if (this.queued > MAX_OPTION_REPLY + 64 && this.queue.length > 1) {
         // Flattened so need() never concatenates an unbounded list; a flood fails at the bound.
@@ -940,6 +1047,7 @@ export class NbdClient {
     if (!(this.chunkFlags & REPLY_FLAG_DONE)) return;
     this.current = undefined;
     this.pending.delete(req.cookie);
+    if (req.type === CMD.READ) this.pendingReadBytes -= req.length;
     const next = this.waiting.shift();
     if (next) this.send(next);
     if (req.failure) return req.reject(req.failure);
@@ -1007,6 +1115,7 @@ export class NbdClient {
   private failAll(error: Qcow2StreamError): void {
     const pending = [...this.pending.values(), ...this.waiting.splice(0)];
     this.pending.clear();
+    this.pendingReadBytes = 0;
     for (const req of pending) req.reject(error);
   }
 }

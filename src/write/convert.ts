@@ -355,11 +355,10 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
       const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
       let batches: AsyncIterable<BlockBatch>;
       if (nbd) {
-        // A source of single Blocks: batched here. A server can stall (up to the client's
-        // timeout): race each Block against the signal.
-        let blocks: AsyncIterable<Block> = nbd.blocks(settings.clusterSize, pool);
-        if (signal) blocks = abortable(blocks, signal);
-        batches = toBatches(blocks, sourceOptions);
+        // One batch per read buffer. A server can stall (up to the client's timeout): race
+        // each batch against the signal.
+        batches = nbd.batches(settings.clusterSize, pool);
+        if (signal) batches = abortable(batches, signal);
       } else if (image) {
         // Ranges no layer holds data for come as zero runs, never read.
         batches = toBatches(imageBlocks(image, { clusterSize: settings.clusterSize, ...(pool ? { pool } : {}) }), sourceOptions);

@@ -155,8 +155,12 @@ export interface FakeBehaviour {
   noStructured?: boolean;
   /** Called for every option; return true when the hook answered it. */
   onOption?: (socket: Socket, option: number, data: Buffer) => boolean;
-  /** Called for every command; return true when the hook answered it (or chose silence). */
-  onCommand?: (socket: Socket, command: Command) => boolean;
+  /** Called for every command (`connection` counts from 1); return true when the hook answered it (or chose silence). */
+  onCommand?: (socket: Socket, command: Command, connection: number) => boolean;
+  /** Transmission flags announced (default HAS_FLAGS | READ_ONLY; add 256 for CAN_MULTI_CONN). */
+  flags?: number;
+  /** The export size announced on the nth connection (default: the disk's). */
+  size?: (connection: number) => number;
 }
 
 export interface Command {
@@ -173,6 +177,8 @@ export interface FakeServer {
   connections: number;
   /** NBD_CMD_DISC requests received so far. */
   disconnects: number;
+  /** Read commands received, per connection (index 0 is the first connection). */
+  reads: number[];
   close(): Promise<void>;
 }
 
@@ -212,13 +218,14 @@ export { u16, u32, u64 };
 export async function startFakeServer(t: TestContext, dir: string, disk: Buffer, behaviour: FakeBehaviour = {}): Promise<FakeServer> {
   const path = join(dir, `fake-${Math.random().toString(36).slice(2)}.sock`);
   const sockets = new Set<Socket>();
-  const state = { connections: 0, disconnects: 0 };
+  const state = { connections: 0, disconnects: 0, reads: [] as number[] };
   const server: Server = createServer((socket) => {
-    state.connections++;
+    const connection = ++state.connections;
+    state.reads.push(0);
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
     socket.on('error', () => {});
-    serve(socket, disk, behaviour, state);
+    serve(socket, disk, behaviour, state, connection);
   });
   await new Promise<void>((resolve) => server.listen(path, resolve));
   const close = async () => {
@@ -234,11 +241,12 @@ export async function startFakeServer(t: TestContext, dir: string, disk: Buffer,
     get disconnects() {
       return state.disconnects;
     },
+    reads: state.reads,
     close,
   };
 }
 
-function serve(socket: Socket, disk: Buffer, behaviour: FakeBehaviour, state: { disconnects: number }): void {
+function serve(socket: Socket, disk: Buffer, behaviour: FakeBehaviour, state: { disconnects: number; reads: number[] }, connection: number): void {
   let buffered = Buffer.alloc(0);
   let phase: 'flags' | 'options' | 'transmission' = 'flags';
   let structured = false;
@@ -283,7 +291,7 @@ function serve(socket: Socket, disk: Buffer, behaviour: FakeBehaviour, state: { 
           }
           socket.write(optionReply(option, 1));
         } else if (option === 7) {
-          socket.write(optionReply(option, 3, Buffer.concat([u16(0), u64(disk.length), u16(1 | 2)])));
+          socket.write(optionReply(option, 3, Buffer.concat([u16(0), u64(behaviour.size?.(connection) ?? disk.length), u16(behaviour.flags ?? 1 | 2)])));
           socket.write(optionReply(option, 3, Buffer.concat([u16(3), u32(1), u32(4096), u32(behaviour.maxBlock ?? 1024 * 1024)])));
           socket.write(optionReply(option, 1));
           phase = 'transmission';
@@ -306,7 +314,8 @@ function serve(socket: Socket, disk: Buffer, behaviour: FakeBehaviour, state: { 
           socket.end();
           return;
         }
-        if (behaviour.onCommand?.(socket, command)) continue;
+        if (command.type === 0) state.reads[connection - 1]!++;
+        if (behaviour.onCommand?.(socket, command, connection)) continue;
         answer(socket, command, disk, structured, contexts);
       }
     }

@@ -128,6 +128,13 @@ test('NBD TLS: STARTTLS against qemu-nbd with x509 certificates (client certific
   await client.read(0, MiB, buffer);
   assert.ok(buffer.equals(bytes));
   assert.ok(client.contexts.has(BASE_ALLOCATION));
+  // A sibling connection (several readers) negotiates TLS the same way.
+  const sibling = await client.connectSibling();
+  assert.equal(sibling.tls, true);
+  const again = Buffer.alloc(MiB);
+  await sibling.read(0, MiB, again);
+  assert.ok(again.equals(bytes));
+  await sibling.close();
   await client.close();
 
   // Files given one by one, over a Unix socket (the certificate's name is then localhost).
@@ -267,4 +274,138 @@ test('hostile NBD servers: error chunks, stalls and a vanished server → typed 
   // Nobody listening.
   const nobody = 'nbd+unix:///?socket=' + encodeURIComponent(join(dir, 'none.sock'));
   await assert.rejects(NbdClient.connect(nobody), (err: unknown) => err instanceof NbdConnectionError && err.uri === nobody && err.message.includes(nobody));
+});
+
+/** Writes `bytes` in pieces of the given sizes (cycled), each in its own turn of the event loop. */
+function writeInPieces(socket: import('node:net').Socket, bytes: Buffer, sizes: number[]): Promise<void> {
+  return new Promise((resolve) => {
+    let at = 0;
+    let i = 0;
+    const next = () => {
+      if (at >= bytes.length) return resolve();
+      const n = sizes[i++ % sizes.length]!;
+      socket.write(bytes.subarray(at, at + n));
+      at += n;
+      setImmediate(next);
+    };
+    next();
+  });
+}
+
+test('NBD client: replies arriving in odd pieces land in place (scratch and in-place reads), nothing outside the target', async (t) => {
+  const dir = tempDir(t);
+  const disk = randomBytes(4 * MiB);
+  // Replies one after another (two reads are pending at once), each cut into pieces from 1 byte
+  // to 100 KB: headers split across reads, data starting in the scratch buffer and going on in place.
+  let queue = Promise.resolve();
+  const server = await startFakeServer(t, dir, disk, {
+    maxBlock: 4 * MiB,
+    onCommand: (s, c) => {
+      if (c.type !== 0) return false;
+      const half = c.length / 2;
+      // Two data chunks per read, the second half first.
+      const reply = Buffer.concat([
+        chunk(c, 0, 1, Buffer.concat([u64(c.offset + half), disk.subarray(c.offset + half, c.offset + c.length)])),
+        chunk(c, 1, 1, Buffer.concat([u64(c.offset), disk.subarray(c.offset, c.offset + half)])),
+      ]);
+      queue = queue.then(() => writeInPieces(s, reply, [1, 3, 20, 7, 4096, 100_000, 33_000, 65_536, 31_999, 250_000]));
+      return true;
+    },
+  });
+  const client = await NbdClient.connect(server.uri);
+  const target = Buffer.alloc(4 * MiB + 8192, 0xee);
+  await Promise.all([client.read(0, 2 * MiB, target, 4096), client.read(2 * MiB, 2 * MiB, target, 4096 + 2 * MiB)]);
+  assert.ok(target.subarray(4096, 4096 + 4 * MiB).equals(disk));
+  assert.ok(target.subarray(0, 4096).every((b) => b === 0xee) && target.subarray(4096 + 4 * MiB).every((b) => b === 0xee));
+  assert.equal(client.stats.dataBytes, 4 * MiB);
+  // Small reads (under the in-place threshold) through the same connection.
+  const small = Buffer.alloc(1000);
+  await client.read(12345, 1000, small);
+  assert.ok(small.equals(disk.subarray(12345, 13345)));
+  await client.close();
+});
+
+test('hostile NBD servers through the in-place receive path: more bytes than announced, oversized chunks → typed errors, the target\'s neighbours untouched, bounded memory', async (t) => {
+  const dir = tempDir(t);
+  const disk = Buffer.alloc(4 * MiB, 1);
+  const read = async (behaviour: FakeBehaviour): Promise<{ error: unknown; target: Buffer }> => {
+    const server = await startFakeServer(t, dir, disk, { maxBlock: 4 * MiB, ...behaviour });
+    const client = await NbdClient.connect(server.uri, { timeout: 5000 });
+    const target = Buffer.alloc(MiB + 8192, 0xee);
+    const before = process.memoryUsage().arrayBuffers;
+    const error = await client.read(0, MiB, target, 4096).then(
+      () => undefined,
+      (err: unknown) => err,
+    );
+    assert.ok(process.memoryUsage().arrayBuffers - before < 32 * MiB, 'bounded memory');
+    await client.close();
+    return { error, target };
+  };
+  const guardsIntact = (target: Buffer) => target.subarray(0, 4096).every((b) => b === 0xee) && target.subarray(4096 + MiB).every((b) => b === 0xee);
+
+  // The whole read as one chunk, then 256 KiB nobody announced (read as the next header).
+  const extra = await read({ onCommand: (s, c) => (s.write(Buffer.concat([chunk(c, 0, 1, Buffer.concat([u64(c.offset), Buffer.alloc(c.length, 0x41)])), Buffer.alloc(256 * 1024, 0x41)])), true) });
+  assert.ok(protocolError(/bad magic 0x41414141/)(extra.error));
+  assert.ok(guardsIntact(extra.target), 'nothing landed outside the target range');
+  // A chunk announcing one byte more than the read, followed by that many bytes: refused before any lands.
+  const over = await read({ onCommand: (s, c) => (s.write(chunk(c, 1, 1, Buffer.concat([u64(c.offset), Buffer.alloc(c.length + 1, 0x42)]))), true) });
+  assert.ok(protocolError(/data chunk of 1048585 bytes for a read of 1048576/)(over.error));
+  assert.ok(over.target.every((b) => b === 0xee), 'no byte of a refused chunk was stored');
+  // A chunk claiming 2 GiB, then a stream of bytes.
+  const huge = await read({ onCommand: (s, c) => (s.write(Buffer.concat([chunk(c, 1, 1, Buffer.alloc(0), 2 ** 31), Buffer.alloc(MiB, 0x43)])), true) });
+  assert.ok(protocolError(/data chunk of 2147483648 bytes/)(huge.error));
+  assert.ok(huge.target.every((b) => b === 0xee));
+  // A chunk placed past the end of the read (its data would run off the target).
+  const past = await read({ onCommand: (s, c) => (s.write(chunk(c, 1, 1, Buffer.concat([u64(c.offset + 4096), Buffer.alloc(c.length, 0x44)]))), true) });
+  assert.ok(protocolError(/data chunk \[4096, \+1048576\) outside the read/)(past.error));
+  assert.ok(past.target.every((b) => b === 0xee));
+});
+
+test('NBD connect: cancelled by its signal, before or during negotiation (typed, no hang)', async (t) => {
+  const dir = tempDir(t);
+  let sawOption!: () => void;
+  const optionSeen = new Promise<void>((resolve) => (sawOption = resolve));
+  // A server that takes options and never answers: only the signal can end the attempt (the timeout is 10 min).
+  const mute = await startFakeServer(t, dir, Buffer.alloc(65536), {
+    onOption: () => {
+      sawOption();
+      return true;
+    },
+  });
+  const controller = new AbortController();
+  const connecting = NbdClient.connect(mute.uri, { signal: controller.signal, timeout: 600_000 });
+  await optionSeen;
+  controller.abort();
+  await assert.rejects(connecting, (err: unknown) => err instanceof NbdConnectionError && /was cancelled/.test(err.message) && err.uri === mute.uri);
+  // Already aborted: refused before connecting.
+  const before = mute.connections;
+  await assert.rejects(NbdClient.connect(mute.uri, { signal: controller.signal }), (err: unknown) => err instanceof NbdConnectionError && /was cancelled/.test(err.message));
+  assert.equal(mute.connections, before);
+  // Aborted while the socket connects (the server has not accepted it yet).
+  const early = new AbortController();
+  const attempt = NbdClient.connect(mute.uri, { signal: early.signal, timeout: 600_000 });
+  early.abort();
+  await assert.rejects(attempt, (err: unknown) => err instanceof NbdConnectionError && /was cancelled/.test(err.message));
+});
+
+test('NBD connectSibling: a second connection with the first one\'s options, and a server that describes the export differently on it', async (t) => {
+  const dir = tempDir(t);
+  const disk = randomBytes(MiB);
+  const server = await startFakeServer(t, dir, disk, { flags: 1 | 2 | 256 });
+  const client = await NbdClient.connect(server.uri, { metaContexts: [BASE_ALLOCATION] });
+  assert.ok(client.flags & 256, 'CAN_MULTI_CONN');
+  const sibling = await client.connectSibling();
+  assert.equal(sibling.size, client.size);
+  assert.equal(sibling.contexts.size, 0, 'a sibling only reads');
+  const buffer = Buffer.alloc(MiB);
+  await sibling.read(0, MiB, buffer);
+  assert.ok(buffer.equals(disk));
+  assert.deepEqual(server.reads, [0, 1]);
+  await sibling.close();
+  await client.close();
+
+  const liar = await startFakeServer(t, dir, disk, { flags: 1 | 2 | 256, size: (n) => (n === 1 ? disk.length : disk.length / 2) });
+  const first = await NbdClient.connect(liar.uri);
+  await assert.rejects(first.connectSibling(), protocolError(/described the export differently on a second connection \(524288 bytes/));
+  await first.close();
 });

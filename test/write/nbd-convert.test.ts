@@ -3,7 +3,10 @@ import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { convert } from '../../src/write/convert.js';
-import { ClusterSweep } from '../../src/write/nbd-source.js';
+import { ClusterSweep, nbdBatches, openNbdInput } from '../../src/write/nbd-source.js';
+import { NbdClient, BASE_ALLOCATION, NBD_FLAG } from '../../src/io/nbd.js';
+import { BufferPool } from '../../src/write/sources.js';
+import type { Block, BlockBatch } from '../../src/block.js';
 import { InvalidArgumentError, NbdConnectionError, NbdServerError } from '../../src/errors.js';
 import { runCli } from '../helpers/cli.js';
 import { mixedExtents, writeRawImage } from '../helpers/images.js';
@@ -228,4 +231,153 @@ test('convert from NBD: a server killed mid-transfer → NbdConnectionError and 
   );
   assert.ok(killed);
   assert.deepEqual(readdirSync(dir).sort(), before);
+});
+
+/** The guest bytes a stream of batches describes (zero runs and missing clusters read as zeros), releasing pooled views. */
+async function assemble(batches: AsyncIterable<BlockBatch>, size: number, pool?: BufferPool): Promise<{ bytes: Buffer; batches: BlockBatch[]; blocks: Block[] }> {
+  const bytes = Buffer.alloc(size);
+  const seen: BlockBatch[] = [];
+  const blocks: Block[] = [];
+  for await (const batch of batches) {
+    seen.push(batch);
+    for (const block of batch.blocks) {
+      blocks.push(block);
+      if (block.count === undefined && !block.zero) bytes.set(block.data, block.index * batch.clusterSize);
+      pool?.release(block.data);
+    }
+  }
+  return { bytes, batches: seen, blocks };
+}
+
+test('nbdBatches over several connections: requests go to the least loaded, the bytes are the export\'s', async (t) => {
+  const dir = tempDir(t);
+  // 6 MiB: random, 1 MiB of zeros (block status says zero: never read), random.
+  const disk = Buffer.concat([randomBytes(3 * MiB), Buffer.alloc(MiB), randomBytes(2 * MiB)]);
+  const server = await startFakeServer(t, dir, disk, { flags: 1 | 2 | 256, maxBlock: 4 * MiB });
+  const client = await NbdClient.connect(server.uri, { metaContexts: [BASE_ALLOCATION] });
+  const siblings = await Promise.all([client.connectSibling(), client.connectSibling(), client.connectSibling()]);
+  const connections = [client, ...siblings];
+  const pool = new BufferPool();
+  const { bytes, batches } = await assemble(nbdBatches(client, { connections, pool }), disk.length, pool);
+  assert.ok(bytes.equals(disk));
+  assert.equal(batches[batches.length - 1]!.inputEnd, disk.length);
+  // 5 MiB of data in 512 KiB requests, all issued at once: spread over the four connections.
+  assert.equal(server.reads.reduce((a, b) => a + b, 0), 10);
+  assert.ok(server.reads.every((n) => n > 0), `reads per connection: ${server.reads}`);
+  assert.equal(connections.reduce((n, c) => n + c.stats.dataBytes, 0), 5 * MiB);
+  await Promise.all(connections.map((c) => c.close()));
+});
+
+test('nbdBatches with a dirty bitmap: scattered dirty clusters share one read buffer, clean ones are runs', async (t) => {
+  const dir = tempDir(t);
+  const disk = randomBytes(4 * MiB);
+  // The fake's b0 marks every other 64 KiB block dirty: 32 of the 64 clusters.
+  const server = await startFakeServer(t, dir, disk);
+  const client = await NbdClient.connect(server.uri, { metaContexts: [BASE_ALLOCATION, 'qemu:dirty-bitmap:b0'] });
+  const { blocks, batches } = await assemble(nbdBatches(client, { dirtyContext: 'qemu:dirty-bitmap:b0' }), disk.length);
+  const data = blocks.filter((b) => !b.sameAsBase);
+  assert.deepEqual(
+    data.map((b) => b.index),
+    Array.from({ length: 32 }, (_, i) => 2 * i),
+  );
+  assert.ok(data.every((b) => Buffer.from(b.data).equals(disk.subarray(b.index * 65536, (b.index + 1) * 65536))));
+  assert.equal(new Set(data.map((b) => b.data.buffer)).size, 1, 'the 32 dirty clusters were read into one buffer');
+  assert.deepEqual(
+    blocks.filter((b) => b.sameAsBase).map((b) => [b.index, b.count]),
+    Array.from({ length: 32 }, (_, i) => [2 * i + 1, 1]),
+  );
+  assert.equal(batches.filter((b) => b.blocks.some((x) => !x.sameAsBase)).length, 1, 'one batch for the one buffer');
+  assert.equal(client.stats.dataBytes, 2 * MiB);
+  await client.close();
+});
+
+/**
+ * Reads an opened export through its batches; past `waitAt` bytes, waits (bounded polling)
+ * until `connections` connections are up, so that the siblings take part deterministically.
+ */
+async function readAll(input: Awaited<ReturnType<typeof openNbdInput>>, waitAt: number, connections: number): Promise<Buffer> {
+  const pool = new BufferPool();
+  const bytes = Buffer.alloc(input.size);
+  for await (const batch of input.batches(65536, pool)) {
+    for (const block of batch.blocks) {
+      if (block.count === undefined && !block.zero) bytes.set(block.data, block.index * 65536);
+      pool.release(block.data);
+    }
+    const last = batch.blocks[batch.blocks.length - 1];
+    if (last && last.index * 65536 >= waitAt) {
+      for (let i = 0; i < 500 && input.connections.length < connections; i++) await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+  return bytes;
+}
+
+test('convert from NBD over several connections (qemu-nbd allows 8): siblings join once the job proves long, equal to the served image', async (t) => {
+  if (!needQemuNbd(t)) return;
+  const dir = tempDir(t);
+  const raw = join(dir, 'data.raw');
+  writeRawImage(raw, 96 * MiB, [{ offset: 0, length: 96 * MiB, kind: 'random' }]);
+  const server = await startQemuNbd(t, dir, raw, { format: 'raw' });
+  const input = await openNbdInput(server.uri, {});
+  t.after(() => input.close());
+  assert.ok(input.client.flags & NBD_FLAG.CAN_MULTI_CONN);
+  assert.equal(input.connections.length, 1, 'no sibling before the reads pass 64 MiB');
+  // Siblings start when 64 MiB are requested (the consumer, 16 MiB behind, is at 48): wait for them at 56.
+  const bytes = await readAll(input, 56 * MiB, 4);
+  assert.ok(bytes.equals(readFileSync(raw)));
+  assert.equal(input.connections.length, 4);
+  assert.ok(input.connections.every((c) => c.stats.reads > 0), `reads per connection: ${input.connections.map((c) => c.stats.reads)}`);
+  assert.equal(input.bytesRead, 96 * MiB);
+  await input.close();
+
+  // A short job (under 64 MiB of reads) stays on one connection.
+  const small = join(dir, 'small.raw');
+  writeRawImage(small, 16 * MiB, mixedExtents(16 * MiB, 65536));
+  const smallServer = await startQemuNbd(t, dir, small, { format: 'raw' });
+  const short = await openNbdInput(smallServer.uri, {});
+  assert.ok((await readAll(short, Infinity, 1)).equals(readFileSync(small)));
+  assert.equal(short.connections.length, 1);
+  await short.close();
+  // Through convert.
+  await convert({ input: server.uri, output: join(dir, 'out.qcow2'), sync: false });
+  compareWith(raw, 'raw', 'out.qcow2', dir);
+});
+
+test('convert from NBD: a server that admits fewer clients than it allows connections for (qemu-nbd -e 2) — the extra attempts are cancelled, not waited for', async (t) => {
+  if (!needQemuNbd(t)) return;
+  const dir = tempDir(t);
+  const raw = join(dir, 'r.raw');
+  writeRawImage(raw, 80 * MiB, [{ offset: 0, length: 80 * MiB, kind: 'random' }]);
+  const server = await startQemuNbd(t, dir, raw, { format: 'raw', args: ['-e', '2'] });
+  // Two of the three siblings wait for a greeting that never comes; with a 10-minute timeout,
+  // only cancellation at close lets this finish (the runner's 5-minute limit fails it otherwise).
+  const input = await openNbdInput(server.uri, { nbd: { timeout: 600_000 } });
+  assert.ok((await readAll(input, 52 * MiB, 2)).equals(readFileSync(raw)));
+  assert.equal(input.connections.length, 2, 'the one sibling the server admits');
+  await input.close();
+  // The server is free again for the next client, and convert goes the same way.
+  const summary = await convert({ input: server.uri, output: join(dir, 'out.qcow2'), sync: false, nbd: { timeout: 600_000 } });
+  assert.equal(summary.sourceBytesRead, 80 * MiB);
+  compareWith(raw, 'raw', 'out.qcow2', dir);
+});
+
+test('nbdBatches: a long data run is read a buffer at a time — 8 buffers ahead, not the whole run at once', async (t) => {
+  const dir = tempDir(t);
+  const disk = randomBytes(64 * MiB);
+  const server = await startFakeServer(t, dir, disk, { maxBlock: 4 * MiB });
+  const client = await NbdClient.connect(server.uri, { metaContexts: [BASE_ALLOCATION] });
+  t.after(() => client.close());
+  const batches = nbdBatches(client);
+  const first = await batches.next();
+  assert.equal(first.done, false);
+  // One run of 1024 clusters: the first buffer and 8 more at most were asked for (512 KiB requests).
+  assert.ok(client.stats.reads <= 9 * 4, `${client.stats.reads} requests issued after the first batch`);
+  const { bytes } = await assemble(
+    (async function* () {
+      yield first.value as BlockBatch;
+      yield* batches;
+    })(),
+    disk.length,
+  );
+  assert.ok(bytes.equals(disk));
+  assert.equal(client.stats.reads, 128);
 });
