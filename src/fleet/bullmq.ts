@@ -52,7 +52,7 @@ export function redisConnection(url: string): ConnectionOptions {
   try {
     parsed = new URL(url);
   } catch {
-    throw new JobError(`'${redactUrl(url)}' is not a redis:// URL`, { hint: 'e.g. --connection redis://127.0.0.1:6379' });
+    throw new JobError(`'${redactUrl(url)}' is not a redis:// URL`, { hint: "e.g. --connection redis://127.0.0.1:6379 (API: connection: 'redis://127.0.0.1:6379')" });
   }
   if (parsed.protocol !== 'redis:' && parsed.protocol !== 'rediss:') throw new JobError(`'${redactUrl(url)}' is not a redis:// URL`);
   const db = parsed.pathname.length > 1 ? Number(parsed.pathname.slice(1)) : 0;
@@ -209,7 +209,7 @@ export async function enqueue(queue: Queue, argv: readonly string[], options: En
 
 async function describeExisting(job: Job, payload: JobPayload): Promise<EnqueueResult> {
   if (!isDeepStrictEqual(job.data, payload)) {
-    throw new JobError(`The job id '${job.id}' is already used for another command line`, { hint: 'Use a new --id, or the same command line' });
+    throw new JobError(`The job id '${job.id}' is already used for another command line`, { hint: 'Use a new --id (API: enqueue(queue, args, { id })), or the same command line' });
   }
   const state = await job.getState();
   return { id: job.id!, existing: true, state, ...(state === 'completed' ? { result: job.returnvalue as JobResult } : {}) };

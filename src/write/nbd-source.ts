@@ -194,7 +194,7 @@ export async function* nbdBlocks(client: NbdClient, options: NbdBlockSourceOptio
   }
   if (client.blockSize.minimum > clusterSize) {
     throw new InvalidArgumentError(`The NBD server at ${client.address.uri} reads in blocks of at least ${client.blockSize.minimum} bytes, more than the ${clusterSize}-byte clusters`, {
-      hint: `Convert with --cluster-size ${client.blockSize.minimum} or more`,
+      hint: `Convert with --cluster-size ${client.blockSize.minimum} (API: clusterSize: ${client.blockSize.minimum}) or more`,
     });
   }
   const { pool } = options;
