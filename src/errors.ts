@@ -433,7 +433,11 @@ export function fileError(err: unknown, action: string, path: string): Qcow2Stre
  */
 export function streamError(err: unknown, stream: string, action = 'read'): Qcow2StreamError {
   if (err instanceof Qcow2StreamError) return err;
-  if (isAbortError(err)) return new AbortedError('The operation was aborted', { cause: err });
+  if (isAbortError(err)) {
+    // Node's AbortError keeps the signal's reason as its cause: when that is ours (Ctrl-C in the CLI), it is the error.
+    const reason = (err as { cause?: unknown }).cause;
+    return reason instanceof AbortedError ? reason : new AbortedError('The operation was aborted', { cause: err });
+  }
   const { systemCode } = systemErrorFacts(err);
   const detail = err instanceof Error ? err.message : String(err);
   return new StreamError(`Cannot ${action} the ${stream} stream: ${detail}`, stream, systemCode === undefined ? { cause: err } : { cause: err, systemCode });

@@ -13,7 +13,7 @@ import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { openImage } from '../../src/read/image.js';
 import { EXPORT_CHUNK, exportStream, exportToFile } from '../../src/read/export.js';
-import { isQcow2StreamError, type ErrorCode, type FileError } from '../../src/errors.js';
+import { isQcow2StreamError, type ErrorCode, type FileError, type StreamError } from '../../src/errors.js';
 import { needQemu, tempDir } from '../helpers/qemu.js';
 import { img, io, qemuRaw } from '../read/fixtures.js';
 import { countReads, errnoError, failOn } from './faults.js';
@@ -157,7 +157,9 @@ test('a failing Writable target: the export rejects with its error wrapped, noth
       callback(++writes === 2 ? errnoError('EIO', 'write') : null);
     },
   });
-  await rejectsWith(exportToFile(image, target), 'QCOW_ERR_FILE', /input\/output error/);
+  // A Writable is a stream of the caller's, not a named file: a StreamError with the OS error's name.
+  const err = await rejectsWith(exportToFile(image, target), 'QCOW_ERR_STREAM', /^Cannot write to the raw image stream: EIO/);
+  assert.equal((err as StreamError).systemCode, 'EIO');
   await image.close();
   assert.deepEqual(leakedSince(before), []);
 });
