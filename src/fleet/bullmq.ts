@@ -18,7 +18,8 @@ import { createRequire } from 'node:module';
 import { isDeepStrictEqual } from 'node:util';
 import type * as BullMQ from 'bullmq';
 import type { ConnectionOptions, Job, Queue, Worker } from 'bullmq';
-import { AbortedError, JobError, MissingDependencyError } from '../errors.js';
+import { AbortedError, InvalidArgumentError, JobError, MissingDependencyError } from '../errors.js';
+import { describeValue } from '../internal/arguments.js';
 import { errorCode, isRetryable, parseJob, runJob, type JobPayload, type JobPolicy, type JobProgress, type JobResult } from './job.js';
 
 /** The queue name when none is given. */
@@ -48,6 +49,7 @@ export function loadBullMQ(): typeof BullMQ {
  * The password stays in the options; messages show the URL without it ({@link redactUrl}).
  */
 export function redisConnection(url: string): ConnectionOptions {
+  if (typeof url !== 'string') throw new InvalidArgumentError(`A Redis connection is a redis:// URL or BullMQ connection options, not ${describeValue(url)}`);
   let parsed: URL;
   try {
     parsed = new URL(url);

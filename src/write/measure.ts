@@ -17,7 +17,7 @@
 
 import type { Block } from '../block.js';
 import { InvalidArgumentError } from '../errors.js';
-import { describeValue } from '../internal/arguments.js';
+import { checkOptionsObject, describeValue } from '../internal/arguments.js';
 import { checkVirtualSize, imageGeometry, planMetadata, roundUpToSector } from '../format/index.js';
 import { zeroDetect } from '../../transforms/zero-detect.js';
 import { checkCompressionType, type CompressionType } from './compress.js';
@@ -84,6 +84,8 @@ export interface MeasureResult extends FileMeasure {
 
 /** Measures the space a conversion with these options needs; writes nothing. */
 export async function measure(options: MeasureOptions): Promise<MeasureResult> {
+  checkOptionsObject(options, 'measure()');
+  if (options.size !== undefined && typeof options.size !== 'number') throw new InvalidArgumentError(`measure(): size must be a number, not ${describeValue(options.size)}`);
   const layout = options.layout ?? 'external';
   if (layout !== 'external' && layout !== 'internal') throw new InvalidArgumentError(`Unknown layout ${describeValue(layout)}: use 'external' or 'internal'`);
   if ((options.input === undefined) === (options.size === undefined)) throw new InvalidArgumentError('measure needs an input image or a size (one of them)');
@@ -105,7 +107,7 @@ export async function measure(options: MeasureOptions): Promise<MeasureResult> {
   try {
     if (input && !input.target.positional) throw new InvalidArgumentError(`measure reads a regular file; '${input.name}' is not one`);
     const size = roundUpToSector(input ? input.size! : options.size!);
-    if (!Number.isSafeInteger(size) || size < 0) throw new InvalidArgumentError(`Invalid size ${options.size}`);
+    if (!Number.isSafeInteger(size) || size < 0) throw new InvalidArgumentError(`Invalid size ${describeValue(options.size)}`);
     checkVirtualSize(size, clusterBits);
     const geometry = imageGeometry(size, clusterBits);
     const full = planMetadata({ geometry, refcountOrder, l2Tables: geometry.l1Size });

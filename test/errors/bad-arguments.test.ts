@@ -12,18 +12,22 @@ import { PassThrough } from 'node:stream';
 import {
   checkImage,
   clusterizeBatches,
+  compareImages,
   convert,
   createConvertStream,
   createExportStream,
   exportStream,
   exportToFile,
   isQcow2StreamError,
+  mapImage,
+  measure,
   openDisk,
   openImage,
   readImageInfo,
   writeInternal,
   type ErrorCode,
 } from '../../src/index.js';
+import { redisConnection } from '../../src/fleet/index.js';
 import { writeRawImage } from '../helpers/images.js';
 import { tempDir } from '../helpers/qemu.js';
 
@@ -66,6 +70,12 @@ test('convert() and createConvertStream(): wrong types are InvalidArgumentErrors
   assert.deepEqual(readdirSync(dir), ['disk.raw'], 'nothing was created');
 });
 
+test('measure() and the fleet: an options object that is none, a size that is text, a connection that is a number', async () => {
+  await refused(() => measure(wrong(null)), /measure\(\) takes an options object, not null/);
+  await refused(() => measure({ size: wrong('1G') }), /size must be a number, not '1G'/);
+  await refused(() => redisConnection(wrong(6379)), /a redis:\/\/ URL or BullMQ connection options, not 6379/);
+});
+
 test("a single-file image into a Writable names the Writable, not '[object Object]'", async () => {
   await refused(
     () => writeInternal(clusterizeBatches([new Uint8Array(4096)]), { output: wrong(new PassThrough()) }),
@@ -85,6 +95,8 @@ test('the readers and exports: a path that is not a string, an image that is not
   await refused(() => openImage(join(dir, 'x.qcow2'), wrong('qcow2')), /openImage\(\) takes an options object, not 'qcow2'/);
   await refused(() => exportStream(wrong('disk.qcow2')), /exportStream\(\) takes an image opened with openImage\(\) or openDisk\(\), not 'disk.qcow2'/);
   await refused(() => createExportStream(wrong({})), /createExportStream\(\) takes an image .*, not an object/);
+  await refused(() => compareImages(wrong('a.qcow2'), wrong('b.qcow2')), /compareImages\(\) takes an image .*, not 'a.qcow2'/);
+  await refused(() => mapImage(wrong(7)).next(), /mapImage\(\) takes an image .*, not 7/);
   writeRawImage(join(dir, 'disk.raw'), 65536, []);
   const image = await openDisk(join(dir, 'disk.raw'), { format: 'raw' });
   t.after(() => image.close());
