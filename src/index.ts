@@ -37,6 +37,8 @@ export * from './write/index.js';
 export * from './read/index.js';
 export { OffsetWriter, type CopySource, type OutputTarget, type OutputOptions } from './io/output.js';
 export { resolveStoredName, type PathPolicyOptions, type StoredNameKind } from './io/path-policy.js';
+/** Whether the optional native addon is in use, and why not. */
+export { nativeAddonStatus, type NativeAddonStatus } from './io/native.js';
 /** The pure codec (header, tables, refcounts, layout), for tools that build or inspect images. */
 export * as format from './format/index.js';
 /** The NBD client (reads, block status, dirty bitmaps) that convert() uses for nbd:// inputs. */

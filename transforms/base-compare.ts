@@ -105,7 +105,7 @@ export function compareWithManifest<T extends BlockItem>(
     if (2 ** manifest.header.clusterBits !== clusterSize) {
       throw new InvalidArgumentError(
         `The manifest '${manifest.path}' was made with ${2 ** manifest.header.clusterBits}-byte clusters; this image uses ${clusterSize}`,
-        { hint: `Convert with --cluster-size ${2 ** manifest.header.clusterBits}` },
+        { hint: `Convert with --cluster-size ${2 ** manifest.header.clusterBits} (API: clusterSize: ${2 ** manifest.header.clusterBits})` },
       );
     }
   };

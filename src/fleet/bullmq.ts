@@ -18,7 +18,8 @@ import { createRequire } from 'node:module';
 import { isDeepStrictEqual } from 'node:util';
 import type * as BullMQ from 'bullmq';
 import type { ConnectionOptions, Job, Queue, Worker } from 'bullmq';
-import { AbortedError, JobError, MissingDependencyError } from '../errors.js';
+import { AbortedError, InvalidArgumentError, JobError, MissingDependencyError } from '../errors.js';
+import { describeValue } from '../internal/arguments.js';
 import { errorCode, isRetryable, parseJob, runJob, type JobPayload, type JobPolicy, type JobProgress, type JobResult } from './job.js';
 
 /** The queue name when none is given. */
@@ -48,11 +49,12 @@ export function loadBullMQ(): typeof BullMQ {
  * The password stays in the options; messages show the URL without it ({@link redactUrl}).
  */
 export function redisConnection(url: string): ConnectionOptions {
+  if (typeof url !== 'string') throw new InvalidArgumentError(`A Redis connection is a redis:// URL or BullMQ connection options, not ${describeValue(url)}`);
   let parsed: URL;
   try {
     parsed = new URL(url);
   } catch {
-    throw new JobError(`'${redactUrl(url)}' is not a redis:// URL`, { hint: 'e.g. --connection redis://127.0.0.1:6379' });
+    throw new JobError(`'${redactUrl(url)}' is not a redis:// URL`, { hint: "e.g. --connection redis://127.0.0.1:6379 (API: connection: 'redis://127.0.0.1:6379')" });
   }
   if (parsed.protocol !== 'redis:' && parsed.protocol !== 'rediss:') throw new JobError(`'${redactUrl(url)}' is not a redis:// URL`);
   const db = parsed.pathname.length > 1 ? Number(parsed.pathname.slice(1)) : 0;
@@ -209,7 +211,7 @@ export async function enqueue(queue: Queue, argv: readonly string[], options: En
 
 async function describeExisting(job: Job, payload: JobPayload): Promise<EnqueueResult> {
   if (!isDeepStrictEqual(job.data, payload)) {
-    throw new JobError(`The job id '${job.id}' is already used for another command line`, { hint: 'Use a new --id, or the same command line' });
+    throw new JobError(`The job id '${job.id}' is already used for another command line`, { hint: 'Use a new --id (API: enqueue(queue, args, { id })), or the same command line' });
   }
   const state = await job.getState();
   return { id: job.id!, existing: true, state, ...(state === 'completed' ? { result: job.returnvalue as JobResult } : {}) };

@@ -83,7 +83,7 @@ export function parseJob(payload: unknown, policy: JobPolicy = {}): ParsedJob {
   const [input, output] = parsed.positional as [string, string];
   if (input === '-' || output === '-') throw new JobError('A job cannot read standard input or write standard output: name files or objects');
   if (parsed.flags['allowUnsafePaths'] && !policy.allowUnsafePaths) {
-    throw new JobError('This worker does not accept --allow-unsafe-paths in jobs', { hint: 'Start the worker with --allow-unsafe-paths to let jobs opt in' });
+    throw new JobError('This worker does not accept --allow-unsafe-paths in jobs', { hint: 'Start the worker with --allow-unsafe-paths (API: allowUnsafePaths: true) to let jobs opt in' });
   }
   if (command === 'convert') {
     const flags = parsed.flags as unknown as ConvertFlags;

@@ -82,7 +82,7 @@ export function checkVirtualSize(size: number, clusterBits: number, extendedL2 =
     }
     throw new InvalidArgumentError(
       `A virtual size of ${size} bytes is too large for ${2 ** clusterBits}-byte clusters (at most ${limit} bytes)`,
-      { hint: fit === undefined ? 'No cluster size can address this size' : `Use --cluster-size ${2 ** fit} or larger` },
+      { hint: fit === undefined ? 'No cluster size can address this size' : `Use --cluster-size ${2 ** fit} (API: clusterSize: ${2 ** fit}) or larger` },
     );
   }
 }

@@ -50,8 +50,37 @@ export const NO_NATIVE_ENV = 'QCOW2_STREAM_NO_NATIVE';
  */
 const ADDON_PATHS = ['../native/build/Release/qcow2_native.node', '../../../src/native/build/Release/qcow2_native.node'];
 
-/** undefined: not tried yet; null: not available. */
+/**
+ * Whether the addon is in use, and why not. Without it everything still works: holes are read
+ * instead of skipped, pipes go through the event loop, hashing through xxhash-wasm, and a plain
+ * file conversion goes through Blocks instead of the native data mover.
+ */
+export type NativeAddonStatus =
+  | {
+      /** The addon is loaded and used. */
+      readonly active: true;
+      /** The file it was loaded from. */
+      readonly path: string;
+    }
+  | {
+      /** The addon is not used. */
+      readonly active: false;
+      /**
+       * `disabled`: QCOW2_STREAM_NO_NATIVE is set; `not-built`: the install did not build it
+       * (no compiler, or `npm install --ignore-scripts`); `load-failed`: it is there but does not
+       * load (built for another platform or Node.js ABI; `message` says what the loader said).
+       */
+      readonly reason: 'disabled' | 'not-built' | 'load-failed';
+      /** What happened, for people. */
+      readonly message: string;
+      /** `load-failed`: the file that did not load. */
+      readonly path?: string;
+    };
+
+/** undefined: not tried yet; null: not available (`failure` says why). */
 let addon: NativeAddon | null | undefined;
+let loadedFrom: string | undefined;
+let failure: { path: string; message: string } | undefined;
 
 function loadAddon(): NativeAddon | null {
   if (addon !== undefined) return addon;
@@ -62,9 +91,12 @@ function loadAddon(): NativeAddon | null {
     if (!existsSync(path)) continue;
     try {
       addon = require(path) as NativeAddon;
+      loadedFrom = path;
+      failure = undefined;
       break;
-    } catch {
+    } catch (err) {
       // Built for another platform or a broken build: the pure-JS path still works.
+      failure ??= { path, message: err instanceof Error ? err.message : String(err) };
     }
   }
   return addon;
@@ -82,4 +114,21 @@ function nativeDisabled(): boolean {
  */
 export function nativeAddon(): NativeAddon | null {
   return nativeDisabled() ? null : loadAddon();
+}
+
+/**
+ * Whether the optional native addon is in use, and if not, why (the environment variable, not
+ * built at install, or a build that does not load here). Asked at each call, like the library
+ * itself does.
+ *
+ * ```ts
+ * const status = nativeAddonStatus();
+ * if (!status.active) console.warn(`qcow2-stream runs without its addon (${status.reason}): ${status.message}`);
+ * ```
+ */
+export function nativeAddonStatus(): NativeAddonStatus {
+  if (nativeDisabled()) return { active: false, reason: 'disabled', message: `${NO_NATIVE_ENV}=${process.env[NO_NATIVE_ENV]} is set: the addon is ignored` };
+  if (loadAddon() && loadedFrom !== undefined) return { active: true, path: loadedFrom };
+  if (failure) return { active: false, reason: 'load-failed', path: failure.path, message: failure.message };
+  return { active: false, reason: 'not-built', message: 'The addon was not built at install (it needs a C compiler and node-gyp); the library works without it, more slowly' };
 }

@@ -495,7 +495,7 @@ export class NbdClient {
     if (key) material.key = key;
     if (!ca) {
       throw new InvalidArgumentError(`${this.address.uri} asks for TLS but no CA certificate was given to check the server with`, {
-        hint: 'Pass --tls-ca FILE (and --tls-cert/--tls-key if the server checks clients), or add ?tls-certificates=DIR to the URI',
+        hint: 'Pass --tls-ca FILE (and --tls-cert/--tls-key if the server checks clients; API: nbd: { tls: { ca, cert, key } }), or add ?tls-certificates=DIR to the URI',
       });
     }
     return material;
@@ -633,7 +633,7 @@ export class NbdClient {
       if (reply.type & REP_ERROR_BIT) {
         const code = reply.type & ~REP_ERROR_BIT;
         const message = code === 6 ? `has no export named '${this.address.exportName}'` : 'refused the export (NBD_OPT_GO)';
-        throw this.refused(message, reply, code === 5 ? 'The server requires TLS: use nbds:// with --tls-ca' : undefined);
+        throw this.refused(message, reply, code === 5 ? 'The server requires TLS: use nbds:// with --tls-ca (API: nbd: { tls: { ca } })' : undefined);
       }
       if (reply.type !== REP.INFO) continue;
       if (reply.data.length < 2) throw this.protocol('sent an NBD_REP_INFO too short to hold its type');
@@ -719,7 +719,7 @@ export class NbdClient {
   /** An option the server may refuse: UNSUP and POLICY mean "not here", anything else is wrong. */
   private checkOptionalRefusal(reply: { type: number; data: Buffer }, name: string): void {
     if (reply.type === (REP_ERROR_BIT + 1) || reply.type === (REP_ERROR_BIT + 2)) return;
-    if (reply.type & REP_ERROR_BIT) throw this.refused(`refused ${name}`, reply, reply.type === (REP_ERROR_BIT + 5) ? 'The server requires TLS: use nbds:// with --tls-ca' : undefined);
+    if (reply.type & REP_ERROR_BIT) throw this.refused(`refused ${name}`, reply, reply.type === (REP_ERROR_BIT + 5) ? 'The server requires TLS: use nbds:// with --tls-ca (API: nbd: { tls: { ca } })' : undefined);
     throw this.protocol(`answered ${name} with reply type ${reply.type}`);
   }
 

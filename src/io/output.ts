@@ -19,11 +19,12 @@
 import { link, lstat, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { readSync, write as fsWrite } from 'node:fs';
 import { getSystemErrorName } from 'node:util';
+import { constants as osConstants } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import type { Writable } from 'node:stream';
-import { fileError, FileError } from '../errors.js';
+import { fileError, FileError, streamError, type SystemErrorFacts } from '../errors.js';
 import { kindOf } from './files.js';
 import { allocIoBuffer, zeroBuffer } from './buffers.js';
 import { nativeAddon } from './native.js';
@@ -131,7 +132,7 @@ export class OffsetWriter {
   /** Opens an output. A regular-file path is written through a temporary name until commit(). */
   static async create(target: OutputTarget, options: OutputOptions): Promise<OffsetWriter> {
     if (typeof target !== 'string') {
-      return new OffsetWriter('stream', undefined, options.label, undefined, undefined, writableSink(target), false, true);
+      return new OffsetWriter('stream', undefined, options.label, undefined, undefined, writableSink(target, options.label), false, true);
     }
     if (isS3Uri(target)) {
       // Loaded only when an object is written: the AWS SDK stays out of plain conversions.
@@ -149,7 +150,7 @@ export class OffsetWriter {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw fileError(err, 'inspect', target);
     }
     if (existing && kindOf(existing) === 'directory') {
-      throw new FileError(`Cannot write the ${options.label} '${target}': it is a directory`, target, { errno: 'EISDIR' });
+      throw new FileError(`Cannot write the ${options.label} '${target}': it is a directory`, target, systemError('EISDIR'));
     }
     if (existing && kindOf(existing) !== 'file') {
       // A FIFO, terminal or device: write to it in place, sequentially.
@@ -163,7 +164,7 @@ export class OffsetWriter {
     }
     if (existing && options.overwrite === false) {
       throw new FileError(`The ${options.label} '${target}' already exists`, target, {
-        errno: 'EEXIST',
+        ...systemError('EEXIST'),
         hint: 'Remove it first, or replace it with --force (overwrite: true in the API)',
       });
     }
@@ -497,15 +498,17 @@ function eventLoopFdSink(fd: number, name: string): SequentialSink {
   };
 }
 
-/** Writes to a Node Writable with backpressure; an error on the stream fails the next write. */
-function writableSink(stream: Writable): SequentialSink {
+/** Writes to a Node Writable with backpressure; an error on the stream fails the next write (a StreamError). */
+function writableSink(stream: Writable, label: string): SequentialSink {
+  // The stream's own error (a socket reset under an upload) becomes a StreamError naming the output.
+  const failed = (err: unknown) => streamError(err, label, 'write to');
   let failure: unknown;
   stream.on('error', (err) => {
     failure ??= err;
   });
   return {
     async write(chunk) {
-      if (failure) throw fileError(failure, 'write to', 'the output stream');
+      if (failure) throw failed(failure);
       if (!stream.write(chunk)) {
         // The listener that loses the race is removed, or every wait would leave one behind.
         const settled = new AbortController();
@@ -513,17 +516,17 @@ function writableSink(stream: Writable): SequentialSink {
           await Promise.race([once(stream, 'drain', { signal: settled.signal }), once(stream, 'close', { signal: settled.signal })]);
         } catch (err) {
           // once() rejects with the stream's 'error' event: name it like every other failure.
-          throw fileError(failure ?? err, 'write to', 'the output stream');
+          throw failed(failure ?? err);
         } finally {
           settled.abort();
         }
-        if (failure) throw fileError(failure, 'write to', 'the output stream');
+        if (failure) throw failed(failure);
       }
     },
     async close() {
-      if (failure) throw fileError(failure, 'write to', 'the output stream');
+      if (failure) throw failed(failure);
       await new Promise<void>((resolve, reject) => {
-        stream.end((err?: Error | null) => (err ? reject(fileError(err, 'write to', 'the output stream')) : resolve()));
+        stream.end((err?: Error | null) => (err ? reject(failed(err)) : resolve()));
       });
     },
   };
@@ -582,4 +585,9 @@ async function syncDirectory(dir: string): Promise<void> {
   } finally {
     await handle.close();
   }
+}
+
+/** The facts of an OS error this module reports itself (the same as Node's for that error). */
+function systemError(code: 'EISDIR' | 'EEXIST'): SystemErrorFacts {
+  return { systemCode: code, errno: -osConstants.errno[code] };
 }

@@ -95,7 +95,7 @@ export function storageError(err: unknown, action: string, uri: string): ObjectS
   else if (status === 412 || name === 'PreconditionFailed') reason = 'exists';
   else if (status === 403 || /AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|CredentialsProviderError/.test(name)) reason = 'denied';
   const hints: Record<ObjectStorageError['reason'], string> = {
-    exists: 'Pass --force to replace it',
+    exists: 'Replace it with --force (API: overwrite: true)',
     'not-found': 'Check the bucket and key',
     denied: 'Check the credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID…) and the bucket policy',
     failed: 'Check AWS_ENDPOINT_URL and AWS_REGION; the run can be retried',
@@ -179,7 +179,7 @@ export class S3UploadSink {
     const sdk = loadS3Sdk();
     const overwrite = options.overwrite ?? false;
     if (!overwrite && (await headObject(uri)) !== undefined) {
-      throw new ObjectStorageError(`The object '${uri}' already exists`, uri, 'exists', { hint: 'Remove it first, or pass --force to replace it' });
+      throw new ObjectStorageError(`The object '${uri}' already exists`, uri, 'exists', { hint: 'Remove it first, or replace it with --force (API: overwrite: true)' });
     }
     const partSize = options.partSize ?? partSizeFor(options.sizeHint);
     const queueSize = options.queueSize ?? Math.max(1, Math.min(4, Math.floor(INFLIGHT_BUDGET / partSize)));
@@ -283,7 +283,7 @@ export class S3UploadSink {
     const partNumber = ++this.partNumber;
     if (partNumber > MAX_PARTS) {
       throw new ObjectStorageError(`'${this.uri}' needs more than ${MAX_PARTS} parts of ${this.partSize} bytes`, this.uri, 'failed', {
-        hint: 'Pass --size so the part size fits the image',
+        hint: 'Give the input size with --size (API: size) so the part size fits the image',
       });
     }
     this.part = undefined;

@@ -127,6 +127,11 @@ export abstract class BaseImage implements DiskImage {
   abstract segments(start: number, end: number): AsyncGenerator<Segment>;
   abstract close(): Promise<void>;
 
+  /** Closes the image at the end of an `await using` block. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
   /** Segments with adjacent compatible ones merged. */
   async *coalescedSegments(start: number, end: number): AsyncGenerator<Segment> {
     this.checkRange(start, end - start);
@@ -175,6 +180,16 @@ export abstract class BaseImage implements DiskImage {
       throw new InvalidArgumentError(`Cannot read ${length} bytes at offset ${offset}: the image '${this.path}' is ${this.virtualSize} bytes`);
     }
   }
+}
+
+// Node.js defines Symbol.asyncDispose as the registered Symbol.for('nodejs.asyncDispose') (20.4+);
+// on a runtime without it, the method is put under that registered key, as Node's polyfill has it.
+if (typeof (Symbol as { asyncDispose?: unknown }).asyncDispose !== 'symbol') {
+  Object.defineProperty(BaseImage.prototype, Symbol.for('nodejs.asyncDispose'), {
+    value(this: BaseImage) {
+      return this.close();
+    },
+  });
 }
 
 export function canMerge(a: Segment, b: Segment): boolean {

@@ -12,6 +12,7 @@
 
 import type { Progress } from '../progress.js';
 import { AbortedError } from '../errors.js';
+import { checkDiskImage } from '../internal/arguments.js';
 import { allocIoBuffer, isAllZero } from '../io/buffers.js';
 import { dataExtents, MIN_SKIPPED_HOLE } from '../io/extents.js';
 import { extentFile, type DiskImage } from './image.js';
@@ -39,6 +40,8 @@ export interface CompareResult {
 
 /** Compares `a` and `b` byte by byte (both stay open). */
 export async function compareImages(a: DiskImage, b: DiskImage, options: CompareOptions = {}): Promise<CompareResult> {
+  checkDiskImage(a, 'compareImages()');
+  checkDiskImage(b, 'compareImages()');
   const common = Math.min(a.virtualSize, b.virtualSize);
   const total = Math.max(a.virtualSize, b.virtualSize);
   const sizeMismatch = a.virtualSize !== b.virtualSize;

@@ -9,7 +9,8 @@
 import type { Progress } from '../progress.js';
 import { type Duplex, Readable } from 'node:stream';
 import { chainUnchecked } from 'stream-chain';
-import { AbortedError } from '../errors.js';
+import { AbortedError, InvalidArgumentError, streamError } from '../errors.js';
+import { checkCallbacks, checkDiskImage, checkOptionsObject, checkSignal, describeValue, isWritableLike } from '../internal/arguments.js';
 import { allocIoBuffer, isAllZero, zeroBuffer } from '../io/buffers.js';
 import { COPIES_IN_FLIGHT, OffsetWriter, type OutputTarget } from '../io/output.js';
 import { dataExtents, MIN_SKIPPED_HOLE } from '../io/extents.js';
@@ -130,7 +131,8 @@ function abortError(signal: AbortSignal): AbortedError {
  * shared zero buffer (never written to); data chunks are fresh buffers the consumer may keep.
  * The image stays open; close it after the stream ends.
  */
-export function exportStream(image: DiskImage, options: ExportOptions = {}): Readable {
+export function exportStream(image: DiskImage, options: ExportOptions = {}): ExportReadable {
+  checkExportArguments(image, options, 'exportStream()');
   async function* chunks(): AsyncGenerator<Uint8Array> {
     let done = 0;
     for await (const piece of pieces(image, options.signal)) {
@@ -149,7 +151,7 @@ export function exportStream(image: DiskImage, options: ExportOptions = {}): Rea
       options.onProgress?.({ bytesDone: done, bytesTotal: image.virtualSize });
     }
   }
-  return Readable.from(chunks(), { objectMode: false, highWaterMark: EXPORT_CHUNK });
+  return Readable.from(chunks(), { objectMode: false, highWaterMark: EXPORT_CHUNK }) as ExportReadable;
 }
 
 /**
@@ -160,6 +162,8 @@ export function exportStream(image: DiskImage, options: ExportOptions = {}): Rea
  * nothing is left at the target path.
  */
 export async function exportToFile(image: DiskImage, target: OutputTarget, options: ExportOptions = {}): Promise<ExportResult> {
+  checkExportArguments(image, options, 'exportToFile()');
+  if (typeof target !== 'string' && !isWritableLike(target)) throw new InvalidArgumentError(`exportToFile(): the target must be a path, '-', an s3:// URI or a Writable, not ${describeValue(target)}`);
   if (typeof target === 'string' && target !== '-') {
     checkOutputName(target, 'output');
     // The image, its data file and its backing files are read while the output is written.
@@ -262,12 +266,18 @@ export interface ExportStreamOptions extends ExportOptions {
   stages?: readonly unknown[];
 }
 
+/** The Readable of {@link exportStream}: the image's raw bytes. */
+export interface ExportReadable extends Readable {
+  /** `for await (const chunk of stream)` gives the raw bytes, typed: Buffers, as any byte-mode Readable yields them. */
+  [Symbol.asyncIterator](): NodeJS.AsyncIterator<Buffer>;
+}
+
 /** The stream of {@link createExportStream}: raw bytes out, and `finished`. */
 export interface ExportStream extends Duplex {
   /** Resolves once the last byte has been read from the stream; rejects with the error that stopped it. */
   readonly finished: Promise<ExportResult>;
-  /** `for await (const chunk of stream)` gives the raw bytes, typed. */
-  [Symbol.asyncIterator](): AsyncIterableIterator<Uint8Array>;
+  /** `for await (const chunk of stream)` gives the raw bytes, typed: Buffers, as any byte-mode stream yields them. */
+  [Symbol.asyncIterator](): NodeJS.AsyncIterator<Buffer>;
 }
 
 /**
@@ -276,6 +286,7 @@ export interface ExportStream extends Duplex {
  * what came out of the last stage). The image stays open; close it after.
  */
 export function createExportStream(image: DiskImage, options: ExportStreamOptions = {}): ExportStream {
+  checkExportArguments(image, options, 'createExportStream()');
   let bytesWritten = 0;
   const count = (chunk: Uint8Array) => {
     bytesWritten += chunk.length;
@@ -284,9 +295,18 @@ export function createExportStream(image: DiskImage, options: ExportStreamOption
   const stream = chainUnchecked([exportStream(image, options), ...(options.stages ?? []), count], { readableObjectMode: false, writableObjectMode: false }) as unknown as Duplex;
   const finished = new Promise<ExportResult>((resolve, reject) => {
     stream.once('end', () => resolve({ bytes: image.virtualSize, bytesWritten, warnings: image.warnings }));
-    stream.once('error', (err) => reject(err));
+    // A failure outside our code (a stage of yours, a pipeline's abort, a reader that went away) comes out as ours.
+    stream.once('error', (err) => reject(streamError(err, 'export', 'finish')));
     stream.once('close', () => reject(new AbortedError('The export stream was destroyed before its end')));
   });
   finished.catch(() => {});
   return Object.assign(stream, { finished });
+}
+
+/** What every export entry point checks first: an opened image and an options object of the right types. */
+function checkExportArguments(image: DiskImage, options: ExportOptions, call: string): void {
+  checkDiskImage(image, call);
+  checkOptionsObject(options, call);
+  checkSignal(options.signal);
+  checkCallbacks(options, ['onProgress']);
 }

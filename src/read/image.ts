@@ -15,6 +15,7 @@ import { openVhd } from './vhd-reader.js';
 import { openVmdk } from './vmdk-reader.js';
 import { openVhdx } from './vhdx-reader.js';
 import { InvalidArgumentError } from '../errors.js';
+import { checkOptionsObject, checkPath } from '../internal/arguments.js';
 import { probeFormat } from './probe.js';
 
 export { extentFile, openSeekable, type ExtentFile } from './base-image.js';
@@ -119,6 +120,8 @@ export interface DiskImage {
   extents(start?: number, end?: number): AsyncIterableX<Extent>;
   /** Closes every file of the chain. */
   close(): Promise<void>;
+  /** {@link close}, for `await using image = await openImage(path)`: the image closes when the block ends. */
+  [Symbol.asyncDispose](): Promise<void>;
 }
 
 /**
@@ -129,6 +132,8 @@ export interface DiskImage {
  * anything the reader refuses; nothing stays open after a failure.
  */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<DiskImage> {
+  checkPath(path, 'image');
+  checkOptionsObject(options, 'openImage()', false);
   const context = newContext(options);
   return openQcow2(path, context, 0, options.dataFile, options.backing, options.backingFormat);
 }
@@ -139,6 +144,8 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
  * `format: 'raw'` for raw files from untrusted sources, so a planted qcow2 header is not obeyed.
  */
 export async function openDisk(path: string, options: OpenDiskOptions = {}): Promise<DiskImage> {
+  checkPath(path, 'image');
+  checkOptionsObject(options, 'openDisk()', false);
   const context = newContext(options);
   const format = options.format ?? (await probeFormat(path, context.warn));
   switch (format) {
@@ -160,5 +167,5 @@ export async function openDisk(path: string, options: OpenDiskOptions = {}): Pro
 
 /** --data-file is a qcow2 notion: refused for other formats rather than silently ignored. */
 function refuseDataFile(options: OpenDiskOptions, format: ImageFormat): void {
-  if (options.dataFile !== undefined) throw new InvalidArgumentError(`A data file was given, but a ${format} image has no external data file`, { hint: 'Leave out --data-file' });
+  if (options.dataFile !== undefined) throw new InvalidArgumentError(`A data file was given, but a ${format} image has no external data file`, { hint: 'Leave out --data-file (API: dataFile)' });
 }

@@ -10,7 +10,7 @@ export {
   type OpenImageOptions,
   type OpenDiskOptions,
 } from './image.js';
-export { createExportStream, exportStream, exportToFile, EXPORT_CHUNK, type ExportOptions, type ExportResult, type ExportStream, type ExportStreamOptions } from './export.js';
+export { createExportStream, exportStream, exportToFile, EXPORT_CHUNK, type ExportOptions, type ExportReadable, type ExportResult, type ExportStream, type ExportStreamOptions } from './export.js';
 export { mapImage, mapEntryOf, formatMapJsonEntry, formatMapHumanRow, MAP_HUMAN_HEADER, type MapEntry } from './map.js';
 export { checkImage, MAX_CHECK_CLUSTERS, MAX_CHECK_SNAPSHOT_L1_ENTRIES, type CheckFinding, type CheckOptions, type CheckResult, type FindingSeverity } from './check.js';
 export { compareImages, type CompareOptions, type CompareResult } from './compare.js';

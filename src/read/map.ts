@@ -13,6 +13,7 @@
  */
 
 import { dataExtents } from '../io/extents.js';
+import { checkDiskImage } from '../internal/arguments.js';
 import { extentFile, type DiskImage, type Extent } from './image.js';
 import { detectMetadataPreallocation } from './preallocation.js';
 
@@ -56,6 +57,7 @@ export function mapEntryOf(extent: Extent): MapEntry {
 
 /** The image's map entries, in guest order. */
 export async function* mapImage(image: DiskImage): AsyncGenerator<MapEntry> {
+  checkDiskImage(image, 'mapImage()');
   const preallocated = new Map<DiskImage, Promise<boolean>>();
   /** Whether the layer at `depth` hands its data ranges to the file below for holes. */
   const probes = async (depth: number): Promise<'raw' | 'preallocated' | undefined> => {

@@ -333,7 +333,7 @@ export async function openQcow2(
       dataSource = new ByteSource(dataFile.handle, dataPath, dataFile.size, 'data file', context.warn);
     } else if (explicitDataFile !== undefined) {
       throw new InvalidArgumentError(`A data file was given, but '${path}' has no external data file (its data is inside the image)`, {
-        hint: 'Leave out --data-file for this image',
+        hint: 'Leave out --data-file (API: dataFile) for this image',
       });
     }
 

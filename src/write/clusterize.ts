@@ -9,8 +9,9 @@
 import { Duplex } from 'node:stream';
 import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
 import { flattenBatches, type Block, type BlockBatch } from '../block.js';
-import { InputSizeError, InvalidArgumentError } from '../errors.js';
+import { InputSizeError, InvalidArgumentError, streamError } from '../errors.js';
 import { DEFAULT_CLUSTER_BITS } from '../format/index.js';
+import { describeValue } from '../internal/arguments.js';
 
 export interface ClusterizeOptions {
   /** Bytes per cluster (a power of two, 512..2 MiB). Default 65536. */
@@ -25,10 +26,10 @@ export interface ClusterizeOptions {
 function checkOptions(options: ClusterizeOptions): { clusterSize: number; size: number | undefined } {
   const clusterSize = options.clusterSize ?? 2 ** DEFAULT_CLUSTER_BITS;
   if (!Number.isInteger(Math.log2(clusterSize)) || clusterSize < 512 || clusterSize > 2 * 1024 * 1024) {
-    throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: it must be a power of two from 512 bytes to 2 MiB`);
+    throw new InvalidArgumentError(`Invalid cluster size ${describeValue(clusterSize)}: it must be a power of two from 512 bytes to 2 MiB`);
   }
   const { size } = options;
-  if (size !== undefined && (!Number.isSafeInteger(size) || size < 0)) throw new InvalidArgumentError(`Invalid input size ${size}`);
+  if (size !== undefined && (!Number.isSafeInteger(size) || size < 0)) throw new InvalidArgumentError(`Invalid input size ${describeValue(size)}`);
   return { clusterSize, size };
 }
 
@@ -52,7 +53,7 @@ export function inputShrank(expected: number, actual: number, name = 'the input'
 
 function asBytes(chunk: unknown): Uint8Array {
   if (chunk instanceof Uint8Array) return chunk;
-  throw new InvalidArgumentError(`clusterize expects byte chunks (Uint8Array/Buffer), got ${typeof chunk === 'string' ? 'a string' : typeof chunk}`);
+  throw new InvalidArgumentError(`clusterize expects byte chunks (Uint8Array/Buffer), got ${describeValue(chunk)}`);
 }
 
 /**
@@ -73,9 +74,14 @@ export function clusterizeBatches(source: AsyncIterable<Uint8Array> | Iterable<U
 
 async function* cutBatches(source: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, options: ClusterizeOptions): AsyncGenerator<BlockBatch> {
   const cutter = new ClusterCutter(options);
-  for await (const raw of source) {
-    const batch = cutter.push(raw);
-    if (batch) yield batch;
+  try {
+    for await (const raw of source) {
+      const batch = cutter.push(raw);
+      if (batch) yield batch;
+    }
+  } catch (err) {
+    // The source's own error (an HTTP body cut off: 'aborted', ECONNRESET) comes out as ours.
+    throw streamError(err, 'input');
   }
   yield cutter.end();
 }

@@ -17,6 +17,7 @@ import { Worker } from 'node:worker_threads';
 import * as zlib from 'node:zlib';
 import type { Block } from '../block.js';
 import { CompressionUnsupportedError, InvalidArgumentError } from '../errors.js';
+import { describeValue } from '../internal/arguments.js';
 
 /** The compression types qcow2 knows: zlib (raw deflate, the default) and zstd. */
 export type CompressionType = 'zlib' | 'zstd';
@@ -31,10 +32,10 @@ export function canCompressZstd(): boolean {
  * it is a CompressionUnsupportedError naming the version needed (never a silent zlib).
  */
 export function checkCompressionType(type: string): asserts type is CompressionType {
-  if (type !== 'zlib' && type !== 'zstd') throw new InvalidArgumentError(`Unknown compression type '${type}': use zlib or zstd`);
+  if (type !== 'zlib' && type !== 'zstd') throw new InvalidArgumentError(`Unknown compression type ${describeValue(type)}: use zlib or zstd`);
   if (type === 'zstd' && !canCompressZstd()) {
     throw new CompressionUnsupportedError(`zstd compression needs Node.js 22.15 or later (node:zlib has no zstd in ${process.version})`, 'runtime', {
-      hint: 'Use --compression-type zlib, or run on Node.js 22.15+',
+      hint: "Use --compression-type zlib (API: compression: 'zlib'), or run on Node.js 22.15+",
     });
   }
 }

@@ -19,7 +19,7 @@ import { asStream, chainUnchecked, flushable, gen, none } from 'stream-chain';
 import { chainUnchecked as coreChain } from 'stream-chain/core';
 import { blockEnd, toBatches, type Block, type BlockBatch, type BlockItem } from '../block.js';
 import type { Progress } from '../progress.js';
-import { AbortedError, CompressionUnsupportedError, DedupUnsupportedError, fileError, InvalidArgumentError, LimitExceededError, NotSeekableError } from '../errors.js';
+import { AbortedError, CompressionUnsupportedError, DedupUnsupportedError, fileError, InvalidArgumentError, LimitExceededError, NotSeekableError, streamError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { kindOf } from '../io/files.js';
 import type { OutputTarget } from '../io/output.js';
@@ -46,6 +46,7 @@ import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
 import type { NbdInput } from './nbd-source.js';
 import { isS3Uri, keyBaseName } from '../io/s3-uri.js';
 import { inputSizeMismatch } from './clusterize.js';
+import { checkCallbacks, checkOptionsObject, checkSignal, describeValue, isWritableLike } from '../internal/arguments.js';
 
 /**
  * The input image: a path (its format probed, or given by `inputFormat`), `s3://bucket/key`
@@ -294,6 +295,7 @@ interface Conversion {
  * stage: stream-chain's async-iterable core, one step per batch.
  */
 export async function convert(options: ConvertOptions): Promise<ConvertSummary> {
+  checkConvertArguments(options, 'convert()', true);
   // Objects (s3://) in or out: the same conversion over rewritten options (write/object-io.ts).
   if (isS3Uri(options.input)) return convert(await (await import('./object-io.js')).withObjectInput({ ...options, input: options.input }));
   if (options.layout === 'internal' && isS3Uri(options.output)) return (await import('./object-io.js')).internalToObject(options, convert);
@@ -326,9 +328,6 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
     await image?.close().catch(() => {});
     await nbd?.close().catch(() => {});
     throw err;
-  }
-  if (typeof options.input !== 'string' && !isByteSource(options.input)) {
-    throw new InvalidArgumentError(`convert: input must be a path, '-', a Readable or an async iterable of bytes, not ${describe(options.input)}`);
   }
   let conversion: Conversion | undefined;
   try {
@@ -421,6 +420,7 @@ export interface ConvertStream extends Duplex {
  * ```
  */
 export function createConvertStream(options: ConvertStreamOptions): ConvertStream {
+  checkConvertArguments(options, 'createConvertStream()', false);
   const started = performance.now();
   const userStages = stagesByPoint(options.stages);
   let resolveFinished!: (summary: ConvertSummary) => void;
@@ -441,7 +441,8 @@ export function createConvertStream(options: ConvertStreamOptions): ConvertStrea
     settled = true;
     await conversion?.abort();
     await conversion?.close();
-    rejectFinished(err);
+    // What stopped the stream from outside (a source that died, a pipeline's abort) comes out as ours.
+    rejectFinished(streamError(err, 'input'));
   };
   // Bytes → batches as a per-chunk function: one fused stage with the ones after it.
   let cutter: ClusterCutter | undefined;
@@ -561,8 +562,37 @@ function isByteSource(input: unknown): boolean {
   return typeof input === 'object' && input !== null && (Symbol.asyncIterator in input || Symbol.iterator in input);
 }
 
-function describe(value: unknown): string {
-  return value === null ? 'null' : typeof value === 'object' ? 'an object that is not iterable' : `a ${typeof value}`;
+/**
+ * The types of what a JavaScript caller passed, checked before anything else runs (the option
+ * combinations are checkLayoutOptions'): each wrong one is an InvalidArgumentError that shows
+ * the value, never a TypeError from inside.
+ */
+function checkConvertArguments(options: ConvertOptions | ConvertStreamOptions, call: string, hasInput: boolean): void {
+  checkOptionsObject(options, call);
+  if (hasInput) {
+    const { input } = options as ConvertOptions;
+    if (typeof input !== 'string' && !isByteSource(input)) {
+      throw new InvalidArgumentError(`${call}: input must be a path, '-', a Readable or an async iterable of bytes, not ${describeValue(input)}`);
+    }
+  }
+  const { output, dataFile } = options;
+  if (typeof output !== 'string' && !isWritableLike(output)) {
+    throw new InvalidArgumentError(`${call}: output must be a path, '-', an s3:// URI or a Writable, not ${describeValue(output)}`);
+  }
+  if (dataFile !== undefined && typeof dataFile !== 'string' && !isWritableLike(dataFile)) {
+    throw new InvalidArgumentError(`${call}: dataFile must be a path, an s3:// URI or a Writable, not ${describeValue(dataFile)}`);
+  }
+  for (const name of ['inputFormat', 'dataFileName', 'base', 'baseName', 'baseManifest', 'manifest', 'bitmap'] as const) {
+    const value = options[name];
+    if (value !== undefined && typeof value !== 'string') throw new InvalidArgumentError(`${call}: ${name} must be a string, not ${describeValue(value)}`);
+  }
+  for (const name of ['size', 'progressInterval', 'compressionThreads', 'maxChainDepth'] as const) {
+    const value = options[name];
+    if (value !== undefined && typeof value !== 'number') throw new InvalidArgumentError(`${call}: ${name} must be a number, not ${describeValue(value)}`);
+  }
+  checkSignal(options.signal);
+  checkCallbacks(options, ['onProgress', 'onWarning']);
+  if (options.stages !== undefined && !Array.isArray(options.stages)) throw new InvalidArgumentError(`${call}: stages must be an array, not ${describeValue(options.stages)}`);
 }
 
 /** What convert() checks and decides before anything is opened. */
@@ -593,7 +623,7 @@ async function planConversion(options: ConvertOptions): Promise<ConversionPlan> 
     dataFileRaw: layout === 'external' && options.base === undefined && (options.dataFileRaw ?? true),
   });
   if (options.size !== undefined) {
-    if (!Number.isSafeInteger(options.size) || options.size < 0) throw new InvalidArgumentError(`Invalid size ${options.size}`);
+    if (!Number.isSafeInteger(options.size) || options.size < 0) throw new InvalidArgumentError(`Invalid size ${describeValue(options.size)}: it must be a whole number of bytes, 0 or more`);
     checkVirtualSize(roundUpToSector(options.size), settings.clusterBits);
   }
   let dataFile: string | Writable | undefined;
@@ -603,7 +633,7 @@ async function planConversion(options: ConvertOptions): Promise<ConversionPlan> 
     if (dataFile === undefined) {
       if (typeof output !== 'string' || output === '-') {
         throw new InvalidArgumentError('A data-file path is needed when the metadata goes to standard output or a stream', {
-          hint: 'Pass --data-file PATH',
+          hint: 'Pass --data-file PATH (API: dataFile)',
         });
       }
       dataFile = defaultDataFilePath(output);
@@ -616,7 +646,7 @@ async function planConversion(options: ConvertOptions): Promise<ConversionPlan> 
     if (typeof output === 'string' && output !== '-' && typeof dataFile === 'string' && !storedNameFindsFile(output, dataFileName, dataFile)) {
       warn(
         `The data-file name '${dataFileName}' stored in '${output}' does not lead from the image's directory to the data file, or leads outside it: qemu may open it (from the right working directory), ` +
-          `but qcow2-stream's readers refuse it unless given --data-file (dataFile) or --allow-unsafe-paths. Keep the data file in the image's directory or below it`,
+          `but qcow2-stream's readers refuse it unless given --data-file (API: dataFile) or --allow-unsafe-paths (API: allowUnsafePaths). Keep the data file in the image's directory or below it`,
       );
     }
   }
@@ -837,53 +867,53 @@ async function openConversion(
 
 /** Option combinations that cannot work, refused before anything is opened. */
 function checkLayoutOptions(options: ConvertOptions, layout: 'external' | 'internal'): void {
-  if (layout !== 'external' && layout !== 'internal') throw new InvalidArgumentError(`Unknown layout '${String(layout)}': use 'external' or 'internal'`);
+  if (layout !== 'external' && layout !== 'internal') throw new InvalidArgumentError(`Unknown layout ${describeValue(layout)}: use 'external' or 'internal'`);
   if (typeof options.output === 'string') checkOutputName(options.output, 'output');
   if (typeof options.dataFile === 'string') checkOutputName(options.dataFile, 'data file');
   if (options.manifest !== undefined) checkOutputName(options.manifest, 'manifest');
   const { progressInterval } = options;
   if (progressInterval !== undefined && (!Number.isSafeInteger(progressInterval) || progressInterval <= 0)) {
-    throw new InvalidArgumentError(`Invalid progressInterval ${progressInterval}: it must be a positive whole number of bytes`);
+    throw new InvalidArgumentError(`Invalid progressInterval ${describeValue(progressInterval)}: it must be a positive whole number of bytes`);
   }
   if (options.dedup && layout === 'external') {
     throw new DedupUnsupportedError(
       'Dedup cannot share clusters in an external data file: with a data file every guest cluster must sit at its own guest offset (qcow2 spec, incompatible feature bit 2)',
-      { hint: 'Use --internal --dedup for one qcow2 file with shared clusters, or --base PREV (and --manifest) for incremental backups with a data file' },
+      { hint: "Use --internal --dedup (API: layout: 'internal', dedup: true) for one qcow2 file with shared clusters, or --base PREV and --manifest (API: base, manifest) for incremental backups with a data file" },
     );
   }
   if (layout === 'internal' && (options.dataFile !== undefined || options.dataFileName !== undefined)) {
-    throw new InvalidArgumentError('An internal image has no data file: drop --data-file / --data-file-name, or drop --internal');
+    throw new InvalidArgumentError("An internal image has no data file: drop --data-file / --data-file-name (API: dataFile, dataFileName), or drop --internal (API: layout: 'internal')");
   }
   if (options.base !== undefined && options.dataFileRaw === true) {
     throw new InvalidArgumentError('The raw-data-file bit cannot be set on an overlay: with a backing file the data file alone is not the guest image', {
-      hint: 'Drop the raw-data-file option (overlays always clear it)',
+      hint: 'Drop dataFileRaw: true (overlays always clear the bit)',
     });
   }
   if (options.baseManifest !== undefined && options.base === undefined) {
-    throw new InvalidArgumentError('--base-manifest needs --base: the base image becomes the backing file of the new image');
+    throw new InvalidArgumentError('--base-manifest (API: baseManifest) needs --base (API: base): the base image becomes the backing file of the new image');
   }
   if (options.bitmap !== undefined) {
     if (typeof options.input !== 'string' || !isNbdUri(options.input)) {
-      throw new InvalidArgumentError('--bitmap reads a dirty bitmap over NBD: the input must be an NBD URI (nbd://…, nbd+unix://…)');
+      throw new InvalidArgumentError('--bitmap (API: bitmap) reads a dirty bitmap over NBD: the input must be an NBD URI (nbd://…, nbd+unix://…)');
     }
     if (options.base === undefined) {
-      throw new InvalidArgumentError('--bitmap needs --base: the clusters it leaves out come from the previous backup', {
-        hint: 'Pass --base PREVIOUS.qcow2 (the image the bitmap was started against)',
+      throw new InvalidArgumentError('--bitmap (API: bitmap) needs --base (API: base): the clusters it leaves out come from the previous backup', {
+        hint: 'Pass --base PREVIOUS.qcow2 (API: base), the image the bitmap was started against',
       });
     }
     if (options.manifest !== undefined && options.baseManifest === undefined) {
-      throw new InvalidArgumentError('--bitmap with --manifest needs --base-manifest: the clean clusters are not read, so their fingerprints come from the base\'s manifest');
+      throw new InvalidArgumentError('--bitmap with --manifest (API: bitmap, manifest) needs --base-manifest (API: baseManifest): the clean clusters are not read, so their fingerprints come from the base\'s manifest');
     }
   }
   if (options.baseName !== undefined && options.base === undefined) {
-    throw new InvalidArgumentError('--base-name needs --base');
+    throw new InvalidArgumentError('--base-name (API: baseName) needs --base (API: base)');
   }
   if (options.compression !== undefined) {
     if (layout === 'external') {
       throw new CompressionUnsupportedError(
         'Compressed clusters cannot be written with an external data file: the qcow2 spec forbids them there (every guest cluster sits at its own offset in the data file)',
         'layout',
-        { hint: 'Add --internal for one compressed qcow2 file' },
+        { hint: "Add --internal (API: layout: 'internal') for one compressed qcow2 file" },
       );
     }
     checkCompressionType(options.compression);
@@ -997,7 +1027,7 @@ function writtenFiles(output: OutputTarget, dataFile: string | Writable | undefi
   const files: RunFile[] = [];
   if (typeof output === 'string' && output !== '-') files.push({ role: 'output', path: output });
   if (typeof dataFile === 'string') {
-    files.push({ role: 'data file', path: dataFile, hint: 'To use an existing raw file as the data file without copying it, run: qcow2-stream wrap RAW OUTPUT' });
+    files.push({ role: 'data file', path: dataFile, hint: 'To use an existing raw file as the data file without copying it, run: qcow2-stream wrap RAW OUTPUT (API: wrap(raw, output))' });
   }
   if (manifest !== undefined) files.push({ role: 'manifest', path: manifest });
   return files;

@@ -19,7 +19,7 @@ import { Writable } from 'node:stream';
 import { BLOCK_STREAM_HIGH_WATER_MARK, clusterSizeFor, isBatch, type Block, type BlockItem } from '../block.js';
 import { abortable, abortError } from './abort.js';
 import { isAllZero } from '../io/buffers.js';
-import { AbortedError, InvalidArgumentError } from '../errors.js';
+import { AbortedError, InvalidArgumentError, streamError } from '../errors.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { COPIES_IN_FLIGHT, OffsetWriter, type CopySource, type OutputTarget } from '../io/output.js';
 import { inputShrank, inputSizeMismatch } from './clusterize.js';
@@ -553,7 +553,8 @@ export class ExternalSinkStream extends Writable {
     // Destroyed before finishing (an upstream failure, or destroy() by the caller): clean up.
     if (this.result === undefined) {
       const aborted = () => {
-        this.rejectFinished(error ?? new AbortedError('The sink was destroyed before the image was complete'));
+        // An upstream failure or a pipeline's abort (Node's AbortError) comes out as ours.
+        this.rejectFinished(error ? streamError(error, 'input') : new AbortedError('The sink was destroyed before the image was complete'));
         callback(error);
       };
       if (this.writer) this.writer.abort().then(aborted, aborted);

@@ -27,6 +27,7 @@ import { clusterSizeFor, isBatch, type Block, type BlockItem } from '../block.js
 import { abortable, abortError } from './abort.js';
 import { missingInputEnd } from './external-sink.js';
 import { InvalidArgumentError, NotSeekableError } from '../errors.js';
+import { describeValue } from '../internal/arguments.js';
 import {
   buildRefcountTable,
   checkVirtualSize,
@@ -195,7 +196,7 @@ export class InternalImageWriter {
     if (output.kind !== 'file') {
       await output.abort();
       throw new NotSeekableError(
-        `An image without a data file needs a regular file as output ('${options.output}' is a stream): its header is written last`,
+        `An image without a data file needs a regular file as output (${typeof options.output === 'string' ? `'${options.output}' is a pipe or a device` : `${describeValue(options.output)} is not a file`}): its header is written last`,
         { hint: 'Write to a file, or use the default external data-file layout, which streams to pipes' },
       );
     }

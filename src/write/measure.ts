@@ -17,6 +17,7 @@
 
 import type { Block } from '../block.js';
 import { InvalidArgumentError } from '../errors.js';
+import { checkOptionsObject, describeValue } from '../internal/arguments.js';
 import { checkVirtualSize, imageGeometry, planMetadata, roundUpToSector } from '../format/index.js';
 import { zeroDetect } from '../../transforms/zero-detect.js';
 import { checkCompressionType, type CompressionType } from './compress.js';
@@ -83,20 +84,22 @@ export interface MeasureResult extends FileMeasure {
 
 /** Measures the space a conversion with these options needs; writes nothing. */
 export async function measure(options: MeasureOptions): Promise<MeasureResult> {
+  checkOptionsObject(options, 'measure()');
+  if (options.size !== undefined && typeof options.size !== 'number') throw new InvalidArgumentError(`measure(): size must be a number, not ${describeValue(options.size)}`);
   const layout = options.layout ?? 'external';
-  if (layout !== 'external' && layout !== 'internal') throw new InvalidArgumentError(`Unknown layout '${String(layout)}': use 'external' or 'internal'`);
+  if (layout !== 'external' && layout !== 'internal') throw new InvalidArgumentError(`Unknown layout ${describeValue(layout)}: use 'external' or 'internal'`);
   if ((options.input === undefined) === (options.size === undefined)) throw new InvalidArgumentError('measure needs an input image or a size (one of them)');
   if (options.compression !== undefined) {
     if (layout === 'external') {
       const { CompressionUnsupportedError } = await import('../errors.js');
       throw new CompressionUnsupportedError('Compressed clusters cannot be written with an external data file: the qcow2 spec forbids them there', 'layout', {
-        hint: 'Add --internal',
+        hint: "Add --internal (API: layout: 'internal')",
       });
     }
     checkCompressionType(options.compression);
   }
   if (options.dedup && layout === 'external') throw new InvalidArgumentError('Dedup needs the internal layout');
-  if (options.base !== undefined && options.input === undefined) throw new InvalidArgumentError('--base needs an input image to compare');
+  if (options.base !== undefined && options.input === undefined) throw new InvalidArgumentError('--base (API: base) needs an input image to compare (API: input)');
   const settings = resolveImageSettings({ ...options, dataFileRaw: layout === 'external' && options.base === undefined && (options.dataFileRaw ?? true) });
   const { clusterBits, clusterSize: cs, refcountOrder } = settings;
 
@@ -104,7 +107,7 @@ export async function measure(options: MeasureOptions): Promise<MeasureResult> {
   try {
     if (input && !input.target.positional) throw new InvalidArgumentError(`measure reads a regular file; '${input.name}' is not one`);
     const size = roundUpToSector(input ? input.size! : options.size!);
-    if (!Number.isSafeInteger(size) || size < 0) throw new InvalidArgumentError(`Invalid size ${options.size}`);
+    if (!Number.isSafeInteger(size) || size < 0) throw new InvalidArgumentError(`Invalid size ${describeValue(options.size)}`);
     checkVirtualSize(size, clusterBits);
     const geometry = imageGeometry(size, clusterBits);
     const full = planMetadata({ geometry, refcountOrder, l2Tables: geometry.l1Size });

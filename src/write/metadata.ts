@@ -115,7 +115,7 @@ export class MetadataEmitter {
     this.backing = options.backing;
     if (this.backing && options.settings.dataFileRaw) {
       throw new InvalidArgumentError('A backing file cannot be used with the raw-data-file bit (the data file alone would not be the guest image)', {
-        hint: 'Use --no-data-file-raw',
+        hint: 'Use --no-data-file-raw (API: dataFileRaw: false)',
       });
     }
     this.streaming = options.virtualSize !== undefined && (options.settings.dataFileRaw || output.kind === 'stream');

@@ -235,7 +235,7 @@ export async function* nbdBatches(client: NbdClient, options: NbdBlockSourceOpti
   for (const c of connections) {
     if (c.blockSize.minimum > clusterSize) {
       throw new InvalidArgumentError(`The NBD server at ${c.address.uri} reads in blocks of at least ${c.blockSize.minimum} bytes, more than the ${clusterSize}-byte clusters`, {
-        hint: `Convert with --cluster-size ${c.blockSize.minimum} or more`,
+        hint: `Convert with --cluster-size ${c.blockSize.minimum} (API: clusterSize: ${c.blockSize.minimum}) or more`,
       });
     }
     if (c.size !== client.size) throw new InvalidArgumentError(`nbdBlocks: a connection serves ${c.size} bytes, the client ${client.size}`);

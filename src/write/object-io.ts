@@ -36,7 +36,7 @@ export async function internalToObject(options: ConvertOptions, run: (options: C
   const { headObject } = await import('../io/s3.js');
   if (!overwrite && (await headObject(uri)) !== undefined) {
     const { ObjectStorageError } = await import('../errors.js');
-    throw new ObjectStorageError(`The object '${uri}' already exists`, uri, 'exists', { hint: 'Remove it first, or pass --force to replace it' });
+    throw new ObjectStorageError(`The object '${uri}' already exists`, uri, 'exists', { hint: 'Remove it first, or replace it with --force (API: overwrite: true)' });
   }
   const dir = await mkdtemp(join(process.env['QCOW2_STREAM_SPOOL_DIR'] ?? tmpdir(), 'qcow2-stream-'));
   try {

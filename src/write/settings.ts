@@ -13,6 +13,7 @@ import {
   MAX_REFCOUNT_ORDER,
 } from '../format/index.js';
 import { InvalidArgumentError } from '../errors.js';
+import { describeValue } from '../internal/arguments.js';
 
 /** Image parameters a caller may choose. */
 export interface ImageOptions {
@@ -61,19 +62,23 @@ export interface ImageSettings {
 /** Validates the caller's choices; throws InvalidArgumentError naming the bad value. */
 export function resolveImageSettings(options: ImageOptions): ImageSettings {
   const clusterSize = options.clusterSize ?? 2 ** DEFAULT_CLUSTER_BITS;
-  const clusterBits = Math.log2(clusterSize);
+  // typeof first: Math.log2('65536') is 16, and a string cluster size would concatenate later.
+  const clusterBits = typeof clusterSize === 'number' ? Math.log2(clusterSize) : Number.NaN;
   if (!Number.isInteger(clusterBits)) {
-    throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: it must be a power of two from 512 bytes to 2 MiB`);
+    throw new InvalidArgumentError(`Invalid cluster size ${describeValue(clusterSize)}: it must be a power of two from 512 bytes to 2 MiB`);
   }
   try {
     checkClusterBits(clusterBits);
   } catch {
-    throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: it must be a power of two from 512 bytes to 2 MiB`);
+    throw new InvalidArgumentError(`Invalid cluster size ${describeValue(clusterSize)}: it must be a power of two from 512 bytes to 2 MiB`);
   }
   const refcountBits = options.refcountBits ?? 2 ** DEFAULT_REFCOUNT_ORDER;
-  const refcountOrder = Math.log2(refcountBits);
+  const refcountOrder = typeof refcountBits === 'number' ? Math.log2(refcountBits) : Number.NaN;
   if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > MAX_REFCOUNT_ORDER) {
-    throw new InvalidArgumentError(`Invalid refcount width ${refcountBits} bits: it must be 1, 2, 4, 8, 16, 32 or 64`);
+    throw new InvalidArgumentError(`Invalid refcount width ${describeValue(refcountBits)} bits: it must be 1, 2, 4, 8, 16, 32 or 64`);
+  }
+  if (options.dataFileRaw !== undefined && typeof options.dataFileRaw !== 'boolean') {
+    throw new InvalidArgumentError(`dataFileRaw must be true or false, not ${describeValue(options.dataFileRaw)}`);
   }
   return { clusterBits, clusterSize, refcountOrder, dataFileRaw: options.dataFileRaw ?? true };
 }

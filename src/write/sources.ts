@@ -466,7 +466,7 @@ export async function openInput(path: string, declaredSize?: number): Promise<Op
   // cache (src/cli/launch.cjs), where a dynamic import has no loader.
   if (path === '-' && process.getBuiltinModule('node:tty').isatty(0)) {
     throw new InvalidArgumentError('Standard input is a terminal, not a raw image', {
-      hint: 'Pipe an image in (… | qcow2-stream convert - OUT) or name the input file',
+      hint: "Pipe an image in (… | qcow2-stream convert - OUT) or name the input file (API: input: 'disk.raw' or a Readable)",
     });
   }
   const target = nativeTarget(path, kind, name) ?? (await eventLoopTarget(path, kind, name));

@@ -98,10 +98,10 @@ describe('maxVirtualSize / checkVirtualSize / checkClusterBits / roundUpToSector
   });
 
   const tooLarge: { size: number; cb: number; extendedL2?: boolean; hint: string }[] = [
-    { size: 128 * GiB + 512, cb: 9, hint: 'Use --cluster-size 1024 or larger' },
-    { size: 1 * PiB, cb: 9, hint: 'Use --cluster-size 65536 or larger' },
-    { size: 2 * PiB + 512, cb: 16, hint: 'Use --cluster-size 131072 or larger' },
-    { size: 2 ** 46 + 512, cb: 14, extendedL2: true, hint: 'Use --cluster-size 32768 or larger' },
+    { size: 128 * GiB + 512, cb: 9, hint: 'Use --cluster-size 1024 (API: clusterSize: 1024) or larger' },
+    { size: 1 * PiB, cb: 9, hint: 'Use --cluster-size 65536 (API: clusterSize: 65536) or larger' },
+    { size: 2 * PiB + 512, cb: 16, hint: 'Use --cluster-size 131072 (API: clusterSize: 131072) or larger' },
+    { size: 2 ** 46 + 512, cb: 14, extendedL2: true, hint: 'Use --cluster-size 32768 (API: clusterSize: 32768) or larger' },
     { size: Number.MAX_SAFE_INTEGER, cb: 21, hint: 'No cluster size can address this size' },
   ];
   for (const c of tooLarge) {

@@ -13,7 +13,7 @@ import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { openImage } from '../../src/read/image.js';
 import { EXPORT_CHUNK, exportStream, exportToFile } from '../../src/read/export.js';
-import { isQcow2StreamError, type ErrorCode } from '../../src/errors.js';
+import { isQcow2StreamError, type ErrorCode, type FileError, type StreamError } from '../../src/errors.js';
 import { needQemu, tempDir } from '../helpers/qemu.js';
 import { img, io, qemuRaw } from '../read/fixtures.js';
 import { countReads, errnoError, failOn } from './faults.js';
@@ -119,7 +119,8 @@ test('EIO reading the data file mid-export: a FileError naming the file, no outp
   const image = await openImage(join(dir, 'ext.qcow2'));
   await failOn(t, 'read', (path) => path.endsWith('/d.data'), 1, errnoError('EIO', 'read'));
   const err = await rejectsWith(exportToFile(image, join(dir, 'out.raw')), 'QCOW_ERR_FILE', /Cannot read '.*d\.data': input\/output error/);
-  assert.equal((err as { errno?: string }).errno, 'EIO');
+  assert.equal((err as FileError).systemCode, 'EIO');
+  assert.equal((err as FileError).errno, -5);
   await image.close();
   assert.deepEqual(leftovers(dir), []);
   assert.deepEqual(leakedSince(before), []);
@@ -137,7 +138,7 @@ for (const code of ['ENOSPC', 'EIO'] as const) {
     await failOn(t, 'writev', (path) => path.includes('.partial'), 1, errnoError(code, 'write'));
     const reason = code === 'ENOSPC' ? 'no space left on device' : 'input/output error';
     const err = await rejectsWith(exportToFile(image, join(dir, 'out.raw')), 'QCOW_ERR_FILE', new RegExp(`Cannot write the raw image .*out\\.raw.*${reason}`));
-    assert.equal((err as { errno?: string }).errno, code);
+    assert.equal((err as FileError).systemCode, code);
     await image.close();
     assert.deepEqual(leftovers(dir), []);
     assert.deepEqual(leakedSince(before), []);
@@ -156,7 +157,9 @@ test('a failing Writable target: the export rejects with its error wrapped, noth
       callback(++writes === 2 ? errnoError('EIO', 'write') : null);
     },
   });
-  await rejectsWith(exportToFile(image, target), 'QCOW_ERR_FILE', /input\/output error/);
+  // A Writable is a stream of the caller's, not a named file: a StreamError with the OS error's name.
+  const err = await rejectsWith(exportToFile(image, target), 'QCOW_ERR_STREAM', /^Cannot write to the raw image stream: EIO/);
+  assert.equal((err as StreamError).systemCode, 'EIO');
   await image.close();
   assert.deepEqual(leakedSince(before), []);
 });

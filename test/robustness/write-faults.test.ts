@@ -15,7 +15,7 @@ import { createReadStream, readdirSync, readFileSync, rmSync, writeFileSync } fr
 import { join } from 'node:path';
 import { convert } from '../../src/write/convert.js';
 import { wrap } from '../../src/write/wrap.js';
-import { isQcow2StreamError } from '../../src/errors.js';
+import { isQcow2StreamError, type FileError } from '../../src/errors.js';
 import { mixedExtents, writeRawImage } from '../helpers/images.js';
 import { tempDir } from '../helpers/qemu.js';
 import { leakedSince, openDescriptors } from '../helpers/descriptors.js';
@@ -101,12 +101,17 @@ function snapshot(dir: string): Record<string, string> {
 
 const temporaryOf = (final: string) => (path: string) => path.includes(`/.${final}.`) && path.endsWith('.partial');
 
-/** Runs `work` expecting a FileError for `errno` whose message starts with `action` and names `final`. */
-async function expectFileError(work: Promise<unknown>, errno: string, action: string, final: string, reason: string): Promise<void> {
+/** Node's errno of each OS error these tests raise (Linux numbers). */
+const ERRNO = { EIO: -5, ENOSPC: -28, EEXIST: -17 } as const;
+
+/** Runs `work` expecting a FileError for the OS error `systemCode` whose message starts with `action` and names `final`. */
+async function expectFileError(work: Promise<unknown>, systemCode: keyof typeof ERRNO, action: string, final: string, reason: string): Promise<void> {
   await assert.rejects(work, (err: unknown) => {
     assert.ok(isQcow2StreamError(err), `expected a typed error, got ${String(err)}`);
     assert.equal(err.code, 'QCOW_ERR_FILE', err.message);
-    assert.equal((err as { errno?: string }).errno, errno, err.message);
+    assert.equal((err as FileError).systemCode, systemCode, err.message);
+    // Node's errno is the negative number (errnoError gives the Linux ones).
+    assert.equal((err as FileError).errno, ERRNO[systemCode], err.message);
     assert.ok(err.message.startsWith(`${action} '`), err.message);
     assert.ok(err.message.endsWith(`/${final}': ${reason}`), err.message);
     return true;
@@ -211,7 +216,8 @@ test('an existing data file is not touched without overwrite, not even when it a
   const before = snapshot(dir);
   await assert.rejects(convert({ input: input(dir), output: join(dir, 'out.qcow2') }), (err: unknown) => {
     assert.ok(isQcow2StreamError(err));
-    assert.equal((err as { errno?: string }).errno, 'EEXIST');
+    assert.equal((err as FileError).systemCode, 'EEXIST');
+    assert.equal((err as FileError).errno, -17);
     return true;
   });
   assert.deepEqual(snapshot(dir), before);
