@@ -9,7 +9,7 @@
  */
 
 import { closeSync, ftruncateSync, openSync, writeFileSync, writeSync } from 'node:fs';
-import { convert, openImage, checkImage, isQcow2StreamError, FileError, type ErrorCode } from 'qcow2-stream';
+import { convert, openImage, checkImage, isQcow2StreamError, FileError } from 'qcow2-stream';
 import { createHasher } from 'qcow2-stream/transforms';
 import { parseJob } from 'qcow2-stream/fleet';
 
@@ -31,10 +31,9 @@ function pattern(seed: number): Uint8Array {
  */
 function describe(error: unknown): string {
   if (!isQcow2StreamError(error)) return `not a Qcow2StreamError: ${String(error)}`;
-  const code: ErrorCode = error.code;
-  switch (code) {
+  switch (error.code) {
     case 'QCOW_ERR_FILE':
-      return error instanceof FileError ? `${code} ${error.path}` : `${code} (not a FileError)`;
+      return error instanceof FileError ? `${error.code} ${error.path}` : `${error.code} (not a FileError)`;
     case 'QCOW_ERR_BAD_MAGIC':
     case 'QCOW_ERR_UNSUPPORTED_FORMAT':
     case 'QCOW_ERR_UNSUPPORTED_VERSION':
@@ -42,9 +41,9 @@ function describe(error: unknown): string {
     case 'QCOW_ERR_CORRUPT_IMAGE':
     case 'QCOW_ERR_LIMIT_EXCEEDED':
     case 'QCOW_ERR_UNEXPECTED_EOF':
-      return `${code} (not an image we can read)`;
+      return `${error.code} (not an image we can read)`;
     case 'QCOW_ERR_JOB':
-      return `${code} (a job payload the fleet refuses)`;
+      return `${error.code} (a job payload the fleet refuses)`;
     case 'QCOW_ERR':
     case 'QCOW_ERR_INVALID_ARGUMENT':
     case 'QCOW_ERR_PATH_POLICY':
@@ -58,9 +57,9 @@ function describe(error: unknown): string {
     case 'QCOW_ERR_NBD_SERVER':
     case 'QCOW_ERR_OBJECT_STORAGE':
     case 'QCOW_ERR_MISSING_DEPENDENCY':
-      return `${code} (unexpected here)`;
+      return `${error.code} (unexpected here)`;
     default: {
-      const unhandled: never = code;
+      const unhandled: never = error.code;
       return `unknown code ${String(unhandled)}`;
     }
   }
