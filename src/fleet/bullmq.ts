@@ -166,6 +166,7 @@ export interface EnqueueOptions {
 
 /** What {@link enqueue} did. */
 export interface EnqueueResult {
+  /** The job's id, given or generated. */
   id: string;
   /** True when the id was already known: nothing was added. */
   existing: boolean;
@@ -219,14 +220,28 @@ async function describeExisting(job: Job, payload: JobPayload): Promise<EnqueueR
 
 /** A job as {@link jobStatus} reports it. */
 export interface JobStatus {
+  /** The job's id. */
   id: string;
+  /** BullMQ's state: `waiting`, `active`, `completed`, `failed`, `delayed`… */
   state: string;
+  /** The command line the job runs. */
   argv: string[];
+  /** Attempts made so far (retries included). */
   attemptsMade: number;
+  /** The last progress the job reported. */
   progress?: JobProgress;
+  /** The job's result, once completed. */
   result?: JobResult;
-  error?: { message: string; code: string };
+  /** Why the last attempt failed, when it did and the job has not completed since. */
+  error?: {
+    /** The error's message. */
+    message: string;
+    /** Its `QCOW_ERR_…` code (`QCOW_ERR_INTERNAL` when the failure carried none). */
+    code: string;
+  };
+  /** When the job was added (ms since the epoch). */
   createdAt?: number;
+  /** When it finished, completed or failed (ms since the epoch). */
   finishedAt?: number;
 }
 

@@ -21,6 +21,7 @@ import type { Progress } from '../progress.js';
 
 /** What a queue stores for one job: the command line, versioned. */
 export interface JobPayload {
+  /** The payload format's version: 1. */
   v: 1;
   /** `['convert', INPUT, OUTPUT, …options]` or `['export', IMAGE, OUTPUT, …options]`. */
   argv: string[];
@@ -28,22 +29,46 @@ export interface JobPayload {
 
 /** A parsed payload, ready to run. */
 export type ParsedJob =
-  | { command: 'convert'; options: ConvertOptions; outputs: string[] }
-  | { command: 'export'; image: string; output: string; flags: ExportFlags; outputs: string[] };
+  | {
+      /** A conversion. */
+      command: 'convert';
+      /** What the command line asks of convert(). */
+      options: ConvertOptions;
+      /** Every file the job writes (image, data file, manifest): an earlier attempt's leftovers there are removed first. */
+      outputs: string[];
+    }
+  | {
+      /** An export. */
+      command: 'export';
+      /** The image to export. */
+      image: string;
+      /** Where the raw bytes go. */
+      output: string;
+      /** The export command line's options. */
+      flags: ExportFlags;
+      /** Every file the job writes: an earlier attempt's leftovers there are removed first. */
+      outputs: string[];
+    };
 
 /** Progress as a job reports it: guest bytes done of the total, and the phase. */
 export interface JobProgress {
+  /** The command running, or `finishing` once every guest byte is done (flushing, committing). */
   phase: 'convert' | 'export' | 'finishing';
+  /** Guest bytes done. */
   bytesDone: number;
+  /** Guest bytes in all, when known (not for a pipe of unknown size). */
   bytesTotal?: number;
 }
 
 /** What a finished job returns (stored by the engine as the job's result). */
 export interface JobResult {
+  /** The command the job ran. */
   command: 'convert' | 'export';
+  /** Its summary: convert()'s summary, or the export's image, output, sizes and warnings. */
   summary: Record<string, unknown>;
 }
 
+/** What the worker allows payloads, beyond what any payload may ask. */
 export interface JobPolicy {
   /** Let payloads pass --allow-unsafe-paths (the worker's own opt-in). Default false. */
   allowUnsafePaths?: boolean;
@@ -97,7 +122,9 @@ export function parseJob(payload: unknown, policy: JobPolicy = {}): ParsedJob {
 
 /** Hooks an adapter gives a run. */
 export interface RunHooks {
+  /** Aborts the attempt (its partial outputs are removed). */
   signal?: AbortSignal;
+  /** Called as guest bytes are done. */
   onProgress?: (progress: JobProgress) => void;
 }
 
