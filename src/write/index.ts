@@ -17,8 +17,8 @@ export {
 } from './convert.js';
 export { wrap, type WrapOptions, type WrapSummary } from './wrap.js';
 export { resolveImageSettings, type ImageOptions, type ImageSettings } from './settings.js';
-export { InternalImageWriter, createInternalSink, writeInternal, type InternalImageOptions, type InternalSummary, type WriteInternalOptions, type WriteInternalResult } from './internal-sink.js';
-export { type ImageShape } from './settings.js';
+export { InternalImageWriter, InternalSinkStream, createInternalSink, writeInternal, type InternalImageOptions, type InternalSummary, type WriteInternalOptions, type WriteInternalResult } from './internal-sink.js';
+export { type ImageShape, type WriteSummary } from './settings.js';
 export { nbdBlocks, planClusterRuns, ClusterSweep, type ClusterKind, type ClusterRun, type NbdBlockSourceOptions } from './nbd-source.js';
 export { CompressorPool, compressBlocks, canCompressZstd, checkCompressionType, type CompressionType, type CompressorPoolOptions, type CompressBlocksOptions, type CompressedBatch } from './compress.js';
 export { measure, type MeasureOptions, type MeasureResult, type FileMeasure } from './measure.js';

@@ -21,7 +21,7 @@ import { checkVirtualSize, imageGeometry, planMetadata, roundUpToSector } from '
 import { zeroDetect } from '../../transforms/zero-detect.js';
 import { checkCompressionType, type CompressionType } from './compress.js';
 import { InternalPlan } from './internal-stream.js';
-import { resolveImageSettings, type ImageOptions } from './settings.js';
+import { checkDedupSharing, resolveImageSettings, type ImageOptions } from './settings.js';
 import { BufferPool, openInput, readBlocks } from './sources.js';
 
 /** Options of {@link measure}. */
@@ -98,6 +98,8 @@ export async function measure(options: MeasureOptions): Promise<MeasureResult> {
   if (options.dedup && layout === 'external') throw new InvalidArgumentError('Dedup needs the internal layout');
   if (options.base !== undefined && options.input === undefined) throw new InvalidArgumentError('--base needs an input image to compare');
   const settings = resolveImageSettings({ ...options, dataFileRaw: layout === 'external' && options.base === undefined && (options.dataFileRaw ?? true) });
+  // The same refusal as convert's: an image measured is one convert would write.
+  if (options.dedup) checkDedupSharing(settings);
   const { clusterBits, clusterSize: cs, refcountOrder } = settings;
 
   const input = options.input === undefined ? undefined : await openInput(options.input);
