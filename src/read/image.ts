@@ -140,7 +140,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
  */
 export async function openDisk(path: string, options: OpenDiskOptions = {}): Promise<DiskImage> {
   const context = newContext(options);
-  const format = options.format ?? (await probeFormat(path, context.warn));
+  const format = options.format ?? (await probeFormat(path, { onWarning: context.warn }));
   switch (format) {
     case 'qcow2':
       return openQcow2(path, context, 0, options.dataFile, options.backing, options.backingFormat);

@@ -635,7 +635,7 @@ async function openConversion(
           onBlockDone,
           readInput: (buffer, position, length) => target.read(buffer, 0, length, position),
           reread: () => readBlocks(target, { clusterSize: settings.clusterSize, size: size!, zeroRuns: true, ...(pool ? { pool } : {}) }),
-          compress: pool2 && compressBlocks ? (blocks) => compressBlocks(blocks, pool2) : undefined,
+          compress: pool2 && compressBlocks ? (blocks) => compressBlocks(blocks, { pool: pool2 }) : undefined,
         });
       } else internal = await (await import('./internal-sink.js')).InternalImageWriter.create({
         compression: options.compression,
@@ -650,7 +650,7 @@ async function openConversion(
       });
     }
     sink = (external ?? internal)!;
-    if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync, overwrite: options.overwrite ?? false });
+    if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create({ output: options.manifest, hasher: hasher!, clusterSize: settings.clusterSize, sync, overwrite: options.overwrite ?? false });
     let comparer: BaseComparer | undefined;
     // An incremental from a dirty bitmap knows what changed: the base is only the backing file.
     if ((baseImage || baseManifest) && !incremental) {
@@ -905,7 +905,7 @@ async function openImageInput(path: string, options: ConvertOptions, warn: (mess
   // '< image' on standard input: the file behind it, read like any file.
   if (path === '-') path = '/dev/stdin';
   const { openDisk, probeFormat } = await import('../read/image.js');
-  const format = options.inputFormat ?? (await probeFormat(path, warn));
+  const format = options.inputFormat ?? (await probeFormat(path, { onWarning: warn }));
   if (format === 'raw') return undefined;
   return openDisk(path, {
     format,

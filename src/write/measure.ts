@@ -151,7 +151,7 @@ export async function measure(options: MeasureOptions): Promise<MeasureResult> {
             ...(options.compressionThreads === undefined ? {} : { threads: options.compressionThreads }),
           });
           closers.push(() => compressor.close());
-          blocks = compressBlocks(blocks, compressor);
+          blocks = compressBlocks(blocks, { pool: compressor });
         }
         for await (const block of blocks) {
           await plan.record(block);

@@ -123,11 +123,20 @@ function kindOf(allocation: number | undefined, dirty: number | undefined): Clus
   return allocation !== undefined && allocation & NBD_STATE_ZERO ? 'zero' : 'read';
 }
 
+/** Options of {@link planClusterRuns}. */
+export interface PlanClusterRunsOptions {
+  /** Bytes per cluster of the image being written. */
+  clusterSize: number;
+  /** The dirty-bitmap meta context (`qemu:dirty-bitmap:NAME`) whose clean ranges become `clean` runs. */
+  dirtyContext?: string | undefined;
+}
+
 /**
  * The cluster runs of the export, from block status (one window ahead). Without the contexts
  * (a server with no structured replies), everything is read.
  */
-export async function* planClusterRuns(client: NbdClient, clusterSize: number, dirtyContext?: string): AsyncGenerator<ClusterRun> {
+export async function* planClusterRuns(client: NbdClient, options: PlanClusterRunsOptions): AsyncGenerator<ClusterRun> {
+  const { clusterSize, dirtyContext } = options;
   const size = client.size;
   const sweep = new ClusterSweep(size, clusterSize);
   const hasAllocation = client.contexts.has(BASE_ALLOCATION);
@@ -203,7 +212,7 @@ export async function* nbdBlocks(client: NbdClient, options: NbdBlockSourceOptio
   const size = client.size;
   const perRead = READ_SIZE / clusterSize;
   const maxRun = MAX_ZERO_RUN_BYTES / clusterSize;
-  const runs = planClusterRuns(client, clusterSize, options.dirtyContext);
+  const runs = planClusterRuns(client, { clusterSize, dirtyContext: options.dirtyContext });
   const queue: Piece[] = [];
   let readsQueued = 0;
   let planned = false;

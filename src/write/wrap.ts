@@ -111,7 +111,7 @@ export async function wrap(options: WrapOptions): Promise<WrapSummary> {
       if (settings.dataFileRaw) {
         dataClusters = clusters;
       } else {
-        const target = fileHandleTarget(raw.handle, rawPath, true);
+        const target = fileHandleTarget(raw.handle, { name: rawPath });
         const pool = new BufferPool();
         let nextReport = PROGRESS_STEP;
         // Holes of the raw file come as zero runs (never read) when the extent probe is built.

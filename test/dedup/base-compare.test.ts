@@ -63,7 +63,7 @@ test('the same against a manifest of the base', async (t) => {
   const { base, next, changed } = images();
   writeFileSync(join(dir, 'next.raw'), next);
   const baseWriter = await InternalImageWriter.create({ output: join(dir, 'base.qcow2'), clusterSize: 65536, refcountBits: 16, size: base.length });
-  const manifestWriter = await ManifestWriter.create(join(dir, 'base.xxh'), hasher, 16);
+  const manifestWriter = await ManifestWriter.create({ output: join(dir, 'base.xxh'), hasher, clusterSize: 65536 });
   for await (const b of blocksOf(base)) {
     await baseWriter.write(b);
     await manifestWriter.add(b);
@@ -83,7 +83,7 @@ test('the same against a manifest of the base', async (t) => {
 test('a manifest made with another cluster size is refused', async (t) => {
   const dir = tempDir(t);
   const hasher = await createHasher();
-  const writer = await ManifestWriter.create(join(dir, 'm.xxh'), hasher, 12);
+  const writer = await ManifestWriter.create({ output: join(dir, 'm.xxh'), hasher, clusterSize: 4096 });
   await writer.finish(8192);
   const manifest = await ManifestReader.open(join(dir, 'm.xxh'));
   t.after(() => manifest.close());

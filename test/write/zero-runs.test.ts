@@ -203,7 +203,7 @@ test('hand-made zero runs through the internal sink (plain, dedup, overlay) and 
         dedup: variant.dedup ? { hasher } : undefined,
         backing: variant.backing ? { name: 'base.qcow2', format: 'qcow2' } : undefined,
       });
-      const manifest = await ManifestWriter.create(manifestPath, hasher, clusterBits);
+      const manifest = await ManifestWriter.create({ output: manifestPath, hasher, clusterSize });
       for (const block of stepBlocks(clusterSize, asRuns, tail, variant.backing)) {
         await manifest.add(block);
         await writer.write(block);
