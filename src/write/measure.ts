@@ -141,7 +141,7 @@ export async function measure(options: MeasureOptions): Promise<MeasureResult> {
           const { openDisk } = await import('../read/image.js');
           const base = await openDisk(options.base, options.allowUnsafePaths ? { allowUnsafePaths: true } : {});
           closers.push(() => base.close());
-          blocks = (await import('../../transforms/base-compare.js')).compareWithBase(blocks, base, cs).blocks;
+          blocks = (await import('../../transforms/base-compare.js')).compareWithBase(blocks, { base, clusterSize: cs }).blocks;
         }
         if (options.compression) {
           const { CompressorPool, compressBlocks } = await import('./compress.js');

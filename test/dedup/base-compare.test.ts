@@ -47,7 +47,7 @@ test('an overlay against the base image holds only the changed clusters and read
   await baseWriter.finish();
 
   const baseImage: BaseImage = { virtualSize: base.length, read: async (offset, length) => base.subarray(offset, offset + length) };
-  const { blocks, stats } = compareWithBase(blocksOf(next), baseImage, CS);
+  const { blocks, stats } = compareWithBase(blocksOf(next), { base: baseImage, clusterSize: CS });
   const summary = await writeOverlay(join(dir, 'next.qcow2'), blocks, next.length);
   assert.equal(stats.changed, changed.length);
   assert.equal(summary.dataClusters, changed.length - 1, 'the zeroed cluster is a zero flag, not data');
@@ -73,7 +73,7 @@ test('the same against a manifest of the base', async (t) => {
 
   const manifest = await ManifestReader.open(join(dir, 'base.xxh'));
   t.after(() => manifest.close());
-  const { blocks, stats } = compareWithManifest(blocksOf(next), manifest, hasher, 16);
+  const { blocks, stats } = compareWithManifest(blocksOf(next), { manifest, hasher, clusterSize: 65536 });
   await writeOverlay(join(dir, 'next.qcow2'), blocks, next.length);
   assert.equal(stats.changed, changed.length);
   assert.equal(qemuCheck('next.qcow2', dir).code, 0);
@@ -87,5 +87,5 @@ test('a manifest made with another cluster size is refused', async (t) => {
   await writer.finish(8192);
   const manifest = await ManifestReader.open(join(dir, 'm.xxh'));
   t.after(() => manifest.close());
-  assert.throws(() => compareWithManifest(blocksOf(Buffer.alloc(CS)), manifest, hasher, 16), /4096-byte clusters/);
+  assert.throws(() => compareWithManifest(blocksOf(Buffer.alloc(CS)), { manifest, hasher, clusterSize: 65536 }), /4096-byte clusters/);
 });
