@@ -104,7 +104,8 @@ async function benchFleet(): Promise<void> {
         clean();
         sequential = await runSequential();
       }
-      for (const path of images) sh(`qemu-img compare -q -f raw -F qcow2 ${path} ${path.replace(/\.raw$/, '.qcow2')}`, { ...process.env });
+      // The stored data-file name is relative to the image's directory, which qemu 7.2 resolves from its working directory.
+      for (const path of images) sh(`cd ${dir} && qemu-img compare -q -f raw -F qcow2 ${path} ${path.replace(/\.raw$/, '.qcow2')}`, { ...process.env });
       ratios.push(sequential / fleet);
       report(`fleet round ${round + 1}: sequential CLI ${sequential.toFixed(2)} s, fleet (--concurrency ${args.concurrency}) ${fleet.toFixed(2)} s, speed ratio ${(sequential / fleet).toFixed(2)}`);
     }

@@ -94,8 +94,7 @@ async function main(): Promise<void> {
     const stats = new ClusterStats();
     const sink = createExternalSink({
       output: qcow2,
-      dataFile: join(dir, 'disk.data'),
-      dataFileName: 'disk.data', // stored in the header; resolved next to disk.qcow2
+      dataFile: join(dir, 'disk.data'), // stored in the header as 'disk.data': relative to disk.qcow2's directory
       clusterSize: source.clusterSize, // the cluster size is chosen once, at the source
       overwrite: true,
     });

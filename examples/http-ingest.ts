@@ -85,8 +85,7 @@ async function main(): Promise<void> {
       input: response, // the body, straight from the socket
       size, // from Content-Length: metadata streams alongside, and a truncated body is an error
       output: qcow2,
-      dataFile: join(dir, 'disk.data'),
-      dataFileName: 'disk.data',
+      dataFile: join(dir, 'disk.data'), // stored as 'disk.data', relative to the image's directory
       overwrite: true,
       signal: AbortSignal.timeout(30_000), // a stalled server must not hang the ingest for ever
     });

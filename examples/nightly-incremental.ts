@@ -90,8 +90,7 @@ async function main(): Promise<void> {
       const summary = await convert({
         input: disk,
         output: name(night, 'qcow2'),
-        dataFile: name(night, 'data'),
-        dataFileName: `night-${night}.data`,
+        dataFile: name(night, 'data'), // stored as night-N.data: relative to the image's directory
         overwrite: true,
         manifest: name(night, 'manifest'), // for tomorrow's comparison
         // From night 2 on: an overlay of last night's image, compared through its manifest.

@@ -43,14 +43,13 @@ async function main(): Promise<void> {
     makeRawDisk(raw);
 
     // 1. The one call. The metadata goes to disk.qcow2, the guest data to disk.data at the same
-    //    offsets it has in the guest (zero clusters stay holes). `dataFileName` is what the
-    //    header stores: a bare name, resolved next to the image when it is opened again.
+    //    offsets it has in the guest (zero clusters stay holes). The header stores the data
+    //    file relative to the image's directory ('disk.data'), so the pair can move together.
     const reported: number[] = [];
     const summary = await convert({
       input: raw,
       output: qcow2,
       dataFile: data,
-      dataFileName: 'disk.data',
       overwrite: true, // re-running in the same DIR replaces the previous data file
       progressInterval: 4 * MiB, // the default (32 MiB) is more than this whole disk
       onProgress: (p) => {

@@ -78,7 +78,7 @@ async function main(): Promise<void> {
     makeRawDisk(raw);
     // dataFileRaw: false leaves zero clusters unallocated, so extents() below tells data from
     // holes. (In the default raw mode every cluster maps to the data file: one data extent.)
-    await convert({ input: raw, output: qcow2, dataFile: join(dir, 'disk.data'), dataFileName: 'disk.data', dataFileRaw: false, overwrite: true });
+    await convert({ input: raw, output: qcow2, dataFile: join(dir, 'disk.data'), dataFileRaw: false, overwrite: true });
 
     const image = await openImage(qcow2);
     try {

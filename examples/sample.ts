@@ -22,10 +22,11 @@ const built = join(root, (JSON.parse(readFileSync(join(root, 'package.json'), 'u
 // The installed bin when built (npm ci builds it), else the TypeScript source.
 const cli = existsSync(built) ? [process.execPath, built] : [process.execPath, '--import', 'tsx', join(root, 'src/cli/main.ts')];
 
-function step(title: string, command: string[], options: { optional?: boolean } = {}): void {
+function step(title: string, command: string[], options: { optional?: boolean; cwd?: string } = {}): void {
   const shown = command[0] === process.execPath ? ['qcow2-stream', ...command.slice(cli.length)] : command;
-  process.stdout.write(`\n$ ${shown.join(' ')}    # ${title}\n`);
-  const result = spawnSync(command[0]!, command.slice(1), { cwd: root, stdio: 'inherit' });
+  const where = options.cwd === undefined ? '' : `cd ${options.cwd} && `;
+  process.stdout.write(`\n$ ${where}${shown.join(' ')}    # ${title}\n`);
+  const result = spawnSync(command[0]!, command.slice(1), { cwd: join(root, options.cwd ?? '.'), stdio: 'inherit' });
   if (result.status !== 0 && !options.optional) {
     process.stderr.write(`sample: '${shown.join(' ')}' failed with exit code ${result.status}\n`);
     process.exit(1);
@@ -52,10 +53,10 @@ step('byte-for-byte comparison with the original', [...cli, 'compare', 'sample/d
 
 const hasQemu = spawnSync('sh', ['-c', 'command -v qemu-img'], { stdio: 'ignore' }).status === 0;
 if (hasQemu) {
-  // The image stores the data-file name as given (sample/disk.data), and qemu resolves it against
-  // its working directory: run it where the conversion ran.
-  step('qemu-img agrees the image is clean', ['qemu-img', 'check', 'sample/disk.qcow2']);
-  step('qemu-img reads the same bytes', ['qemu-img', 'compare', '-f', 'raw', '-F', 'qcow2', 'sample/disk.raw', 'sample/disk.qcow2']);
+  // The image stores the data-file name relative to its own directory (disk.data), and qemu 7.2
+  // resolves it against its working directory: run it from the image's directory.
+  step('qemu-img agrees the image is clean', ['qemu-img', 'check', 'disk.qcow2'], { cwd: 'sample' });
+  step('qemu-img reads the same bytes', ['qemu-img', 'compare', '-f', 'raw', '-F', 'qcow2', 'disk.raw', 'disk.qcow2'], { cwd: 'sample' });
 } else {
   process.stdout.write('\n(qemu-img not installed: skipping the cross-check with qemu)\n');
 }

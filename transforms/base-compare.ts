@@ -59,19 +59,10 @@ export type BaseCompareStage<T> = AsyncIterableX<T> & {
 };
 
 /**
- * Annotates `sameAsBase` by reading the base. Past the base's end the base reads as zeros
- * (qemu's rule for a shorter backing file). `compareWithBase(items, { base })`; the older
- * `compareWithBase(blocks, base, clusterSize)` still works.
+ * Annotates `sameAsBase` by reading the base: `compareWithBase(items, { base })`. Past the
+ * base's end the base reads as zeros (qemu's rule for a shorter backing file).
  */
-export function compareWithBase<T extends BlockItem>(items: AsyncIterable<T> | Iterable<T>, options: CompareWithBaseOptions): BaseCompareStage<T>;
-/** @deprecated Use `compareWithBase(items, { base, clusterSize })`. */
-export function compareWithBase<T extends BlockItem>(items: AsyncIterable<T> | Iterable<T>, base: BaseImage, clusterSize: number): BaseCompareStage<T>;
-export function compareWithBase<T extends BlockItem>(
-  items: AsyncIterable<T> | Iterable<T>,
-  second: CompareWithBaseOptions | BaseImage,
-  clusterSizeArg?: number,
-): BaseCompareStage<T> {
-  const options: CompareWithBaseOptions = 'base' in second ? second : { base: second, ...(clusterSizeArg === undefined ? {} : { clusterSize: clusterSizeArg }) };
+export function compareWithBase<T extends BlockItem>(items: AsyncIterable<T> | Iterable<T>, options: CompareWithBaseOptions): BaseCompareStage<T> {
   const { base } = options;
   return markUnchanged('compareWithBase', items, options.clusterSize, async (block, clusterSize) => {
     const offset = block.index * clusterSize;
@@ -87,19 +78,9 @@ export function compareWithBase<T extends BlockItem>(
 
 /**
  * Annotates `sameAsBase` by comparing fingerprints with a manifest of the base:
- * `compareWithManifest(items, { manifest, hasher })`; the older positional form still works.
+ * `compareWithManifest(items, { manifest, hasher })`.
  */
-export function compareWithManifest<T extends BlockItem>(items: AsyncIterable<T> | Iterable<T>, options: CompareWithManifestOptions): BaseCompareStage<T>;
-/** @deprecated Use `compareWithManifest(items, { manifest, hasher, clusterSize })`. */
-export function compareWithManifest<T extends BlockItem>(items: AsyncIterable<T> | Iterable<T>, manifest: ManifestReader, hasher: Hasher, clusterBits: number): BaseCompareStage<T>;
-export function compareWithManifest<T extends BlockItem>(
-  items: AsyncIterable<T> | Iterable<T>,
-  second: CompareWithManifestOptions | ManifestReader,
-  hasherArg?: Hasher,
-  clusterBitsArg?: number,
-): BaseCompareStage<T> {
-  const options: CompareWithManifestOptions =
-    'manifest' in second ? second : { manifest: second, hasher: hasherArg!, ...(clusterBitsArg === undefined ? {} : { clusterSize: 2 ** clusterBitsArg }) };
+export function compareWithManifest<T extends BlockItem>(items: AsyncIterable<T> | Iterable<T>, options: CompareWithManifestOptions): BaseCompareStage<T> {
   const { manifest, hasher } = options;
   const checkClusterSize = (clusterSize: number) => {
     if (2 ** manifest.header.clusterBits !== clusterSize) {

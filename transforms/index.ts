@@ -30,4 +30,5 @@ export {
   MANIFEST_VERSION,
   MANIFEST_HEADER_LENGTH,
   type ManifestHeader,
+  type ManifestWriterOptions,
 } from './manifest.js';

@@ -114,6 +114,20 @@ export function guestFingerprint(block: Block, hasher: Hasher): bigint {
   return hasher.hash64(padded);
 }
 
+/** Options of {@link ManifestWriter.create}. */
+export interface ManifestWriterOptions {
+  /** The manifest's path (a regular file). */
+  output: string;
+  /** The XXH64 hasher (from `createHasher()`). */
+  hasher: Hasher;
+  /** Bytes per cluster of the image it describes (one fingerprint per cluster). */
+  clusterSize: number;
+  /** fsync the file (and its directory) before finish() resolves. Default true. */
+  sync?: boolean;
+  /** Replace an existing file at `output`. Default false (the CLI's --force). */
+  overwrite?: boolean;
+}
+
 /**
  * Writes a manifest while blocks stream past. Blocks must arrive in guest order; clusters
  * never seen (a caller that skips blocks) are recorded as zero clusters.
@@ -133,11 +147,16 @@ export class ManifestWriter {
   ) {}
 
   /**
-   * Creates the manifest at `path` (a regular file, under a temporary name until `finish`,
-   * fsynced with its directory unless `sync` is false). An existing file is replaced only with
-   * `overwrite`.
+   * Creates the manifest at `options.output` (a regular file, under a temporary name until
+   * `finish`, fsynced with its directory unless `sync` is false). An existing file is replaced
+   * only with `overwrite`.
    */
-  static async create(path: string, hasher: Hasher, clusterBits: number, options: { sync?: boolean; overwrite?: boolean } = {}): Promise<ManifestWriter> {
+  static async create(options: ManifestWriterOptions): Promise<ManifestWriter> {
+    const { output: path, hasher, clusterSize } = options;
+    const clusterBits = Math.log2(clusterSize);
+    if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) {
+      throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: it must be a power of two from 512 bytes to 2 MiB`);
+    }
     const output = await OffsetWriter.create(path, { label: 'manifest', sync: options.sync ?? true, overwrite: options.overwrite ?? false });
     if (output.kind !== 'file') {
       await output.abort();

@@ -78,7 +78,7 @@ export function defineConvert(command: Command): Command {
     .argument('<output>', "qcow2 metadata file, s3://bucket/key, or '-' for standard output")
     .option('-f, --format <format>', 'format of <input> (default: probed; raw for standard input)', parseFormat)
     .option('--data-file <path>', 'the data file to write, a path or s3://bucket/key (default: OUTPUT with its extension replaced by .data; required when OUTPUT is -)')
-    .option('--data-file-name <name>', 'the data-file name stored in the image (default: the --data-file path as given)')
+    .option('--data-file-name <name>', "the data-file name stored in the image (default: the data file relative to OUTPUT's directory, absolute when outside it)")
     .option('--size <n>', 'input size, e.g. 20G: lets the metadata stream with the data and checks the input length', parseSize)
     .option('--cluster-size <n>', 'cluster size, a power of two from 512 to 2M', parseSize, 65536)
     .option('--refcount-bits <n>', 'refcount width: 1, 2, 4, 8, 16, 32 or 64', parseInteger, 16)
@@ -108,9 +108,10 @@ export function defineConvert(command: Command): Command {
       'after',
       `
 The data file receives the guest data 1:1 (zero clusters become holes); the metadata file holds
-the header and the tables. Relative data-file names are stored as given; qemu resolves them
-against its working directory, so run qemu from the directory you converted in, or pass an
-absolute --data-file.
+the header and the tables. The stored data-file name is relative to OUTPUT's directory (absolute
+when the data file lies outside it), so the pair can move together. qemu 7.2 resolves a
+relative name against its working directory: run qemu from OUTPUT's directory, or store an
+absolute name with --data-file-name.
 
 Objects (s3://bucket/key, for the input, OUTPUT and --data-file) use the AWS SDK's standard
 configuration (AWS_PROFILE, AWS_REGION, AWS_ACCESS_KEY_ID…; AWS_ENDPOINT_URL for S3-compatible

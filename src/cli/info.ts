@@ -29,11 +29,26 @@ Examples:
     .action(
       action(async (imagePath: string, flags: { json?: boolean; format?: ImageFormat }) => {
         const { readImageInfo } = await import('../read/info.js');
-        const info = await readImageInfo(imagePath, flags.format);
-        if (flags.json) printJson(info);
+        const info = await readImageInfo(imagePath, { format: flags.format });
+        if (flags.json) printJson(qemuInfoJson(info));
         else writeStdout(formatInfo(info));
       }),
     );
+}
+
+/**
+ * The API's camelCase info under qemu-img info's own names (`virtualSize` → `virtual-size`,
+ * `extendedL2` → `extended-l2`), at every depth: `--json` stays what `qemu-img info
+ * --output=json` prints. Keys only; values (`in-use`, `0.10`) are qemu's already.
+ */
+export function qemuInfoJson(info: ImageInfo): Record<string, unknown> {
+  return kebabKeys(info) as Record<string, unknown>;
+}
+
+function kebabKeys(value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(kebabKeys);
+  if (typeof value !== 'object' || value === null) return value;
+  return Object.fromEntries(Object.entries(value).map(([key, inner]) => [key.replace(/[A-Z]/g, (letter) => `-${letter.toLowerCase()}`), kebabKeys(inner)]));
 }
 
 /** The human form, laid out like qemu-img info. */
@@ -41,27 +56,27 @@ export function formatInfo(info: ImageInfo): string {
   const lines = [
     `image: ${info.filename}`,
     `file format: ${info.format}`,
-    `virtual size: ${qemuSize(info['virtual-size'])} (${info['virtual-size']} bytes)`,
-    `disk size: ${qemuSize(info['actual-size'])}`,
+    `virtual size: ${qemuSize(info.virtualSize)} (${info.virtualSize} bytes)`,
+    `disk size: ${qemuSize(info.actualSize)}`,
   ];
-  if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${info['cluster-size']}`);
-  const backing = info['backing-filename'];
+  if (info.clusterSize !== undefined) lines.push(`cluster_size: ${info.clusterSize}`);
+  const backing = info.backingFilename;
   if (backing !== undefined) {
-    const full = info['full-backing-filename'];
+    const full = info.fullBackingFilename;
     lines.push(`backing file: ${backing} (${full !== undefined && full !== backing ? `actual path: ${full}, ` : ''}not opened)`);
   }
-  if (info['backing-filename-format'] !== undefined) lines.push(`backing file format: ${info['backing-filename-format']}`);
+  if (info.backingFilenameFormat !== undefined) lines.push(`backing file format: ${info.backingFilenameFormat}`);
   if (info.snapshots?.length) {
     lines.push('Snapshot list:', snapshotRow(undefined));
     for (const snapshot of info.snapshots) lines.push(snapshotRow(snapshot));
   }
-  const specific = info['format-specific']?.data;
+  const specific = info.formatSpecific?.data;
   if (specific) {
     lines.push('Format specific information:');
     const item = (name: string, value: unknown) => lines.push(`    ${name}: ${String(value)}`);
     item('compat', specific.compat);
-    item('compression type', specific['compression-type']);
-    item('lazy refcounts', specific['lazy-refcounts']);
+    item('compression type', specific.compressionType);
+    item('lazy refcounts', specific.lazyRefcounts);
     if (specific.bitmaps?.length) {
       // qemu's layout of a list of structs.
       lines.push('    bitmaps:');
@@ -71,14 +86,14 @@ export function formatInfo(info: ImageInfo): string {
         lines.push(`            name: ${bitmap.name}`, `            granularity: ${bitmap.granularity}`);
       });
     }
-    item('refcount bits', specific['refcount-bits']);
-    if ('data-file-raw' in specific) {
-      item('data file', specific['data-file'] === undefined ? '(not named)' : `${specific['data-file']} (not opened)`);
-      item('data file raw', specific['data-file-raw']);
+    item('refcount bits', specific.refcountBits);
+    if ('dataFileRaw' in specific) {
+      item('data file', specific.dataFile === undefined ? '(not named)' : `${specific.dataFile} (not opened)`);
+      item('data file raw', specific.dataFileRaw);
     }
     item('corrupt', specific.corrupt);
-    item('extended l2', specific['extended-l2']);
-    if (info['dirty-flag']) item('dirty', true);
+    item('extended l2', specific.extendedL2);
+    if (info.dirtyFlag) item('dirty', true);
     if (info.features) item('feature bits', `incompatible ${info.features.incompatible}, compatible ${info.features.compatible}, autoclear ${info.features.autoclear}`);
   }
   return `${lines.join('\n')}\n`;
@@ -90,14 +105,14 @@ export function formatInfo(info: ImageInfo): string {
  */
 export function snapshotRow(snapshot: SnapshotInfo | undefined): string {
   if (!snapshot) return `${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`;
-  const d = new Date(snapshot['date-sec'] * 1000);
+  const d = new Date(snapshot.dateSec * 1000);
   const two = (n: number) => String(n).padStart(2, '0');
   const date = `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
-  const secs = snapshot['vm-clock-sec'];
-  const millis = Math.floor(snapshot['vm-clock-nsec'] / 1_000_000) % 1000;
+  const secs = snapshot.vmClockSec;
+  const millis = Math.floor(snapshot.vmClockNsec / 1_000_000) % 1000;
   const clock = `${two(Math.floor(secs / 3600))}:${two(Math.floor(secs / 60) % 60)}:${two(secs % 60)}.${String(millis).padStart(3, '0')}`;
   const icount = snapshot.icount === undefined ? '' : String(snapshot.icount);
-  return `${snapshot.id.padEnd(9)} ${snapshot.name.padEnd(16)} ${qemuSize(snapshot['vm-state-size']).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`;
+  return `${snapshot.id.padEnd(9)} ${snapshot.name.padEnd(16)} ${qemuSize(snapshot.vmStateSize).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`;
 }
 
 /** qemu's size_to_str: three significant digits ("%0.3g") and a binary unit, switching at 1000. */

@@ -6,7 +6,7 @@
 import type { Command } from 'commander';
 import { createProgress } from './progress.js';
 import type { WrapSummary } from '../write/wrap.js';
-import { action, formatBytes, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
+import { action, deferWarning, formatBytes, parseInteger, parseSize, processSignal, reportSummary } from './common.js';
 
 interface WrapFlags {
   dataFileName?: string;
@@ -26,7 +26,7 @@ export function registerWrap(program: Command): void {
     .description('Write qcow2 metadata that uses an existing raw file as its data file; the raw file is never modified')
     .argument('<raw>', 'the raw image file (opened read-only)')
     .argument('<output>', "qcow2 metadata file, or '-' for standard output")
-    .option('--data-file-name <name>', 'the data-file name stored in the image (default: RAW as given)')
+    .option('--data-file-name <name>', "the data-file name stored in the image (default: RAW relative to OUTPUT's directory, absolute when outside it)")
     .option('--cluster-size <n>', 'cluster size, a power of two from 512 to 2M', parseSize, 65536)
     .option('--refcount-bits <n>', 'refcount width: 1, 2, 4, 8, 16, 32 or 64', parseInteger, 16)
     .option('--no-data-file-raw', 'clear the raw-data-file bit and leave zero clusters unallocated (reads the raw file once)')
@@ -39,7 +39,9 @@ export function registerWrap(program: Command): void {
       `
 Unlike 'qemu-img create -o data_file=RAW', this never truncates or rewrites RAW. A raw size that
 is not a multiple of 512 is rounded up in the image; qemu reads the missing tail as zeros.
-Relative names are stored as given and resolved by qemu against its working directory.
+The stored name is RAW relative to OUTPUT's directory (absolute when RAW lies outside it), so
+the pair can move together; qemu 7.2 resolves a relative name against its working directory,
+so run qemu from OUTPUT's directory (or store an absolute name with --data-file-name).
 
 Example:
   qcow2-stream wrap disk.raw disk.qcow2 && qemu-img info disk.qcow2`,
@@ -51,7 +53,9 @@ Example:
         const { wrap } = await import('../write/wrap.js');
         let summary: WrapSummary;
         try {
-          summary = await wrap(raw, output, {
+          summary = await wrap({
+            input: raw,
+            output,
             sync: flags.sync,
             overwrite: flags.force ?? false,
             clusterSize: flags.clusterSize ?? 65536,
@@ -59,6 +63,7 @@ Example:
             dataFileRaw: flags.dataFileRaw,
             signal: processSignal(),
             onProgress: progress.update,
+            onWarning: deferWarning,
             ...(flags.dataFileName === undefined ? {} : { dataFileName: flags.dataFileName }),
           });
         } finally {

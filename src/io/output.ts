@@ -131,14 +131,16 @@ export class OffsetWriter {
 
   /** Opens an output. A regular-file path is written through a temporary name until commit(). */
   static async create(target: OutputTarget, options: OutputOptions): Promise<OffsetWriter> {
+    // One rule for every output: nothing is replaced unless asked (undefined is false, as documented).
+    const overwrite = options.overwrite ?? false;
     if (typeof target !== 'string') {
       return new OffsetWriter('stream', undefined, options.label, undefined, undefined, writableSink(target, options.label), false, true);
     }
     if (isS3Uri(target)) {
       // Loaded only when an object is written: the AWS SDK stays out of plain conversions.
       const { S3UploadSink } = await import('./s3.js');
-      const sink = await S3UploadSink.open(target, { overwrite: options.overwrite ?? true, sizeHint: options.sizeHint });
-      return new OffsetWriter('stream', target, options.label, undefined, undefined, sink, false, options.overwrite ?? true);
+      const sink = await S3UploadSink.open(target, { overwrite, sizeHint: options.sizeHint });
+      return new OffsetWriter('stream', target, options.label, undefined, undefined, sink, false, overwrite);
     }
     if (target === '-') {
       return new OffsetWriter('stream', '-', options.label, undefined, undefined, fdSink(1, 'standard output'), false, true);
@@ -162,7 +164,7 @@ export class OffsetWriter {
       }
       return new OffsetWriter('stream', target, options.label, handle, undefined, fdSink(handle.fd, target), false, true);
     }
-    if (existing && options.overwrite === false) {
+    if (existing && !overwrite) {
       throw new FileError(`The ${options.label} '${target}' already exists`, target, {
         ...systemError('EEXIST'),
         hint: 'Remove it first, or replace it with --force (overwrite: true in the API)',
@@ -176,7 +178,7 @@ export class OffsetWriter {
     } catch (err) {
       throw fileError(err, 'create', target);
     }
-    return new OffsetWriter('file', target, options.label, handle, tempPath, undefined, options.sync ?? true, options.overwrite ?? false);
+    return new OffsetWriter('file', target, options.label, handle, tempPath, undefined, options.sync ?? true, overwrite);
   }
 
   /** Writes `data` at `offset`. Streams need offset ≥ every earlier write's end (gaps become zeros). */

@@ -147,7 +147,7 @@ export async function openDisk(path: string, options: OpenDiskOptions = {}): Pro
   checkPath(path, 'image');
   checkOptionsObject(options, 'openDisk()', false);
   const context = newContext(options);
-  const format = options.format ?? (await probeFormat(path, context.warn));
+  const format = options.format ?? (await probeFormat(path, { onWarning: context.warn }));
   switch (format) {
     case 'qcow2':
       return openQcow2(path, context, 0, options.dataFile, options.backing, options.backingFormat);

@@ -14,4 +14,5 @@ export { createExportStream, exportStream, exportToFile, EXPORT_CHUNK, type Expo
 export { mapImage, mapEntryOf, formatMapJsonEntry, formatMapHumanRow, MAP_HUMAN_HEADER, type MapEntry } from './map.js';
 export { checkImage, MAX_CHECK_CLUSTERS, MAX_CHECK_SNAPSHOT_L1_ENTRIES, type CheckFinding, type CheckOptions, type CheckResult, type FindingSeverity } from './check.js';
 export { compareImages, type CompareOptions, type CompareResult } from './compare.js';
-export { readImageInfo, type BitmapInfo, type ImageInfo, type SnapshotInfo } from './info.js';
+export type { ProbeFormatOptions } from './probe.js';
+export { readImageInfo, type BitmapInfo, type ImageInfo, type ReadImageInfoOptions, type SnapshotInfo } from './info.js';

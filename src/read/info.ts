@@ -23,33 +23,36 @@ import { openSeekable, readHeader, validateTables, type ImageFormat } from './im
 import { probeFormat } from './probe.js';
 import { openDisk } from './image.js';
 
-/** qemu-img info's JSON, field for field where qemu has one. */
+/**
+ * qemu-img info's JSON, field for field where qemu has one, with its names in camelCase
+ * (`virtualSize` for `virtual-size`); the CLI's `info --json` prints qemu's own names.
+ */
 export interface ImageInfo {
   /** The path as given. */
   filename: string;
   /** The format probed (src/read/probe.ts) or forced: qcow2, raw, vpc, vmdk or vhdx. */
   format: ImageFormat;
   /** The guest disk size in bytes. */
-  'virtual-size': number;
+  virtualSize: number;
   /** Bytes the image file occupies on disk (the data file is not counted, as in qemu). */
-  'actual-size': number;
+  actualSize: number;
   /** qcow2: bytes per cluster; VHD/VHDX: the block size; VMDK: the grain size. */
-  'cluster-size'?: number;
+  clusterSize?: number;
   /** qcow2: the backing file name as stored (never opened). */
-  'backing-filename'?: string;
+  backingFilename?: string;
   /** qcow2: the backing file format as stored. */
-  'backing-filename-format'?: string;
+  backingFilenameFormat?: string;
   /**
    * qcow2: the backing file name as qemu resolves it — relative names against the image's
    * directory, taken from the path as given (never opened or checked).
    */
-  'full-backing-filename'?: string;
+  fullBackingFilename?: string;
   /** qcow2: the internal snapshots (absent when there are none), as qemu-img info lists them. */
   snapshots?: SnapshotInfo[];
   /** qcow2: incompatible bit 0 is set (refcounts may be stale after a crash). */
-  'dirty-flag'?: boolean;
+  dirtyFlag?: boolean;
   /** qcow2: the fields `qemu-img info` shows under "Format specific information". */
-  'format-specific'?: {
+  formatSpecific?: {
     /** Always `qcow2`. */
     type: 'qcow2';
     /** The qcow2 specifics. */
@@ -57,19 +60,19 @@ export interface ImageInfo {
       /** `0.10` for version 2, `1.1` for version 3. */
       compat: '0.10' | '1.1';
       /** The compression of compressed clusters. */
-      'compression-type': 'zlib' | 'zstd';
+      compressionType: 'zlib' | 'zstd';
       /** Compatible bit 0: refcount updates may be deferred. */
-      'lazy-refcounts': boolean;
+      lazyRefcounts: boolean;
       /** Width of a refcount entry in bits. */
-      'refcount-bits': number;
+      refcountBits: number;
       /** Incompatible bit 1: the image was marked corrupt. */
       corrupt: boolean;
       /** Incompatible bit 4: extended L2 entries (subclusters). */
-      'extended-l2': boolean;
+      extendedL2: boolean;
       /** The external data file's name as stored (never opened). */
-      'data-file'?: string;
+      dataFile?: string;
       /** With a data file: autoclear bit 1, the data file alone is a valid raw image. */
-      'data-file-raw'?: boolean;
+      dataFileRaw?: boolean;
       /**
        * The persistent dirty bitmaps, as qemu-img info lists them (absent when there are none,
        * and, as in qemu, when autoclear bit 0 is clear: the bitmaps are then inconsistent).
@@ -105,21 +108,28 @@ export interface SnapshotInfo {
   /** Its name (qemu's TAG column). */
   name: string;
   /** Bytes of saved VM state. */
-  'vm-state-size': number;
+  vmStateSize: number;
   /** When it was taken: seconds since the epoch. */
-  'date-sec': number;
+  dateSec: number;
   /** The nanoseconds of the date. */
-  'date-nsec': number;
+  dateNsec: number;
   /** The guest clock at the snapshot: whole seconds. */
-  'vm-clock-sec': number;
+  vmClockSec: number;
   /** The guest clock: nanoseconds past `vm-clock-sec`. */
-  'vm-clock-nsec': number;
+  vmClockNsec: number;
   /** The instruction count (record/replay), when the snapshot stores one. */
   icount?: number;
 }
 
-/** Reads an image's header (probing qcow2 vs raw unless `format` is given). */
-export async function readImageInfo(path: string, format?: ImageFormat): Promise<ImageInfo> {
+/** Options of {@link readImageInfo}. */
+export interface ReadImageInfoOptions {
+  /** The image's format, instead of probing it (`raw` for untrusted raw files, as in openDisk). */
+  format?: ImageFormat | undefined;
+}
+
+/** Reads an image's header (the format probed unless `options.format` is given). */
+export async function readImageInfo(path: string, options: ReadImageInfoOptions = {}): Promise<ImageInfo> {
+  const { format } = options;
   const file = await openSeekable(path, 'image');
   try {
     let actualSize = file.size;
@@ -134,15 +144,15 @@ export async function readImageInfo(path: string, format?: ImageFormat): Promise
       // Only the image (and a VMDK's extents, through the path policy), never a parent it names.
       const image = await openDisk(path, { format: chosen, withoutParents: true });
       await image.close();
-      return { filename: path, format: chosen, 'virtual-size': image.virtualSize, 'actual-size': actualSize, 'cluster-size': image.clusterSize };
+      return { filename: path, format: chosen, virtualSize: image.virtualSize, actualSize, clusterSize: image.clusterSize };
     }
     const isQcow2 = chosen === 'qcow2';
-    if (!isQcow2) return { filename: path, format: 'raw', 'virtual-size': file.size, 'actual-size': actualSize };
+    if (!isQcow2) return { filename: path, format: 'raw', virtualSize: file.size, actualSize };
     const header = await readHeader(file);
     validateTables(header, file.size, path, 'inspect');
     const info = qcow2Info(path, header, actualSize);
     const bitmaps = await readBitmaps(file, header);
-    const data = info['format-specific']?.data;
+    const data = info.formatSpecific?.data;
     if (bitmaps.length && data) data.bitmaps = bitmaps;
     const snapshots = await readSnapshots(file, header);
     if (snapshots.length) info.snapshots = snapshots;
@@ -157,29 +167,29 @@ function qcow2Info(path: string, h: ParsedHeader, actualSize: number): ImageInfo
   const info: ImageInfo = {
     filename: path,
     format: 'qcow2',
-    'virtual-size': h.size - (h.size % 512), // whole sectors, as qemu reports it
-    'actual-size': actualSize,
-    'cluster-size': h.clusterSize,
+    virtualSize: h.size - (h.size % 512), // whole sectors, as qemu reports it
+    actualSize,
+    clusterSize: h.clusterSize,
   };
   if (h.backingFileName !== undefined) {
-    info['backing-filename'] = h.backingFileName;
-    info['full-backing-filename'] = fullBackingName(path, h.backingFileName);
+    info.backingFilename = h.backingFileName;
+    info.fullBackingFilename = fullBackingName(path, h.backingFileName);
   }
-  if (h.backingFormat !== undefined) info['backing-filename-format'] = h.backingFormat;
-  info['dirty-flag'] = has(h.incompatibleFeatures, INCOMPAT_DIRTY);
-  const data: NonNullable<ImageInfo['format-specific']>['data'] = {
+  if (h.backingFormat !== undefined) info.backingFilenameFormat = h.backingFormat;
+  info.dirtyFlag = has(h.incompatibleFeatures, INCOMPAT_DIRTY);
+  const data: NonNullable<ImageInfo['formatSpecific']>['data'] = {
     compat: h.version === 2 ? '0.10' : '1.1',
-    'compression-type': h.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib',
-    'lazy-refcounts': has(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS),
-    'refcount-bits': 2 ** h.refcountOrder,
+    compressionType: h.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib',
+    lazyRefcounts: has(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS),
+    refcountBits: 2 ** h.refcountOrder,
     corrupt: has(h.incompatibleFeatures, INCOMPAT_CORRUPT),
-    'extended-l2': has(h.incompatibleFeatures, INCOMPAT_EXTL2),
+    extendedL2: has(h.incompatibleFeatures, INCOMPAT_EXTL2),
   };
   if (has(h.incompatibleFeatures, INCOMPAT_DATA_FILE)) {
-    if (h.dataFileName !== undefined) data['data-file'] = h.dataFileName;
-    data['data-file-raw'] = has(h.autoclearFeatures, AUTOCLEAR_DATA_FILE_RAW);
+    if (h.dataFileName !== undefined) data.dataFile = h.dataFileName;
+    data.dataFileRaw = has(h.autoclearFeatures, AUTOCLEAR_DATA_FILE_RAW);
   }
-  info['format-specific'] = { type: 'qcow2', data };
+  info.formatSpecific = { type: 'qcow2', data };
   const hex = (v: bigint) => `0x${v.toString(16)}`;
   info.features = { incompatible: hex(h.incompatibleFeatures), compatible: hex(h.compatibleFeatures), autoclear: hex(h.autoclearFeatures) };
   return info;
@@ -269,11 +279,11 @@ async function readSnapshots(file: OpenedFile, h: ParsedHeader): Promise<Snapsho
     const entry: SnapshotInfo = {
       id: names.decode(rest.subarray(extraSize, extraSize + idSize)),
       name: names.decode(rest.subarray(extraSize + idSize)),
-      'vm-state-size': extraSize >= 8 ? Number(extra.getBigUint64(0)) : f.getUint32(32),
-      'date-sec': f.getUint32(16),
-      'date-nsec': f.getUint32(20),
-      'vm-clock-sec': Number(vmClock / 1_000_000_000n),
-      'vm-clock-nsec': Number(vmClock % 1_000_000_000n),
+      vmStateSize: extraSize >= 8 ? Number(extra.getBigUint64(0)) : f.getUint32(32),
+      dateSec: f.getUint32(16),
+      dateNsec: f.getUint32(20),
+      vmClockSec: Number(vmClock / 1_000_000_000n),
+      vmClockNsec: Number(vmClock % 1_000_000_000n),
     };
     // qemu: no icount below 24 bytes of extra data, or all ones.
     if (extraSize >= 24 && extra.getBigUint64(16) !== 0xffff_ffff_ffff_ffffn) entry.icount = Number(extra.getBigUint64(16));

@@ -192,12 +192,19 @@ export async function probeFile(path: string): Promise<DetectedFormat> {
   }
 }
 
+/** Options of {@link probeFormat}. */
+export interface ProbeFormatOptions {
+  /** Called with the warning for a file probed as raw whose name says it is an image. */
+  onWarning?: ((message: string) => void) | undefined;
+}
+
 /**
  * The format of the file at `path`, among those the readers open. A recognised format no
  * reader opens is refused by name (UnsupportedFormatError); a file probed as raw whose name
  * says otherwise is reported through `onWarning`.
  */
-export async function probeFormat(path: string, onWarning?: (message: string) => void): Promise<ImageFormat> {
+export async function probeFormat(path: string, options: ProbeFormatOptions = {}): Promise<ImageFormat> {
+  const { onWarning } = options;
   const format = await probeFile(path);
   assertReadable(format, path);
   if (format === 'raw') {

@@ -284,7 +284,7 @@ export class Qcow2Image extends BaseImage {
 
 async function openByFormat(path: string, format: ImageFormat | undefined, context: OpenContext, depth: number): Promise<BaseImage> {
   checkChainDepth(path, context, depth);
-  const chosen = format ?? (await probeFormat(path, context.warn));
+  const chosen = format ?? (await probeFormat(path, { onWarning: context.warn }));
   if (chosen !== 'qcow2' && chosen !== 'raw') {
     // Never read another container as raw bytes; qcow2 chains over VMDK/VHD/VHDX are not followed.
     throw new UnsupportedFeatureError(`The backing file '${path}' is a ${chosen} image; only qcow2 and raw backing files are supported`, {

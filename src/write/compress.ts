@@ -251,6 +251,8 @@ const BATCH_BYTES = 1024 * 1024;
 
 /** Options of {@link compressBlocks}. */
 export interface CompressBlocksOptions {
+  /** The workers (from `CompressorPool.create`), injected as `fingerprintBlocks` takes its hasher. */
+  pool: CompressorPool;
   /** Data bytes per batch sent to a worker. Default 1 MiB. */
   batchBytes?: number;
   /** Batches in flight. Default: one more than the pool has threads. */
@@ -267,7 +269,8 @@ function storable(block: Block): boolean {
  * and shrinks, compressing batches on the pool while later blocks are read. Blocks come out in
  * the order they went in; memory is `inFlight` batches.
  */
-export async function* compressBlocks(blocks: AsyncIterable<Block>, pool: CompressorPool, options: CompressBlocksOptions = {}): AsyncGenerator<Block> {
+export async function* compressBlocks(blocks: AsyncIterable<Block>, options: CompressBlocksOptions): AsyncGenerator<Block> {
+  const { pool } = options;
   const batchBytes = options.batchBytes ?? BATCH_BYTES;
   const inFlight = options.inFlight ?? pool.threads + 1;
   // Each entry: blocks in order, and the compression of those that are storable.

@@ -35,16 +35,15 @@ import { checkCompressionType, type CompressionType, type CompressorPool } from 
 import { ExternalWriter, missingInputEnd } from './external-sink.js';
 import type { InternalImageWriter } from './internal-sink.js';
 import type { PlannedImageWriter } from './internal-stream.js';
-import { defaultDataFilePath } from './paths.js';
+import { defaultDataFileName, defaultDataFilePath } from './paths.js';
 import { checkOutputName, refuseOverlaps, type RunFile } from '../io/same-file.js';
-import { storedNameFindsFile } from '../io/path-policy.js';
-import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
+import { checkDataFileName, checkDedupSharing, resolveImageSettings, type ImageOptions, type ImageSettings, type WriteSummary } from './settings.js';
 import { imageBlocks } from './image-source.js';
 import type { StreamInput } from './stream-image.js';
 import { BufferPool, openInput, readBatches, readBlocks, type OpenedInput } from './sources.js';
 import { isNbdUri, type NbdTlsOptions } from '../io/nbd.js';
 import type { NbdInput } from './nbd-source.js';
-import { isS3Uri, keyBaseName } from '../io/s3-uri.js';
+import { isS3Uri } from '../io/s3-uri.js';
 import { inputSizeMismatch } from './clusterize.js';
 import { checkCallbacks, checkOptionsObject, checkSignal, describeValue, isWritableLike } from '../internal/arguments.js';
 
@@ -83,7 +82,11 @@ export interface ConvertOptions extends ImageOptions {
    * its extension replaced by `.data`. Required when the output is '-' or a stream.
    */
   dataFile?: string | Writable;
-  /** The name stored in the header. Default: the data-file path exactly as given (like qemu-img). */
+  /**
+   * The name stored in the header. Default: the data file's path relative to the output's
+   * directory when it lies there or below (portable: the pair can move together), its absolute
+   * path otherwise (with a warning: our readers refuse it); an object's key's last segment.
+   */
   dataFileName?: string;
   /** The input size in bytes. Required for nothing, but lets the metadata stream while the data flows and checks the input's length. */
   size?: number;
@@ -101,7 +104,8 @@ export interface ConvertOptions extends ImageOptions {
   sync?: boolean;
   /**
    * Store identical clusters once (internal layout only: with a data file every cluster must
-   * sit at its guest offset, so none can be shared). `maxEntries` caps the fingerprint index
+   * sit at its guest offset, so none can be shared; and a refcount width of 2 bits or more, or
+   * nothing could be shared). `maxEntries` caps the fingerprint index
    * (about 23 bytes per unique cluster); past it, new content is simply not deduplicated.
    */
   dedup?:
@@ -205,33 +209,15 @@ function countStages(byPoint: Record<StagePoint, readonly ConvertStage[]>): numb
 }
 
 /** `dataClusters` counts clusters stored in the data file, or in the image (internal layout). */
-export interface ConvertSummary extends ImageShape {
-  /** The layout written (see {@link ConvertOptions.layout}). */
-  layout: 'external' | 'internal';
-  /** Guest bytes read (the input size). */
-  inputBytes: number;
-  /** Clusters that share an earlier cluster's storage (dedup). */
-  duplicateClusters: number;
-  /** Clusters equal to the base, left unallocated (overlays). */
-  unchangedClusters: number;
-  /** Bytes of guest data written (to the data file, or inside the image). */
-  dataBytesWritten: number;
-  /** Bytes of metadata written (the metadata file, or the image's metadata clusters). */
-  metadataBytesWritten: number;
+export interface ConvertSummary extends WriteSummary {
   /** External layout: whether the metadata streamed with the data or was written at the end. */
   metadataLayout?: 'streamed' | 'at-end';
-  /** The data file path, when it is a path (external layout). */
-  dataFile: string | undefined;
-  /** The data-file name stored in the header (external layout). */
-  dataFileName: string | undefined;
   /** The backing-file name stored in the header (overlays). */
   backingFile?: string;
   /** The manifest written, if any. */
   manifest?: string;
   /** Dedup statistics (internal layout with dedup). */
   dedup?: DedupStats;
-  /** What the run warned about (e.g. a stored data-file name our readers will refuse). */
-  warnings: readonly string[];
   /** NBD inputs: bytes of guest data the server actually sent (zero, hole and clean extents are not read). */
   sourceBytesRead?: number;
   /** The compression type, and clusters stored compressed (compressed images). */
@@ -241,8 +227,6 @@ export interface ConvertSummary extends ImageShape {
     /** Clusters stored compressed (the others did not shrink, or were zero or shared). */
     clusters: number;
   };
-  /** Wall-clock seconds. */
-  seconds: number;
 }
 
 /** The default `progressInterval`. */
@@ -639,17 +623,11 @@ async function planConversion(options: ConvertOptions): Promise<ConversionPlan> 
       dataFile = defaultDataFilePath(output);
     }
     if (dataFile === '-') throw new InvalidArgumentError('The data file must be a path or a Writable, not standard output');
-    // An object's stored name is its key's last segment: the two objects are fetched side by side.
-    dataFileName = options.dataFileName ?? (isS3Uri(dataFile) ? keyBaseName(dataFile) : typeof dataFile === 'string' ? dataFile : undefined);
+    dataFileName = options.dataFileName ?? (typeof dataFile === 'string' ? defaultDataFileName(output, dataFile) : undefined);
     if (dataFileName === undefined) throw new InvalidArgumentError('dataFileName is required when the data file is a stream');
     checkDataFileName(dataFileName, settings);
-    if (typeof output === 'string' && output !== '-' && typeof dataFile === 'string' && !storedNameFindsFile(output, dataFileName, dataFile)) {
-      warn(
-        `The data-file name '${dataFileName}' stored in '${output}' does not lead from the image's directory to the data file, or leads outside it: qemu may open it (from the right working directory), ` +
-          `but qcow2-stream's readers refuse it unless given --data-file (API: dataFile) or --allow-unsafe-paths (API: allowUnsafePaths). Keep the data file in the image's directory or below it`,
-      );
-    }
   }
+  if (options.dedup) checkDedupSharing(settings);
   const backing = options.base === undefined ? undefined : await describeBacking(options.base, options.baseName, output);
   if (signal?.aborted) throw abortError(signal);
   return { layout, settings, dataFile, dataFileName, backing, warnings, warn };
@@ -663,7 +641,7 @@ async function openConversion(
   pool: BufferPool | undefined,
   started: number,
 ): Promise<Conversion> {
-  const { layout, settings, dataFile, dataFileName, backing, warnings } = plan;
+  const { layout, settings, dataFile, dataFileName, backing, warnings, warn } = plan;
   const { input, nbd, image, streamed } = sources;
   const { output, signal } = options;
   const needsHasher = Boolean(options.dedup) || options.manifest !== undefined || options.baseManifest !== undefined;
@@ -700,7 +678,7 @@ async function openConversion(
     let internal: InternalImageWriter | PlannedImageWriter | undefined;
     let compressor: CompressorPool | undefined;
     if (layout === 'external') {
-      external = await ExternalWriter.open({
+      external = await ExternalWriter.create({
         clusterSize: settings.clusterSize,
         dataFileRaw: settings.dataFileRaw,
         refcountBits: 2 ** settings.refcountOrder,
@@ -708,7 +686,8 @@ async function openConversion(
         dataFile: dataFile!,
         dataFileName: dataFileName!,
         overwrite: options.overwrite ?? false,
-        overwriteOutput: options.overwrite ?? false,
+        // The sink says when the stored name will not lead our readers to the data file.
+        onWarning: warn,
         sync,
         backing,
         ...(size === undefined ? {} : { size }),
@@ -751,13 +730,13 @@ async function openConversion(
           onBlockDone,
           readInput: (buffer, position, length) => target.read(buffer, 0, length, position),
           reread: () => readBlocks(target, { clusterSize: settings.clusterSize, size: size!, zeroRuns: true, ...(pool ? { pool } : {}) }),
-          compress: pool2 && compressBlocks ? (blocks) => compressBlocks(blocks, pool2) : undefined,
+          compress: pool2 && compressBlocks ? (blocks) => compressBlocks(blocks, { pool: pool2 }) : undefined,
         });
       } else internal = await (await import('./internal-sink.js')).InternalImageWriter.create({
         compression: options.compression,
         output: output as string,
-        clusterBits: settings.clusterBits,
-        refcountOrder: settings.refcountOrder,
+        clusterSize: settings.clusterSize,
+        refcountBits: 2 ** settings.refcountOrder,
         dedup: options.dedup ? { hasher: hasher!, ...dedupLimits(options.dedup) } : undefined,
         overwrite: options.overwrite ?? false,
         sync,
@@ -766,7 +745,7 @@ async function openConversion(
       });
     }
     sink = (external ?? internal)!;
-    if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create(options.manifest, hasher!, settings.clusterBits, { sync, overwrite: options.overwrite ?? false });
+    if (options.manifest !== undefined) manifest = await (await import('../../transforms/manifest.js')).ManifestWriter.create({ output: options.manifest, hasher: hasher!, clusterSize: settings.clusterSize, sync, overwrite: options.overwrite ?? false });
     let comparer: BaseComparer | undefined;
     // An incremental from a dirty bitmap knows what changed: the base is only the backing file.
     if ((baseImage || baseManifest) && !incremental) {
@@ -839,7 +818,7 @@ async function openConversion(
         if (throughStages && !theSink.sawInputEnd) throw missingInputEnd('convert');
         // A fixed VHD's footer is known once the stream ended: it must describe what came before it.
         if (streamed?.kind === 'fixed-vhd') streamed.check(bytesDone);
-        const summary = external ? await finishExternal(external, dataFile, dataFileName) : await finishInternal(internal!, settings, options.compression);
+        const summary = external ? await finishExternal(external) : await finishInternal(internal!, options.compression);
         await theManifest?.finish(summary.virtualSize);
         report();
         return {
@@ -962,51 +941,19 @@ function checkNewChainDepth(base: DiskImage, maxChainDepth = DEFAULT_MAX_CHAIN_D
   }
 }
 
-async function finishExternal(writer: ExternalWriter, dataFile: string | Writable | undefined, dataFileName: string | undefined) {
-  const result = await writer.finish();
-  return {
-    layout: 'external' as const,
-    inputBytes: result.inputBytes,
-    virtualSize: result.virtualSize,
-    clusterSize: result.clusterSize,
-    refcountBits: result.refcountBits,
-    dataFileRaw: result.dataFileRaw,
-    clusters: result.clusters,
-    dataClusters: result.dataClusters,
-    zeroClusters: result.zeroClusters - result.unchangedClusters,
-    duplicateClusters: 0,
-    unchangedClusters: result.unchangedClusters,
-    dataBytesWritten: result.dataBytesWritten,
-    metadataBytesWritten: result.metadataBytesWritten,
-    metadataLayout: result.metadataLayout,
-    dataFile: typeof dataFile === 'string' ? dataFile : undefined,
-    dataFileName,
-  };
+/** The external sink's result as convert's summary (the run's own fields are added by the caller). */
+async function finishExternal(writer: ExternalWriter) {
+  const { metadataClusters: _clusters, l2Tables: _tables, warnings: _warnings, ...result } = await writer.finish();
+  return result;
 }
 
-async function finishInternal(writer: InternalImageWriter | PlannedImageWriter, settings: ImageSettings, compression: CompressionType | undefined) {
-  const inputBytes = writer.inputBytes;
-  const result = await writer.finish();
-  const virtualSize = roundUpToSector(inputBytes);
-  const metadataClusters = result.fileClusters - result.clusters.stored;
+/** The single-file writer's result as convert's summary. */
+async function finishInternal(writer: InternalImageWriter | PlannedImageWriter, compression: CompressionType | undefined) {
+  const { compressedClusters, fileClusters: _file, bytesWritten: _bytes, warnings: _warnings, dedup, ...result } = await writer.finish();
   return {
-    layout: 'internal' as const,
-    inputBytes,
-    virtualSize,
-    clusterSize: settings.clusterSize,
-    refcountBits: 2 ** settings.refcountOrder,
-    dataFileRaw: false,
-    clusters: result.clusters.total,
-    dataClusters: result.clusters.stored,
-    zeroClusters: result.clusters.total - result.clusters.stored - result.clusters.duplicate - result.clusters.unchangedFromBase,
-    duplicateClusters: result.clusters.duplicate,
-    unchangedClusters: result.clusters.unchangedFromBase,
-    dataBytesWritten: result.dataBytes,
-    metadataBytesWritten: metadataClusters * settings.clusterSize,
-    dataFile: undefined,
-    dataFileName: undefined,
-    ...(result.dedup ? { dedup: result.dedup } : {}),
-    ...(compression ? { compression: { type: compression, clusters: result.clusters.compressed } } : {}),
+    ...result,
+    ...(dedup ? { dedup } : {}),
+    ...(compression ? { compression: { type: compression, clusters: compressedClusters } } : {}),
   };
 }
 
@@ -1052,7 +999,7 @@ async function openImageInput(path: string, options: ConvertOptions, warn: (mess
   // '< image' on standard input: the file behind it, read like any file.
   if (path === '-') path = '/dev/stdin';
   const { openDisk, probeFormat } = await import('../read/image.js');
-  const format = options.inputFormat ?? (await probeFormat(path, warn));
+  const format = options.inputFormat ?? (await probeFormat(path, { onWarning: warn }));
   if (format === 'raw') return undefined;
   return openDisk(path, {
     format,

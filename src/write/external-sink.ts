@@ -24,14 +24,19 @@ import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { COPIES_IN_FLIGHT, OffsetWriter, type CopySource, type OutputTarget } from '../io/output.js';
 import { inputShrank, inputSizeMismatch } from './clusterize.js';
 import { MetadataEmitter, type MetadataResult } from './metadata.js';
-import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type ImageShape } from './settings.js';
+import { dataFileNameWarning, defaultDataFileName } from './paths.js';
+import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageSettings, type WriteSummary } from './settings.js';
 
 export interface ExternalSinkOptions extends ImageOptions {
   /** Where the qcow2 metadata goes: a path, '-' for standard output, or a Writable. */
   output: OutputTarget;
   /** Where the guest data goes: a path, '-' for standard output, or a Writable. */
   dataFile: OutputTarget;
-  /** The data-file name stored in the header. Default: `dataFile` when it is a path. */
+  /**
+   * The data-file name stored in the header. Default, when `dataFile` is a path: its path
+   * relative to `output`'s directory when it lies there or below, else its absolute path
+   * (src/write/paths.ts); required when it is a stream.
+   */
   dataFileName?: string;
   /**
    * The number of guest bytes the Blocks will cover, when known in advance. The metadata then
@@ -39,10 +44,11 @@ export interface ExternalSinkOptions extends ImageOptions {
    * of input is an InputSizeError.
    */
   size?: number;
-  /** Replace an existing data file. Default false: an existing data file is an error. */
+  /**
+   * Replace existing files at `output` and `dataFile`. Default false: an existing file at
+   * either is an error and neither output is created (the CLI's --force).
+   */
   overwrite?: boolean;
-  /** Replace an existing metadata file. Default false, like the data file. */
-  overwriteOutput?: boolean;
   /** fsync both files (and their directory) before finish() resolves. Default true. */
   sync?: boolean;
   /** Make the image an overlay of this backing file (see MetadataEmitterOptions.backing). */
@@ -59,18 +65,14 @@ export interface ExternalSinkOptions extends ImageOptions {
    * a source can recycle its buffers. Not called for Blocks still pending when a run fails.
    */
   onBlockDone?: (block: Block) => void;
+  /** Called with each warning as it arises (also listed in the result's `warnings`). */
+  onWarning?: (message: string) => void;
 }
 
-/** What the sink wrote. */
-export interface SinkResult extends ImageShape {
-  /** Guest bytes received (the input size). */
-  inputBytes: number;
-  /** Overlays: clusters equal to the backing file, left unallocated (counted in zeroClusters too). */
-  unchangedClusters: number;
-  /** Bytes handed to the OS for the data file (zeros written to a pipe included). */
-  dataBytesWritten: number;
-  /** Bytes of the metadata file. */
-  metadataBytesWritten: number;
+/** What the sink wrote. `dataBytesWritten` counts the zeros written to a pipe too. */
+export interface SinkResult extends WriteSummary {
+  /** Always `external`. */
+  layout: 'external';
   /** Clusters of the metadata file. */
   metadataClusters: number;
   /** L2 tables allocated in the metadata file. */
@@ -133,6 +135,8 @@ export class ExternalWriter {
   private done = false;
   private inputEnded = false;
 
+  private readonly started = performance.now();
+
   private constructor(
     /** The validated image settings (cluster size, refcount width, raw bit). */
     readonly settings: ImageSettings,
@@ -141,19 +145,28 @@ export class ExternalWriter {
     private readonly emitter: MetadataEmitter,
     private readonly declaredSize: number | undefined,
     private readonly onBlockDone: ((block: Block) => void) | undefined,
+    private readonly names: { dataFile: string | undefined; dataFileName: string },
+    private readonly warnings: readonly string[],
   ) {}
 
   /**
    * Validates the options, opens both outputs (temporary names for files) and, when the size
    * is known, writes the leading metadata. Throws before creating anything when an option is bad.
    */
-  static async open(options: ExternalSinkOptions): Promise<ExternalWriter> {
+  static async create(options: ExternalSinkOptions): Promise<ExternalWriter> {
     const settings = resolveImageSettings(options);
-    const dataFileName = options.dataFileName ?? (typeof options.dataFile === 'string' && options.dataFile !== '-' ? options.dataFile : undefined);
+    const dataFilePath = typeof options.dataFile === 'string' && options.dataFile !== '-' ? options.dataFile : undefined;
+    const dataFileName = options.dataFileName ?? (dataFilePath === undefined ? undefined : defaultDataFileName(options.output, dataFilePath));
     if (dataFileName === undefined) {
       throw new InvalidArgumentError('dataFileName is required when the data file is not a path');
     }
     checkDataFileName(dataFileName, settings);
+    const warnings: string[] = [];
+    const warning = dataFileNameWarning(options.output, dataFileName, options.dataFile);
+    if (warning !== undefined) {
+      warnings.push(warning);
+      options.onWarning?.(warning);
+    }
     const { size } = options;
     if (size !== undefined) {
       if (!Number.isSafeInteger(size) || size < 0) throw new InvalidArgumentError(`Invalid input size ${size}`);
@@ -164,10 +177,11 @@ export class ExternalWriter {
     }
     const sync = options.sync ?? true;
     // The data file ends at the input size: an object's part size follows from it.
-    const data = await OffsetWriter.create(options.dataFile, { label: 'data file', overwrite: options.overwrite ?? false, sync, sizeHint: size });
+    const overwrite = options.overwrite ?? false;
+    const data = await OffsetWriter.create(options.dataFile, { label: 'data file', overwrite, sync, sizeHint: size });
     let metadata: OffsetWriter;
     try {
-      metadata = await OffsetWriter.create(options.output, { label: 'metadata file', overwrite: options.overwriteOutput ?? false, sync });
+      metadata = await OffsetWriter.create(options.output, { label: 'metadata file', overwrite, sync });
     } catch (err) {
       await data.abort();
       throw err;
@@ -178,7 +192,7 @@ export class ExternalWriter {
       backing: options.backing,
       ...(size === undefined ? {} : { virtualSize: roundUpToSector(size) }),
     });
-    const writer = new ExternalWriter(settings, data, metadata, emitter, size, options.onBlockDone);
+    const writer = new ExternalWriter(settings, data, metadata, emitter, size, options.onBlockDone, { dataFile: dataFilePath, dataFileName }, warnings);
     try {
       await emitter.start();
     } catch (err) {
@@ -400,6 +414,7 @@ export class ExternalWriter {
       }
       const clusters = Math.ceil(virtualSize / this.settings.clusterSize);
       return {
+        layout: 'external',
         inputBytes: this.end,
         virtualSize,
         clusterSize: this.settings.clusterSize,
@@ -407,13 +422,18 @@ export class ExternalWriter {
         dataFileRaw: this.settings.dataFileRaw,
         clusters,
         dataClusters: this.dataClusters,
-        zeroClusters: clusters - this.dataClusters,
+        zeroClusters: clusters - this.dataClusters - this.unchangedClusters,
+        duplicateClusters: 0,
         unchangedClusters: this.unchangedClusters,
         dataBytesWritten: this.data.bytesWritten,
         metadataBytesWritten: this.metadata.bytesWritten,
         metadataClusters: metadata.metadataClusters,
         l2Tables: metadata.l2Tables,
         metadataLayout: metadata.layout,
+        dataFile: this.names.dataFile,
+        dataFileName: this.names.dataFileName,
+        warnings: this.warnings,
+        seconds: (performance.now() - this.started) / 1000,
       };
     } catch (err) {
       await this.abort();
@@ -512,7 +532,7 @@ export class ExternalSinkStream extends Writable {
 
   /** Opens the outputs (Node's stream hook). @internal */
   override _construct(callback: (error?: Error | null) => void): void {
-    ExternalWriter.open(this.options).then(
+    ExternalWriter.create(this.options).then(
       (writer) => {
         this.writer = writer;
         callback();
@@ -606,7 +626,7 @@ export async function writeExternal(items: AsyncIterable<BlockItem> | Iterable<B
     let next = await iterator.next();
     const first = next.done ? undefined : next.value;
     const clusterSize = first && isBatch(first) ? clusterSizeFor('writeExternal', first.clusterSize, wanted) : wanted;
-    writer = await ExternalWriter.open({ ...sinkOptions, ...(clusterSize === undefined ? {} : { clusterSize }) });
+    writer = await ExternalWriter.create({ ...sinkOptions, ...(clusterSize === undefined ? {} : { clusterSize }) });
     while (!next.done) {
       const item = next.value;
       if (isBatch(item)) sawBatch = true;

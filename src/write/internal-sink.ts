@@ -26,7 +26,8 @@ import { Writable } from 'node:stream';
 import { clusterSizeFor, isBatch, type Block, type BlockItem } from '../block.js';
 import { abortable, abortError } from './abort.js';
 import { missingInputEnd } from './external-sink.js';
-import { InvalidArgumentError, NotSeekableError } from '../errors.js';
+import { inputSizeMismatch } from './clusterize.js';
+import { AbortedError, InvalidArgumentError, NotSeekableError } from '../errors.js';
 import { describeValue } from '../internal/arguments.js';
 import {
   buildRefcountTable,
@@ -57,18 +58,24 @@ import { decompressCluster } from '../read/decompress.js';
 import type { CompressionType } from './compress.js';
 import { HostAllocator, HostQueue, HostRefcounts } from './host-alloc.js';
 import { OffsetWriter } from '../io/output.js';
+import { checkDedupSharing, resolveImageSettings, type ImageOptions, type ImageSettings, type WriteSummary } from './settings.js';
 import { Deduplicator, type DedupStats } from '../../transforms/dedup.js';
 import type { Hasher } from '../../transforms/fingerprint.js';
 
-/** Options of {@link InternalImageWriter.create}. */
-export interface InternalImageOptions {
+/** Options of {@link InternalImageWriter.create} and {@link createInternalSink}. */
+export interface InternalImageOptions extends Omit<ImageOptions, 'dataFileRaw'> {
   /** A regular-file path. */
   output: string;
-  /** log2 of the cluster size. */
-  clusterBits: number;
-  /** log2 of the refcount width in bits. */
-  refcountOrder: number;
-  /** Share identical clusters (confirmed byte for byte). */
+  /**
+   * The number of guest bytes the Blocks will cover, when known in advance: the image then has
+   * this length even when the last Blocks were dropped (zeros), and a different amount of input
+   * is an InputSizeError. Default: where the Blocks (or the last batch's `inputEnd`) end.
+   */
+  size?: number;
+  /**
+   * Share identical clusters (confirmed byte for byte). Needs a refcount width of 2 bits or
+   * more: with 1-bit refcounts it is a DedupUnsupportedError.
+   */
   dedup?:
     | {
         /** The XXH64 hasher (from `createHasher()`). */
@@ -99,31 +106,40 @@ export interface InternalImageOptions {
   compression?: CompressionType | undefined;
 }
 
-/** What {@link InternalImageWriter.finish} wrote. */
-export interface InternalSummary {
-  /** Guest clusters by what happened to them. */
-  clusters: {
-    /** Guest clusters of the image. */
-    total: number;
-    /** Stored in the image (first copies included). */
-    stored: number;
-    /** All zeros: not stored. */
-    zero: number;
-    /** Sharing an earlier cluster's storage (dedup). */
-    duplicate: number;
-    /** Stored as compressed clusters (counted in `stored` too). */
-    compressed: number;
-    /** Equal to the backing file: left unallocated (overlays). */
-    unchangedFromBase: number;
-  };
+/**
+ * What {@link InternalImageWriter.finish} wrote: `dataClusters` are the clusters stored in the
+ * image (first copies of shared ones included), `dataBytesWritten` their bytes (compressed
+ * sizes for compressed clusters).
+ */
+export interface InternalSummary extends WriteSummary {
+  /** Always `internal`. */
+  layout: 'internal';
+  /** Clusters stored compressed (counted in `dataClusters` too). */
+  compressedClusters: number;
   /** Host clusters in the file: header, data, L2, L1 and refcount structures. */
   fileClusters: number;
   /** Bytes written to the image file. */
   bytesWritten: number;
-  /** Bytes of guest data stored (compressed sizes for compressed clusters). */
-  dataBytes: number;
   /** Dedup statistics, when dedup was on. */
   dedup?: DedupStats | undefined;
+}
+
+/** Options of the single-file writers, validated: the image settings in the codec's units. */
+export type ResolvedInternalOptions = Omit<InternalImageOptions, 'clusterSize' | 'refcountBits'> & Pick<ImageSettings, 'clusterBits' | 'refcountOrder'>;
+
+/**
+ * Validates the single-file writers' options (refused before any output is created): the
+ * cluster size and refcount width, a dedup that could share something, the declared size.
+ */
+export function resolveInternalOptions(options: InternalImageOptions): ResolvedInternalOptions {
+  const { clusterSize: _clusterSize, refcountBits: _refcountBits, ...rest } = options;
+  const { clusterBits, refcountOrder } = resolveImageSettings(options);
+  if (options.dedup) checkDedupSharing({ refcountOrder });
+  if (options.size !== undefined) {
+    if (!Number.isSafeInteger(options.size) || options.size < 0) throw new InvalidArgumentError(`Invalid input size ${options.size}`);
+    checkVirtualSize(roundUpToSector(options.size), clusterBits);
+  }
+  return { ...rest, clusterBits, refcountOrder };
 }
 
 /** Pending appended clusters are written together once this many bytes accumulate. */
@@ -157,10 +173,11 @@ export class InternalImageWriter {
   private readonly counts = { stored: 0, zero: 0, duplicate: 0, compressed: 0, unchangedFromBase: 0 };
   private dataBytes = 0;
   private inputEnded = false;
+  private readonly started = performance.now();
 
   private constructor(
     private readonly output: OffsetWriter,
-    private readonly options: InternalImageOptions,
+    private readonly options: ResolvedInternalOptions,
   ) {
     this.cs = 2 ** options.clusterBits;
     this.l2Entries = this.cs / 8;
@@ -174,7 +191,7 @@ export class InternalImageWriter {
       await this.output.writev(offset, chunks);
       if (this.options.onBlockDone) for (const block of blocks) this.options.onBlockDone(block as Block);
     });
-    if (options.dedup && maxShares >= 2) {
+    if (options.dedup) {
       this.dedup = new Deduplicator({
         hasher: options.dedup.hasher,
         ...(options.dedup.maxEntries === undefined ? {} : { maxEntries: options.dedup.maxEntries }),
@@ -190,8 +207,12 @@ export class InternalImageWriter {
     }
   }
 
-  /** Opens the output (a regular file, under a temporary name until finish); a pipe is a NotSeekableError. */
+  /**
+   * Validates the options and opens the output (a regular file, under a temporary name until
+   * finish); a pipe is a NotSeekableError. Throws before creating anything when an option is bad.
+   */
   static async create(options: InternalImageOptions): Promise<InternalImageWriter> {
+    const resolved = resolveInternalOptions(options);
     const output = await OffsetWriter.create(options.output, { label: 'image', overwrite: options.overwrite ?? false, sync: options.sync ?? true });
     if (output.kind !== 'file') {
       await output.abort();
@@ -200,7 +221,7 @@ export class InternalImageWriter {
         { hint: 'Write to a file, or use the default external data-file layout, which streams to pipes' },
       );
     }
-    return new InternalImageWriter(output, options);
+    return new InternalImageWriter(output, resolved);
   }
 
   /**
@@ -220,6 +241,7 @@ export class InternalImageWriter {
       if (!Number.isSafeInteger(item.inputEnd) || item.inputEnd < this.end) {
         throw new InvalidArgumentError(`A batch says the input ended at ${item.inputEnd}, but Blocks up to ${this.end} arrived`);
       }
+      if (this.options.size !== undefined && item.inputEnd !== this.options.size) throw inputSizeMismatch(this.options.size, item.inputEnd);
       // Trailing Blocks a stage dropped are zeros (unallocated): the image keeps the input's length.
       this.end = item.inputEnd;
       this.inputEnded = true;
@@ -237,8 +259,10 @@ export class InternalImageWriter {
     // A Block nobody zero-checked is checked here: zero clusters are never stored as data.
     if (block.zero === undefined && block.count === undefined && !block.sameAsBase) block.zero = isAllZero(block.data);
     const clusters = block.count ?? 1;
+    const end = (block.index + clusters - 1) * this.cs + block.data.length;
+    if (this.options.size !== undefined && end > this.options.size) throw inputSizeMismatch(this.options.size, end, true);
     this.nextGuest = block.index + clusters;
-    this.end = (block.index + clusters - 1) * this.cs + block.data.length;
+    this.end = end;
     const kept = block.count === undefined ? await this.place(block) : await this.placeZeroRun(block, clusters);
     if (!kept) this.options.onBlockDone?.(block);
   }
@@ -324,9 +348,11 @@ export class InternalImageWriter {
 
   /**
    * Writes the metadata and moves the file into place. The virtual size is the guest length
-   * rounded up to 512 bytes (qemu rounds a header's size down; the tail must not vanish).
+   * (`size` when declared, else where the input ended) rounded up to 512 bytes (qemu rounds a
+   * header's size down; the tail must not vanish).
    */
-  async finish(guestLength: number = this.end): Promise<InternalSummary> {
+  async finish(): Promise<InternalSummary> {
+    const guestLength = this.options.size ?? this.end;
     const virtualSize = roundUpToSector(guestLength);
     checkVirtualSize(virtualSize, this.options.clusterBits);
     const geometry = imageGeometry(virtualSize, this.options.clusterBits);
@@ -383,13 +409,19 @@ export class InternalImageWriter {
     );
     await this.output.finish(plan.totalClusters * this.cs);
     await this.output.commit();
-    return {
-      clusters: { total: geometry.clusters, ...this.counts },
+    return internalSummary({
+      inputBytes: guestLength,
+      virtualSize,
+      clusterSize: this.cs,
+      refcountOrder: order,
+      clusters: geometry.clusters,
+      counts: this.counts,
       fileClusters: plan.totalClusters,
       bytesWritten: this.output.bytesWritten,
       dataBytes: this.dataBytes,
       dedup: this.dedup?.stats,
-    };
+      seconds: (performance.now() - this.started) / 1000,
+    });
   }
 
   /** Removes the temporary file after a failure. */
@@ -530,47 +562,140 @@ function storedRange(hi: number, lo: number, clusterBits: number): [offset: numb
   return [hostOffset, compressedSize];
 }
 
-/** The internal sink as a Writable of Blocks; `end()` writes the metadata for `virtualSize()`. */
-export function createInternalSink(writer: InternalImageWriter, virtualSize: () => number, onFinish?: (summary: InternalSummary) => void): Writable {
-  return new Writable({
-    objectMode: true,
-    highWaterMark: 32,
-    write(block: Block, _encoding, done) {
-      writer.write(block).then(() => done(), done);
-    },
-    final(done) {
-      writer.finish(virtualSize()).then((summary) => {
-        onFinish?.(summary);
-        done();
-      }, done);
-    },
-    destroy(err, done) {
-      if (err) writer.abort().then(() => done(err), () => done(err));
-      else done(null);
-    },
-  });
+/**
+ * What a single-file writer counted, as the {@link InternalSummary} every writer reports (shared
+ * with the pipe writer of internal-stream.ts).
+ */
+export function internalSummary(written: {
+  inputBytes: number;
+  virtualSize: number;
+  clusterSize: number;
+  refcountOrder: number;
+  /** Guest clusters of the image. */
+  clusters: number;
+  counts: { stored: number; zero: number; duplicate: number; compressed: number; unchangedFromBase: number };
+  fileClusters: number;
+  bytesWritten: number;
+  dataBytes: number;
+  dedup: DedupStats | undefined;
+  seconds: number;
+}): InternalSummary {
+  const { counts } = written;
+  return {
+    layout: 'internal',
+    inputBytes: written.inputBytes,
+    virtualSize: written.virtualSize,
+    clusterSize: written.clusterSize,
+    refcountBits: 2 ** written.refcountOrder,
+    dataFileRaw: false,
+    clusters: written.clusters,
+    dataClusters: counts.stored,
+    zeroClusters: written.clusters - counts.stored - counts.duplicate - counts.unchangedFromBase,
+    duplicateClusters: counts.duplicate,
+    unchangedClusters: counts.unchangedFromBase,
+    compressedClusters: counts.compressed,
+    dataBytesWritten: written.dataBytes,
+    metadataBytesWritten: (written.fileClusters - counts.stored) * written.clusterSize,
+    fileClusters: written.fileClusters,
+    bytesWritten: written.bytesWritten,
+    dataFile: undefined,
+    dataFileName: undefined,
+    warnings: [],
+    ...(written.dedup ? { dedup: written.dedup } : {}),
+    seconds: written.seconds,
+  };
 }
 
-/** Options of {@link writeInternal}: the writer's, in the library's usual units, the cluster size learned from the batches. */
-export interface WriteInternalOptions extends Omit<InternalImageOptions, 'clusterBits' | 'refcountOrder' | 'dedup'> {
+/** The internal sink as a Writable (object mode) for `pipeline(...)`; `finished` resolves with the summary. */
+export class InternalSinkStream extends Writable {
+  /**
+   * What was written, once the image is complete (committed):
+   * `await pipeline(source, …, sink); const summary = await sink.finished;`. Rejects with the
+   * error that stopped the sink, or an AbortedError when it was destroyed before finishing.
+   */
+  readonly finished: Promise<InternalSummary>;
+  /** What was written; undefined until the stream has finished. {@link finished} is the typed way to wait for it. */
+  result: InternalSummary | undefined;
+  private writer: InternalImageWriter | undefined;
+  private readonly resolveFinished: (result: InternalSummary) => void;
+  private readonly rejectFinished: (reason: unknown) => void;
+
+  constructor(private readonly options: InternalImageOptions) {
+    super({ objectMode: true, highWaterMark: 32 });
+    let resolve!: (result: InternalSummary) => void;
+    let reject!: (reason: unknown) => void;
+    this.finished = new Promise<InternalSummary>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    // Callers who only await pipeline() get the error there; an unobserved rejection here must not crash the process.
+    this.finished.catch(() => {});
+    this.resolveFinished = resolve;
+    this.rejectFinished = reject;
+  }
+
+  /** Opens the output (Node's stream hook). @internal */
+  override _construct(callback: (error?: Error | null) => void): void {
+    InternalImageWriter.create(this.options).then(
+      (writer) => {
+        this.writer = writer;
+        callback();
+      },
+      (err: Error) => callback(err),
+    );
+  }
+
+  /** Writes one Block or batch (Node's stream hook). @internal */
+  override _write(item: BlockItem, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    this.writer!.writeItem(item).then(() => callback(), (err: Error) => callback(err));
+  }
+
+  /** Finishes the image (Node's stream hook). @internal */
+  override _final(callback: (error?: Error | null) => void): void {
+    this.writer!.finish().then(
+      (result) => {
+        this.result = result;
+        this.resolveFinished(result);
+        callback();
+      },
+      (err: Error) => callback(err),
+    );
+  }
+
+  /** Removes the image after a failure (Node's stream hook). @internal */
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    if (this.result === undefined) {
+      const aborted = () => {
+        this.rejectFinished(error ?? new AbortedError('The sink was destroyed before the image was complete'));
+        callback(error);
+      };
+      if (this.writer) this.writer.abort().then(aborted, aborted);
+      else aborted();
+      return;
+    }
+    callback(error);
+  }
+}
+
+/**
+ * A Writable (object mode) that takes Blocks or batches and writes a single-file qcow2 image;
+ * see {@link InternalImageOptions}. After `await pipeline(...)`, `await sink.finished` gives
+ * the summary. The counterpart of createExternalSink.
+ */
+export function createInternalSink(options: InternalImageOptions): InternalSinkStream {
+  return new InternalSinkStream(options);
+}
+
+/** Options of {@link writeInternal}: the writer's, with the cluster size learned from the batches. */
+export interface WriteInternalOptions extends InternalImageOptions {
   /** Bytes per cluster: only for a source of single Blocks, or to insist on one. Batches carry it; default 65536. */
   clusterSize?: number;
-  /** Refcount width in bits (1..64, a power of two). Default 16. */
-  refcountBits?: number;
-  /**
-   * Share identical clusters (confirmed byte for byte): `{ hasher }` from `createHasher()`,
-   * with an optional `maxEntries` cap on the fingerprint index.
-   */
-  dedup?: InternalImageOptions['dedup'];
   /** Cancels the write: it rejects with an AbortedError and removes the image. */
   signal?: AbortSignal;
 }
 
-/** What {@link writeInternal} wrote: the writer's summary and the guest length. */
-export interface WriteInternalResult extends InternalSummary {
-  /** Guest bytes received (the input size). */
-  inputBytes: number;
-}
+/** What {@link writeInternal} wrote: the writer's summary. */
+export type WriteInternalResult = InternalSummary;
 
 /**
  * The internal (single-file) sink at the end of an iterable chain; see writeExternal in
@@ -578,10 +703,10 @@ export interface WriteInternalResult extends InternalSummary {
  * nothing left behind on failure or abort).
  */
 export async function writeInternal(items: AsyncIterable<BlockItem> | Iterable<BlockItem>, options: WriteInternalOptions): Promise<WriteInternalResult> {
-  const { signal, clusterSize: wanted, refcountBits = 16, ...rest } = options;
+  const { signal, clusterSize: wanted, ...rest } = options;
   if (signal?.aborted) throw abortError(signal);
-  const refcountOrder = Math.log2(refcountBits);
-  if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > 6) throw new InvalidArgumentError(`Invalid refcountBits ${refcountBits}: a power of two from 1 to 64`);
+  // Refused before the first item is pulled (as writeExternal refuses its options).
+  resolveInternalOptions({ ...rest, ...(wanted === undefined ? {} : { clusterSize: wanted }) });
   const source = signal ? abortable(asAsync(items), signal) : asAsync(items);
   const iterator = source[Symbol.asyncIterator]();
   let writer: InternalImageWriter | undefined;
@@ -589,10 +714,8 @@ export async function writeInternal(items: AsyncIterable<BlockItem> | Iterable<B
   try {
     let next = await iterator.next();
     const first = next.done ? undefined : next.value;
-    const clusterSize = (first && isBatch(first) ? clusterSizeFor('writeInternal', first.clusterSize, wanted) : wanted) ?? 65536;
-    const clusterBits = Math.log2(clusterSize);
-    if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) throw new InvalidArgumentError(`Invalid cluster size ${clusterSize}: a power of two from 512 bytes to 2 MiB`);
-    writer = await InternalImageWriter.create({ ...rest, clusterBits, refcountOrder });
+    const clusterSize = first && isBatch(first) ? clusterSizeFor('writeInternal', first.clusterSize, wanted) : wanted;
+    writer = await InternalImageWriter.create({ ...rest, ...(clusterSize === undefined ? {} : { clusterSize }) });
     while (!next.done) {
       const item = next.value;
       if (isBatch(item)) sawBatch = true;
@@ -601,10 +724,9 @@ export async function writeInternal(items: AsyncIterable<BlockItem> | Iterable<B
     }
     if (signal?.aborted) throw abortError(signal);
     if (sawBatch && !writer.sawInputEnd) throw missingInputEnd('writeInternal');
-    const inputBytes = writer.inputBytes;
     const summary = await writer.finish();
     writer = undefined;
-    return { ...summary, inputBytes };
+    return summary;
   } catch (err) {
     await writer?.abort();
     void iterator.return?.(undefined)?.catch(() => {});

@@ -41,7 +41,7 @@ import {
   type MetadataPlan,
 } from '../format/index.js';
 import type { OffsetWriter, OutputTarget } from '../io/output.js';
-import type { InternalSummary } from './internal-sink.js';
+import { internalSummary, type InternalSummary } from './internal-sink.js';
 import { Deduplicator, type DedupStats } from '../../transforms/dedup.js';
 import type { Hasher } from '../../transforms/fingerprint.js';
 import type { CompressionType } from './compress.js';
@@ -404,6 +404,7 @@ export interface PlannedImageOptions extends Omit<PlanInternalOptions, 'dedup' |
 export class PlannedImageWriter {
   private end = 0;
   private inputEnded = false;
+  private readonly started = performance.now();
   private constructor(
     private readonly output: OffsetWriter,
     private readonly plan: InternalPlan,
@@ -486,13 +487,19 @@ export class PlannedImageWriter {
     await layout.emitData(this.output, blocks, this.options.onBlockDone);
     await this.output.finish(plan.totalClusters * layout.cs);
     await this.output.commit();
-    return {
-      clusters: { total: layout.geometry.clusters, ...layout.clusters },
+    return internalSummary({
+      inputBytes: this.end,
+      virtualSize: layout.geometry.size,
+      clusterSize: layout.cs,
+      refcountOrder: this.options.refcountOrder,
+      clusters: layout.geometry.clusters,
+      counts: layout.clusters,
       fileClusters: plan.totalClusters,
       bytesWritten: this.output.bytesWritten,
       dataBytes: layout.dataBytes,
       dedup: layout.dedupStats,
-    };
+      seconds: (performance.now() - this.started) / 1000,
+    });
   }
 
   /** Removes what was written after a failure. */

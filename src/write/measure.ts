@@ -22,7 +22,7 @@ import { checkVirtualSize, imageGeometry, planMetadata, roundUpToSector } from '
 import { zeroDetect } from '../../transforms/zero-detect.js';
 import { checkCompressionType, type CompressionType } from './compress.js';
 import { InternalPlan } from './internal-stream.js';
-import { resolveImageSettings, type ImageOptions } from './settings.js';
+import { checkDedupSharing, resolveImageSettings, type ImageOptions } from './settings.js';
 import { BufferPool, openInput, readBlocks } from './sources.js';
 
 /** Options of {@link measure}. */
@@ -101,6 +101,8 @@ export async function measure(options: MeasureOptions): Promise<MeasureResult> {
   if (options.dedup && layout === 'external') throw new InvalidArgumentError('Dedup needs the internal layout');
   if (options.base !== undefined && options.input === undefined) throw new InvalidArgumentError('--base (API: base) needs an input image to compare (API: input)');
   const settings = resolveImageSettings({ ...options, dataFileRaw: layout === 'external' && options.base === undefined && (options.dataFileRaw ?? true) });
+  // The same refusal as convert's: an image measured is one convert would write.
+  if (options.dedup) checkDedupSharing(settings);
   const { clusterBits, clusterSize: cs, refcountOrder } = settings;
 
   const input = options.input === undefined ? undefined : await openInput(options.input);
@@ -142,7 +144,7 @@ export async function measure(options: MeasureOptions): Promise<MeasureResult> {
           const { openDisk } = await import('../read/image.js');
           const base = await openDisk(options.base, options.allowUnsafePaths ? { allowUnsafePaths: true } : {});
           closers.push(() => base.close());
-          blocks = (await import('../../transforms/base-compare.js')).compareWithBase(blocks, base, cs).blocks;
+          blocks = (await import('../../transforms/base-compare.js')).compareWithBase(blocks, { base, clusterSize: cs }).blocks;
         }
         if (options.compression) {
           const { CompressorPool, compressBlocks } = await import('./compress.js');
@@ -152,7 +154,7 @@ export async function measure(options: MeasureOptions): Promise<MeasureResult> {
             ...(options.compressionThreads === undefined ? {} : { threads: options.compressionThreads }),
           });
           closers.push(() => compressor.close());
-          blocks = compressBlocks(blocks, compressor);
+          blocks = compressBlocks(blocks, { pool: compressor });
         }
         for await (const block of blocks) {
           await plan.record(block);

@@ -137,11 +137,20 @@ function kindOf(allocation: number | undefined, dirty: number | undefined): Clus
   return allocation !== undefined && allocation & NBD_STATE_ZERO ? 'zero' : 'read';
 }
 
+/** Options of {@link planClusterRuns}. */
+export interface PlanClusterRunsOptions {
+  /** Bytes per cluster of the image being written. */
+  clusterSize: number;
+  /** The dirty-bitmap meta context (`qemu:dirty-bitmap:NAME`) whose clean ranges become `clean` runs. */
+  dirtyContext?: string | undefined;
+}
+
 /**
  * The cluster runs of the export, from block status (one window ahead). Without the contexts
  * (a server with no structured replies), everything is read.
  */
-export async function* planClusterRuns(client: NbdClient, clusterSize: number, dirtyContext?: string): AsyncGenerator<ClusterRun> {
+export async function* planClusterRuns(client: NbdClient, options: PlanClusterRunsOptions): AsyncGenerator<ClusterRun> {
+  const { clusterSize, dirtyContext } = options;
   const size = client.size;
   const sweep = new ClusterSweep(size, clusterSize);
   const hasAllocation = client.contexts.has(BASE_ALLOCATION);
@@ -245,7 +254,7 @@ export async function* nbdBatches(client: NbdClient, options: NbdBlockSourceOpti
   const maxReads = Math.max(1, Math.min(options.readsInFlight ?? DEFAULT_NBD_READS_IN_FLIGHT, 64));
   const size = client.size;
   const maxRun = MAX_ZERO_RUN_BYTES / clusterSize;
-  const runs = planClusterRuns(client, clusterSize, options.dirtyContext);
+  const runs = planClusterRuns(client, { clusterSize, dirtyContext: options.dirtyContext });
   const queue: Group[] = [];
   let open: Group | undefined;
   /** Groups holding a buffer, queued or open. */

@@ -12,7 +12,7 @@ import {
   INCOMPAT_DATA_FILE,
   MAX_REFCOUNT_ORDER,
 } from '../format/index.js';
-import { InvalidArgumentError } from '../errors.js';
+import { DedupUnsupportedError, InvalidArgumentError } from '../errors.js';
 import { describeValue } from '../internal/arguments.js';
 
 /** Image parameters a caller may choose. */
@@ -43,8 +43,35 @@ export interface ImageShape {
   clusters: number;
   /** Clusters mapped to stored data. */
   dataClusters: number;
-  /** Clusters not stored (all-zero; for the sink, also those unchanged from a backing file). */
+  /** Clusters not stored because they are all zeros. */
   zeroClusters: number;
+}
+
+/**
+ * What every writer of an image reports (convert, wrap, and the external and internal sinks):
+ * the same names for the same things, whichever made the image.
+ */
+export interface WriteSummary extends ImageShape {
+  /** `external`: metadata plus a data file; `internal`: one self-contained file. */
+  layout: 'external' | 'internal';
+  /** Guest bytes taken in (the input size). */
+  inputBytes: number;
+  /** Clusters sharing an earlier cluster's storage (dedup; always 0 with a data file). */
+  duplicateClusters: number;
+  /** Clusters equal to the backing file, left unallocated (overlays). Not counted in `zeroClusters`. */
+  unchangedClusters: number;
+  /** Bytes of guest data written (to the data file, or inside the image). */
+  dataBytesWritten: number;
+  /** Bytes of metadata written (the metadata file, or the image's metadata clusters). */
+  metadataBytesWritten: number;
+  /** The data file's path, when it is one (external layout). */
+  dataFile: string | undefined;
+  /** The data-file name stored in the header (external layout). */
+  dataFileName: string | undefined;
+  /** What the run warned about (e.g. a stored data-file name our readers will refuse), also given to `onWarning`. */
+  warnings: readonly string[];
+  /** Wall-clock seconds. */
+  seconds: number;
 }
 
 /** Validated image parameters. */
@@ -110,4 +137,17 @@ export function checkDataFileName(name: string, settings: ImageSettings): void {
     ...featureBits(settings),
     dataFileName: name,
   });
+}
+
+/**
+ * Throws DedupUnsupportedError when dedup cannot share anything at this refcount width: a
+ * 1-bit refcount counts one reference at most, so no cluster could ever be shared (silently
+ * writing every copy would look like dedup found nothing).
+ */
+export function checkDedupSharing(settings: Pick<ImageSettings, 'refcountOrder'>): void {
+  if (settings.refcountOrder === 0) {
+    throw new DedupUnsupportedError('Dedup cannot share clusters with 1-bit refcounts: a shared cluster needs a refcount of 2 or more', {
+      hint: 'Use a refcount width of 2 bits or more (--refcount-bits, refcountBits in the API; the default is 16)',
+    });
+  }
 }

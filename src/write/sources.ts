@@ -109,8 +109,20 @@ export interface BlockSourceOptions {
   zeroRuns?: boolean;
 }
 
+/** Options of {@link fileHandleTarget}. */
+export interface FileHandleTargetOptions {
+  /** The file's name, for messages. */
+  name: string;
+  /**
+   * Positional reads (a regular file or block device, read at any offset: the native data
+   * mover and hole probes may use its descriptor). Default true; false for a pipe or socket.
+   */
+  positional?: boolean;
+}
+
 /** A ReadTarget over an open FileHandle. */
-export function fileHandleTarget(handle: FileHandle, name: string, positional: boolean): ReadTarget {
+export function fileHandleTarget(handle: FileHandle, options: FileHandleTargetOptions): ReadTarget {
+  const { name, positional = true } = options;
   return {
     name,
     positional,
@@ -454,7 +466,7 @@ export async function openInput(path: string, declaredSize?: number): Promise<Op
       size: file.size,
       kind,
       file,
-      target: fileHandleTarget(file.handle, name, true),
+      target: fileHandleTarget(file.handle, { name }),
       close: async () => {
         await file.handle.close().catch(ignore);
       },

@@ -21,53 +21,73 @@ import { OffsetWriter, type OutputTarget } from '../io/output.js';
 import { abortError } from './abort.js';
 import { MetadataEmitter, type MetadataResult } from './metadata.js';
 import { checkOutputName, refuseOverlaps } from '../io/same-file.js';
-import { checkDataFileName, resolveImageSettings, type ImageOptions, type ImageShape } from './settings.js';
+import { dataFileNameWarning, defaultDataFileName } from './paths.js';
+import { checkDataFileName, resolveImageSettings, type ImageOptions, type WriteSummary } from './settings.js';
 import { BufferPool, fileHandleTarget, readBlocks } from './sources.js';
 
 const PROGRESS_STEP = 32 * 1024 * 1024;
 
 export interface WrapOptions extends ImageOptions {
-  /** The name stored in the header. Default: the raw path exactly as given. */
+  /** The existing raw image file, which becomes the data file as it is (opened read-only). */
+  input: string;
+  /** Where the qcow2 metadata goes: a path, '-' for standard output, or a Writable. */
+  output: OutputTarget;
+  /**
+   * The name stored in the header. Default, as convert's: `input`'s path relative to the
+   * output's directory when it lies there or below, else its absolute path (with a warning:
+   * our readers refuse it); as given when the output is not a path.
+   */
   dataFileName?: string;
   /** fsync the metadata file (and its directory) before resolving. Default true. */
   sync?: boolean;
   /** Replace an existing file at the output path. Default false (the CLI's --force). */
   overwrite?: boolean;
+  /** Called with each warning as it arises (also listed in the summary's `warnings`). */
+  onWarning?: (message: string) => void;
   /** Cancels the scan: it rejects with an AbortedError and removes the metadata file. */
   signal?: AbortSignal;
   /** Called every 32 MiB while a sparse-mode wrap scans the raw file, and at the end. */
   onProgress?: (progress: Progress) => void;
 }
 
-/** `dataClusters`: all clusters in raw mode, the non-zero ones in sparse mode. */
-export interface WrapSummary extends ImageShape {
-  /** Size of the raw file. */
-  rawBytes: number;
+/**
+ * `dataClusters`: all clusters in raw mode, the non-zero ones in sparse mode; `inputBytes` is
+ * the raw file's size, `dataFile` the raw file, and nothing is written to it
+ * (`dataBytesWritten` is 0).
+ */
+export interface WrapSummary extends WriteSummary {
+  /** Always `external`: the raw file is the data file. */
+  layout: 'external';
+  /** The raw file. */
+  dataFile: string;
+  /** The data-file name stored in the header. */
+  dataFileName: string;
   /** Bytes of raw file read (0 in raw mode: nothing needs reading). */
   bytesRead: number;
-  /** Bytes of the metadata file. */
-  metadataBytesWritten: number;
   /** Clusters of the metadata file. */
   metadataClusters: number;
   /** L2 tables written. */
   l2Tables: number;
-  /** The data-file name stored in the header. */
-  dataFileName: string;
-  /** Wall-clock seconds. */
-  seconds: number;
 }
 
 /**
- * Writes qcow2 metadata to `output` that uses the existing raw file `rawPath` as its data file.
+ * Writes qcow2 metadata to `output` that uses the existing raw file `input` as its data file.
  * Refuses an output that is the raw file itself. The raw file is only ever read.
  */
-export async function wrap(rawPath: string, output: OutputTarget, options: WrapOptions = {}): Promise<WrapSummary> {
+export async function wrap(options: WrapOptions): Promise<WrapSummary> {
   const started = performance.now();
   const settings = resolveImageSettings(options);
+  const { input: rawPath, output, signal } = options;
+  if (typeof rawPath !== 'string' || rawPath === '') throw new InvalidArgumentError('wrap: input must be the path of a raw image file');
   if (typeof output === 'string') checkOutputName(output, 'output');
-  const dataFileName = options.dataFileName ?? rawPath;
+  const dataFileName = options.dataFileName ?? defaultDataFileName(output, rawPath);
   checkDataFileName(dataFileName, settings);
-  const { signal } = options;
+  const warnings: string[] = [];
+  const warning = dataFileNameWarning(output, dataFileName, rawPath);
+  if (warning !== undefined) {
+    warnings.push(warning);
+    options.onWarning?.(warning);
+  }
 
   const raw = await openForRead(rawPath);
   try {
@@ -91,7 +111,7 @@ export async function wrap(rawPath: string, output: OutputTarget, options: WrapO
       if (settings.dataFileRaw) {
         dataClusters = clusters;
       } else {
-        const target = fileHandleTarget(raw.handle, rawPath, true);
+        const target = fileHandleTarget(raw.handle, { name: rawPath });
         const pool = new BufferPool();
         let nextReport = PROGRESS_STEP;
         // Holes of the raw file come as zero runs (never read) when the extent probe is built.
@@ -119,7 +139,8 @@ export async function wrap(rawPath: string, output: OutputTarget, options: WrapO
       options.onProgress?.({ bytesDone: raw.size, bytesTotal: raw.size });
       await metadata.commit();
       return {
-        rawBytes: raw.size,
+        layout: 'external',
+        inputBytes: raw.size,
         virtualSize,
         clusterSize: settings.clusterSize,
         refcountBits: 2 ** settings.refcountOrder,
@@ -127,11 +148,16 @@ export async function wrap(rawPath: string, output: OutputTarget, options: WrapO
         clusters,
         dataClusters,
         zeroClusters: clusters - dataClusters,
+        duplicateClusters: 0,
+        unchangedClusters: 0,
+        dataBytesWritten: 0,
         bytesRead,
         metadataBytesWritten: metadata.bytesWritten,
         metadataClusters: result.metadataClusters,
         l2Tables: result.l2Tables,
+        dataFile: rawPath,
         dataFileName,
+        warnings,
         seconds: (performance.now() - started) / 1000,
       };
     } catch (err) {

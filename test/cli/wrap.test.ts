@@ -24,7 +24,7 @@ test('wrap: metadata around the raw file, which stays untouched, in both modes a
   const sparse = runCli(['wrap', 'disk.raw', 'sparse.qcow2', '--no-data-file-raw', '--json'], { cwd: dir });
   assert.equal(sparse.code, 0, sparse.stderr);
   const summary = JSON.parse(sparse.stdout) as Record<string, number>;
-  assert.equal(summary['rawBytes'], size);
+  assert.equal(summary['inputBytes'], size);
   assert.ok(summary['zeroClusters']! > 0);
   assertQemuAgrees('disk.raw', 'sparse.qcow2', dir);
   assert.equal(qemuFacts('sparse.qcow2', dir).dataFileRaw, false);

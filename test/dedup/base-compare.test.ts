@@ -32,9 +32,9 @@ function images(): { base: Buffer; next: Buffer; changed: number[] } {
 }
 
 async function writeOverlay(path: string, blocks: AsyncIterable<Block>, size: number) {
-  const writer = await InternalImageWriter.create({ output: path, clusterBits: 16, refcountOrder: 4, backing: { name: 'base.qcow2', format: 'qcow2' } });
+  const writer = await InternalImageWriter.create({ output: path, clusterSize: 65536, refcountBits: 16, size, backing: { name: 'base.qcow2', format: 'qcow2' } });
   for await (const block of blocks) await writer.write(block);
-  return writer.finish(size);
+  return writer.finish();
 }
 
 test('an overlay against the base image holds only the changed clusters and reads as the new image', async (t) => {
@@ -42,15 +42,15 @@ test('an overlay against the base image holds only the changed clusters and read
   const dir = tempDir(t);
   const { base, next, changed } = images();
   writeFileSync(join(dir, 'next.raw'), next);
-  const baseWriter = await InternalImageWriter.create({ output: join(dir, 'base.qcow2'), clusterBits: 16, refcountOrder: 4 });
+  const baseWriter = await InternalImageWriter.create({ output: join(dir, 'base.qcow2'), clusterSize: 65536, refcountBits: 16, size: base.length });
   for await (const b of blocksOf(base)) await baseWriter.write(b);
-  await baseWriter.finish(base.length);
+  await baseWriter.finish();
 
   const baseImage: BaseImage = { virtualSize: base.length, read: async (offset, length) => base.subarray(offset, offset + length) };
-  const { blocks, stats } = compareWithBase(blocksOf(next), baseImage, CS);
+  const { blocks, stats } = compareWithBase(blocksOf(next), { base: baseImage, clusterSize: CS });
   const summary = await writeOverlay(join(dir, 'next.qcow2'), blocks, next.length);
   assert.equal(stats.changed, changed.length);
-  assert.equal(summary.clusters.stored, changed.length - 1, 'the zeroed cluster is a zero flag, not data');
+  assert.equal(summary.dataClusters, changed.length - 1, 'the zeroed cluster is a zero flag, not data');
   assert.equal(qemuCheck('next.qcow2', dir).code, 0);
   const cmp = qemuCompare('next.raw', 'next.qcow2', dir);
   assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
@@ -62,18 +62,18 @@ test('the same against a manifest of the base', async (t) => {
   const hasher = await createHasher();
   const { base, next, changed } = images();
   writeFileSync(join(dir, 'next.raw'), next);
-  const baseWriter = await InternalImageWriter.create({ output: join(dir, 'base.qcow2'), clusterBits: 16, refcountOrder: 4 });
-  const manifestWriter = await ManifestWriter.create(join(dir, 'base.xxh'), hasher, 16);
+  const baseWriter = await InternalImageWriter.create({ output: join(dir, 'base.qcow2'), clusterSize: 65536, refcountBits: 16, size: base.length });
+  const manifestWriter = await ManifestWriter.create({ output: join(dir, 'base.xxh'), hasher, clusterSize: 65536 });
   for await (const b of blocksOf(base)) {
     await baseWriter.write(b);
     await manifestWriter.add(b);
   }
-  await baseWriter.finish(base.length);
+  await baseWriter.finish();
   await manifestWriter.finish(base.length);
 
   const manifest = await ManifestReader.open(join(dir, 'base.xxh'));
   t.after(() => manifest.close());
-  const { blocks, stats } = compareWithManifest(blocksOf(next), manifest, hasher, 16);
+  const { blocks, stats } = compareWithManifest(blocksOf(next), { manifest, hasher, clusterSize: 65536 });
   await writeOverlay(join(dir, 'next.qcow2'), blocks, next.length);
   assert.equal(stats.changed, changed.length);
   assert.equal(qemuCheck('next.qcow2', dir).code, 0);
@@ -83,9 +83,9 @@ test('the same against a manifest of the base', async (t) => {
 test('a manifest made with another cluster size is refused', async (t) => {
   const dir = tempDir(t);
   const hasher = await createHasher();
-  const writer = await ManifestWriter.create(join(dir, 'm.xxh'), hasher, 12);
+  const writer = await ManifestWriter.create({ output: join(dir, 'm.xxh'), hasher, clusterSize: 4096 });
   await writer.finish(8192);
   const manifest = await ManifestReader.open(join(dir, 'm.xxh'));
   t.after(() => manifest.close());
-  assert.throws(() => compareWithManifest(blocksOf(Buffer.alloc(CS)), manifest, hasher, 16), /4096-byte clusters/);
+  assert.throws(() => compareWithManifest(blocksOf(Buffer.alloc(CS)), { manifest, hasher, clusterSize: 65536 }), /4096-byte clusters/);
 });

@@ -1,10 +1,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Block } from '../../src/block.js';
 import { InternalImageWriter } from '../../src/write/internal-sink.js';
 import { isAllZero } from '../../src/io/buffers.js';
+import { DedupUnsupportedError } from '../../src/errors.js';
 import { createHasher, type Hasher } from '../../transforms/fingerprint.js';
 import { needQemu, qemuCheck, qemuCompare, qemuImg, qemuIo, tempDir, hasQemuIo } from '../helpers/qemu.js';
 import { patternBytes, randomBytesAt } from '../helpers/images.js';
@@ -23,8 +24,9 @@ function buildRaw(plan: string, cs: number, tail = 0): Buffer {
 async function writeInternal(path: string, raw: Buffer, cs: number, options: { order?: number; hasher?: Hasher | undefined; dedup?: boolean } = {}) {
   const writer = await InternalImageWriter.create({
     output: path,
-    clusterBits: Math.log2(cs),
-    refcountOrder: options.order ?? 4,
+    clusterSize: cs,
+    refcountBits: 2 ** (options.order ?? 4),
+    size: raw.length,
     dedup: options.dedup === false ? undefined : { hasher: options.hasher ?? (await createHasher()) },
   });
   for (let i = 0; i * cs < raw.length; i++) {
@@ -32,7 +34,7 @@ async function writeInternal(path: string, raw: Buffer, cs: number, options: { o
     const block: Block = { index: i, data, zero: isAllZero(data) };
     await writer.write(block);
   }
-  return writer.finish(Math.ceil(raw.length / 512) * 512);
+  return writer.finish();
 }
 
 test('dedup into a single-file image: qemu-img check clean, compare identical, duplicates stored once', async (t) => {
@@ -48,14 +50,14 @@ test('dedup into a single-file image: qemu-img check clean, compare identical, d
   assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
   const templates = new Set([...plan].filter((c) => /\d/.test(c)));
   const randoms = [...plan].filter((c) => c === 'r').length + 1; // + the tail cluster
-  assert.equal(summary.clusters.stored, templates.size + randoms);
-  assert.equal(summary.clusters.duplicate, [...plan].filter((c) => /\d/.test(c)).length - templates.size);
-  assert.equal(summary.clusters.zero, [...plan].filter((c) => c === 'z').length);
+  assert.equal(summary.dataClusters, templates.size + randoms);
+  assert.equal(summary.duplicateClusters, [...plan].filter((c) => /\d/.test(c)).length - templates.size);
+  assert.equal(summary.zeroClusters, [...plan].filter((c) => c === 'z').length);
 
   // qemu-img's own sparse qcow2 stores every duplicate again.
   assert.equal(qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', 'in.raw', 'plain.qcow2'], dir).code, 0);
   const saved = statSync(join(dir, 'plain.qcow2')).size - statSync(join(dir, 'out.qcow2')).size;
-  assert.ok(saved >= (summary.clusters.duplicate - 1) * cs, `saved ${saved} bytes for ${summary.clusters.duplicate} duplicates`);
+  assert.ok(saved >= (summary.duplicateClusters - 1) * cs, `saved ${saved} bytes for ${summary.duplicateClusters} duplicates`);
 });
 
 test('copy-on-write by qemu works on our refcounts', async (t) => {
@@ -77,21 +79,24 @@ test('copy-on-write by qemu works on our refcounts', async (t) => {
   assert.ok(back.equals(expected));
 });
 
-test('narrow refcounts start a new copy before overflowing; 1-bit refcounts share nothing', async (t) => {
+test('narrow refcounts start a new copy before overflowing; 1-bit refcounts refuse dedup', async (t) => {
   if (!needQemu(t)) return;
   const dir = tempDir(t);
   const cs = 4096;
   const raw = buildRaw('1'.repeat(10) + 'r' + '2'.repeat(5), cs);
   writeFileSync(join(dir, 'in.raw'), raw);
-  for (const order of [0, 1, 2]) {
+  // One bit counts one reference: nothing could be shared, so dedup is refused, not silently off.
+  await assert.rejects(writeInternal(join(dir, 'o0.qcow2'), raw, cs, { order: 0 }), (err: unknown) => err instanceof DedupUnsupportedError && /1-bit refcounts/.test(err.message));
+  assert.deepEqual(readdirSync(dir).sort(), ['in.raw'], 'nothing created');
+  for (const order of [1, 2]) {
     const name = `o${order}.qcow2`;
     const summary = await writeInternal(join(dir, name), raw, cs, { order });
     const check = qemuCheck(name, dir);
     assert.equal(check.code, 0, `order ${order}: ${check.stdout}`);
     assert.equal(qemuCompare('in.raw', name, dir).code, 0);
     const max = 2 ** 2 ** order - 1;
-    const expectedStored = max < 2 ? 16 : Math.ceil(10 / max) + 1 + Math.ceil(5 / max);
-    assert.equal(summary.clusters.stored, expectedStored, `order ${order}`);
+    const expectedStored = Math.ceil(10 / max) + 1 + Math.ceil(5 / max);
+    assert.equal(summary.dataClusters, expectedStored, `order ${order}`);
   }
 });
 
@@ -117,7 +122,7 @@ test('without dedup the internal image is a plain sparse qcow2', async (t) => {
   const summary = await writeInternal(join(dir, 'p.qcow2'), raw, cs, { dedup: false });
   assert.equal(qemuCheck('p.qcow2', dir).code, 0);
   assert.equal(qemuCompare('in.raw', 'p.qcow2', dir).code, 0);
-  assert.equal(summary.clusters.stored, 5);
+  assert.equal(summary.dataClusters, 5);
   const map = JSON.parse(qemuImg(['map', '--output=json', 'p.qcow2'], dir).stdout) as Array<{ start: number; data: boolean }>;
   assert.ok(map.some((e) => e.start === 2 * cs && !e.data), 'zero clusters are unallocated');
 });

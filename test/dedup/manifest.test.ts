@@ -13,7 +13,7 @@ test('writes every cluster fingerprint and reads them back', async (t) => {
   const path = join(dir, 'disk.xxh');
   const clusterBits = 12;
   const size = 5 * 4096 + 1536; // short last cluster
-  const writer = await ManifestWriter.create(path, hasher, clusterBits);
+  const writer = await ManifestWriter.create({ output: path, hasher, clusterSize: 2 ** clusterBits });
   const data = [new Uint8Array(4096).fill(1), new Uint8Array(4096).fill(2)];
   await writer.add({ index: 0, data: data[0]! });
   await writer.add({ index: 1, data: new Uint8Array(4096), zero: true });
@@ -40,7 +40,7 @@ test('writes every cluster fingerprint and reads them back', async (t) => {
 
 test('an aborted manifest leaves nothing behind', async (t) => {
   const dir = tempDir(t);
-  const writer = await ManifestWriter.create(join(dir, 'm.xxh'), await createHasher(), 16);
+  const writer = await ManifestWriter.create({ output: join(dir, 'm.xxh'), hasher: await createHasher(), clusterSize: 65536 });
   await writer.add({ index: 0, data: new Uint8Array(65536).fill(9) });
   await writer.abort();
   assert.deepEqual(readdirSync(dir), []);

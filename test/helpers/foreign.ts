@@ -67,9 +67,9 @@ export async function assertReadsLikeQemu(dir: string, image: string, options: O
       assert.ok(Buffer.from(got).equals(expected.subarray(offset, offset + length)), `${image}: read(${offset}, ${length})`);
     }
     // info names the same format and size without opening any parent.
-    const info = await readImageInfo(join(dir, image), options.format);
+    const info = await readImageInfo(join(dir, image), { format: options.format });
     assert.equal(info.format, disk.format, `${image}: info's format`);
-    assert.equal(info['virtual-size'], disk.virtualSize, `${image}: info's virtual size`);
+    assert.equal(info.virtualSize, disk.virtualSize, `${image}: info's virtual size`);
     return disk.format;
   } finally {
     await disk.close();

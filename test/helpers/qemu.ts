@@ -6,7 +6,7 @@
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, isAbsolute, join } from 'node:path';
 import type { TestContext } from 'node:test';
 
 function onPath(name: string): boolean {
@@ -44,14 +44,23 @@ export function qemuIo(args: readonly string[], cwd?: string): RunResult {
   return run('qemu-io', args, cwd);
 }
 
+/**
+ * Where qemu runs when the caller does not say: the image's directory for an absolute image
+ * path. Our images store their data-file name relative to that directory, and qemu 7.2 resolves
+ * it against its working directory (test/write/data-file-name.test.ts), as the README says.
+ */
+function imageCwd(image: string, cwd: string | undefined): string | undefined {
+  return cwd ?? (isAbsolute(image) ? dirname(image) : undefined);
+}
+
 /** Asserts-friendly summary of `qemu-img check`: exit code and output. */
 export function qemuCheck(image: string, cwd?: string): RunResult {
-  return qemuImg(['check', image], cwd);
+  return qemuImg(['check', image], imageCwd(image, cwd));
 }
 
 /** `qemu-img compare` of a raw file against an image (0 identical, 1 differ, 2 error). */
 export function qemuCompare(raw: string, image: string, cwd?: string, imageFormat = 'qcow2'): RunResult {
-  return qemuImg(['compare', '-f', 'raw', '-F', imageFormat, raw, image], cwd);
+  return qemuImg(['compare', '-f', 'raw', '-F', imageFormat, raw, image], imageCwd(image, cwd));
 }
 
 export function qemuInfo(image: string, cwd?: string): Record<string, unknown> {

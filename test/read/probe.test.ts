@@ -69,7 +69,7 @@ test('recognised formats no reader opens are refused by name; raw is read; wrong
   }
   const raw = create(dir, 'named.vhd', 'raw', '1M');
   const warnings: string[] = [];
-  assert.equal(await probeFormat(raw, (w) => warnings.push(w)), 'raw');
+  assert.equal(await probeFormat(raw, { onWarning: (w) => warnings.push(w) }), 'raw');
   assert.equal(warnings.length, 1);
   assert.match(warnings[0]!, /named like a VHD image/);
   assert.equal(rawNameWarning(join(dir, 'disk.img')), undefined);

@@ -121,7 +121,7 @@ test('VHD differencing: unallocated blocks and clear bitmap bits read from the p
   // info inspects the disk without following the name it stores.
   const info = await readImageInfo(join(dir, 'child.vhd'));
   assert.equal(info.format, 'vpc');
-  assert.equal(info['virtual-size'], size);
+  assert.equal(info.virtualSize, size);
   qemuConvertTo(dir, 'parent.raw', 'other.vhd', 'vpc', 'subformat=dynamic,force_size=on');
   await assert.rejects(openDisk(join(dir, 'child.vhd'), { backing: join(dir, 'other.vhd') }), { code: 'QCOW_ERR_CORRUPT_IMAGE', message: /UUID/ });
 });

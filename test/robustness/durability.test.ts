@@ -128,7 +128,7 @@ const CASES: Case[] = [
   {
     title: 'wrap',
     finals: ['out.qcow2'],
-    run: (dir, input, sync) => wrap(input, join(dir, 'out.qcow2'), { dataFileName: 'in.raw', ...(sync === undefined ? {} : { sync }) }),
+    run: (dir, input, sync) => wrap({ input, output: join(dir, 'out.qcow2'), dataFileName: 'in.raw', ...(sync === undefined ? {} : { sync }) }),
   },
 ];
 

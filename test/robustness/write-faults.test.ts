@@ -78,12 +78,12 @@ const WRITERS: Writer[] = [
   },
   {
     title: 'wrap',
-    run: (dir) => wrap(input(dir), join(dir, 'out.qcow2'), { dataFileName: 'in.raw' }),
+    run: (dir) => wrap({ input: input(dir), output: join(dir, 'out.qcow2'), dataFileName: 'in.raw' }),
     outputs: [{ label: 'metadata file', final: 'out.qcow2' }],
   },
   {
     title: 'wrap, sparse mode',
-    run: (dir) => wrap(input(dir), join(dir, 'out.qcow2'), { dataFileName: 'in.raw', dataFileRaw: false }),
+    run: (dir) => wrap({ input: input(dir), output: join(dir, 'out.qcow2'), dataFileName: 'in.raw', dataFileRaw: false }),
     outputs: [{ label: 'metadata file', final: 'out.qcow2' }],
   },
 ];

@@ -160,14 +160,15 @@ test('property: random small images convert to images qemu agrees with', async (
   );
 });
 
-test('the default data file is the output with .data, and its stored name is the path as given', async (t) => {
+test('the default data file is the output with .data, and its stored name is relative to the image', async (t) => {
   if (!needQemu(t)) return;
   const dir = tempDir(t);
   const raw = join(dir, 'disk.raw');
   writeFileSync(raw, Buffer.alloc(70_000, 7));
   const summary = await convert({ input: raw, output: join(dir, 'disk.qcow2') });
   assert.equal(summary.dataFile, join(dir, 'disk.data'));
-  assert.equal(summary.dataFileName, join(dir, 'disk.data'));
-  assertQemuAgrees(raw, join(dir, 'disk.qcow2'), '/');
-  assert.equal(qemuFacts(join(dir, 'disk.qcow2'), dir).dataFile, join(dir, 'disk.data'));
+  assert.equal(summary.dataFileName, 'disk.data');
+  // qemu 7.2 resolves it from its working directory: the image's, here.
+  assertQemuAgrees(raw, join(dir, 'disk.qcow2'), dir);
+  assert.equal(qemuFacts(join(dir, 'disk.qcow2'), dir).dataFile, 'disk.data');
 });

@@ -87,7 +87,7 @@ async function blocksOf(path: string, clusterSize: number, zeroRuns: boolean): P
   const handle = await open(path, 'r');
   try {
     const { size } = await handle.stat();
-    return await collect(readBlocks(fileHandleTarget(handle, path, true), { clusterSize, size, zeroRuns }));
+    return await collect(readBlocks(fileHandleTarget(handle, { name: path }), { clusterSize, size, zeroRuns }));
   } finally {
     await handle.close();
   }
@@ -172,7 +172,7 @@ test('readBlocks with zeroRuns still refuses a file shorter than the size it was
     const run = async () => {
       const handle = await open(path, 'r');
       try {
-        await collect(readBlocks(fileHandleTarget(handle, path, true), { clusterSize: 64 * KiB, size: 4 * MiB, zeroRuns: true }));
+        await collect(readBlocks(fileHandleTarget(handle, { name: path }), { clusterSize: 64 * KiB, size: 4 * MiB, zeroRuns: true }));
       } finally {
         await handle.close();
       }

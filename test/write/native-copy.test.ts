@@ -119,7 +119,7 @@ test('takeHole and copyFromFile take ranges in order, on cluster boundaries, and
   const fd = openSync(input, 'r');
   t.after(() => closeSync(fd));
   const source = { fd, name: input };
-  const writer = await ExternalWriter.open({ output: join(dir, 'o.qcow2'), dataFile: join(dir, 'o.data'), size: 4 * MiB + 64 * KiB, sync: false });
+  const writer = await ExternalWriter.create({ output: join(dir, 'o.qcow2'), dataFile: join(dir, 'o.data'), size: 4 * MiB + 64 * KiB, sync: false });
   await writer.copyFromFile(source, 0, MiB);
   await writer.takeHole(MiB, MiB);
   await assert.rejects(writer.takeHole(MiB, 64 * KiB), { code: 'QCOW_ERR_INVALID_ARGUMENT' }, 'a hole before the end of what was taken');

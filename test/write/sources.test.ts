@@ -42,7 +42,7 @@ test('readBlocks cuts a file into clusters across several reads, the last one sh
   writeFileSync(path, input);
   const handle = await open(path);
   try {
-    const blocks = await collect(readBlocks(fileHandleTarget(handle, path, true), { clusterSize: 4096, size: input.length }));
+    const blocks = await collect(readBlocks(fileHandleTarget(handle, { name: path }), { clusterSize: 4096, size: input.length }));
     assert.deepEqual(blockSnapshot(blocks), expectedBlocks(input, 4096));
   } finally {
     await handle.close();

@@ -21,11 +21,10 @@ test('wrap leaves the raw file byte-for-byte and mtime unchanged, and qemu agree
     const raw = `r${i}.raw`;
     writeRawImage(join(dir, raw), c.size, mixedExtents(c.size, c.clusterSize, i + 1));
     const before = { hash: sha256File(join(dir, raw)), stat: statSync(join(dir, raw)) };
-    const summary = await wrap(join(dir, raw), join(dir, `w${i}.qcow2`), {
-      clusterSize: c.clusterSize,
-      dataFileRaw: c.dataFileRaw,
-      dataFileName: raw,
-    });
+    // The default stored name: the raw file relative to the image's directory.
+    const summary = await wrap({ input: join(dir, raw), output: join(dir, `w${i}.qcow2`), clusterSize: c.clusterSize, dataFileRaw: c.dataFileRaw });
+    assert.equal(summary.dataFileName, raw);
+    assert.deepEqual(summary.warnings, []);
     const after = statSync(join(dir, raw));
     assert.equal(sha256File(join(dir, raw)), before.hash);
     assert.equal(after.size, c.size, 'never padded or truncated');
@@ -55,7 +54,7 @@ test('wrap in sparse mode leaves zero clusters unallocated', async (t) => {
     { offset: 0, length: 100, kind: 'random' },
     { offset: 2 * MiB, length: 65536, kind: 'pattern' },
   ]);
-  const summary = await wrap(join(dir, 'disk.raw'), join(dir, 'disk.qcow2'), { dataFileRaw: false, dataFileName: 'disk.raw' });
+  const summary = await wrap({ input: join(dir, 'disk.raw'), output: join(dir, 'disk.qcow2'), dataFileRaw: false, dataFileName: 'disk.raw' });
   assert.equal(summary.dataClusters, 2);
   const map = qemuImg(['map', '--output=json', 'disk.qcow2'], dir);
   const extents = JSON.parse(map.stdout) as Array<{ start: number; length: number; data: boolean }>;
@@ -68,18 +67,20 @@ test('wrap in sparse mode leaves zero clusters unallocated', async (t) => {
   );
 });
 
-test('wrap refuses to write over the raw file, and stores the raw path as given by default', async (t) => {
+test('wrap refuses to write over the raw file, and stores the raw path relative to the image by default', async (t) => {
   const dir = tempDir(t);
   const raw = join(dir, 'disk.raw');
   writeFileSync(raw, Buffer.alloc(4096, 9));
   const hash = sha256File(raw);
-  await assert.rejects(wrap(raw, raw), InvalidArgumentError);
-  await assert.rejects(wrap(raw, join(dir, 'x', '..', 'disk.raw')), InvalidArgumentError);
+  await assert.rejects(wrap({ input: raw, output: raw }), InvalidArgumentError);
+  await assert.rejects(wrap({ input: raw, output: join(dir, 'x', '..', 'disk.raw') }), InvalidArgumentError);
   assert.equal(sha256File(raw), hash);
   assert.deepEqual(readdirSync(dir), ['disk.raw']);
-  const summary = await wrap(raw, join(dir, 'disk.qcow2'));
-  assert.equal(summary.dataFileName, raw);
-  assert.equal(decodeImage(readFileSync(join(dir, 'disk.qcow2'))).header.dataFileName, raw);
-  await assert.rejects(wrap(join(dir, 'missing.raw'), join(dir, 'm.qcow2')), /no such file/);
-  await assert.rejects(wrap(dir, join(dir, 'm.qcow2')), /directory/);
+  const summary = await wrap({ input: raw, output: join(dir, 'disk.qcow2') });
+  assert.equal(summary.dataFileName, 'disk.raw');
+  assert.equal(summary.dataFile, raw);
+  assert.equal(summary.inputBytes, 4096);
+  assert.equal(decodeImage(readFileSync(join(dir, 'disk.qcow2'))).header.dataFileName, 'disk.raw');
+  await assert.rejects(wrap({ input: join(dir, 'missing.raw'), output: join(dir, 'm.qcow2') }), /no such file/);
+  await assert.rejects(wrap({ input: dir, output: join(dir, 'm.qcow2') }), /directory/);
 });

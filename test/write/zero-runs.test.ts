@@ -152,7 +152,7 @@ test('hand-made zero runs through zero-detect and the external sink (files and a
       const summary = await sink.finished;
       // The same Blocks into a data file that is a pipe: the holes become real zeros.
       const pipe = new MemoryWritable();
-      const writer = await ExternalWriter.open({ output: join(where, 'piped.qcow2'), dataFile: pipe, dataFileName: 'piped.data', clusterSize, dataFileRaw, sync: false });
+      const writer = await ExternalWriter.create({ output: join(where, 'piped.qcow2'), dataFile: pipe, dataFileName: 'piped.data', clusterSize, dataFileRaw, sync: false });
       for await (const block of zeroDetect(stepBlocks(clusterSize, asRuns, tail))) await writer.write(block);
       await writer.finish();
       results.push({
@@ -196,18 +196,19 @@ test('hand-made zero runs through the internal sink (plain, dedup, overlay) and 
       const manifestPath = join(dir, `${variant.name}-${asRuns}.xxh`);
       const writer = await InternalImageWriter.create({
         output: image,
-        clusterBits,
-        refcountOrder: 4,
+        clusterSize: 2 ** clusterBits,
+        refcountBits: 16,
+        size,
         sync: false,
         dedup: variant.dedup ? { hasher } : undefined,
         backing: variant.backing ? { name: 'base.qcow2', format: 'qcow2' } : undefined,
       });
-      const manifest = await ManifestWriter.create(manifestPath, hasher, clusterBits);
+      const manifest = await ManifestWriter.create({ output: manifestPath, hasher, clusterSize });
       for (const block of stepBlocks(clusterSize, asRuns, tail, variant.backing)) {
         await manifest.add(block);
         await writer.write(block);
       }
-      await writer.finish(size);
+      await writer.finish();
       await manifest.finish(size);
       images.push(readFileSync(image));
       manifests.push(readFileSync(manifestPath));
@@ -251,7 +252,7 @@ function writeFileSyncSparse(path: string, bytes: Buffer): string {
 
 test('a zero run is refused where it cannot be: after a short block, or not made of whole clusters', async (t) => {
   const dir = tempDir(t);
-  const open = () => ExternalWriter.open({ output: join(dir, 'x.qcow2'), dataFile: join(dir, 'x.data'), dataFileName: 'x.data', clusterSize: 512, overwrite: true, sync: false });
+  const open = () => ExternalWriter.create({ output: join(dir, 'x.qcow2'), dataFile: join(dir, 'x.data'), dataFileName: 'x.data', clusterSize: 512, overwrite: true, sync: false });
   const afterShort = await open();
   await afterShort.write({ index: 0, data: new Uint8Array(100), zero: true });
   await assert.rejects(afterShort.write(zeroRun(1, 4, 512)), InvalidArgumentError);
@@ -349,7 +350,7 @@ test('wrap in sparse mode: the same metadata with and without the probe', async 
   const outputs: Buffer[] = [];
   for (const native of [true, false]) {
     const output = join(dir, `wrapped-${native}.qcow2`);
-    const run = () => wrap(join(dir, 'disk.raw'), output, { dataFileName: 'disk.raw', dataFileRaw: false, clusterSize: 4096, sync: false });
+    const run = () => wrap({ input: join(dir, 'disk.raw'), output, dataFileName: 'disk.raw', dataFileRaw: false, clusterSize: 4096, sync: false });
     const summary = native ? await run() : await withoutNative(run);
     assert.ok(summary.dataClusters > 0 && summary.dataClusters < Math.ceil(size / 4096), 'some clusters data, some not');
     if (needQemu(t)) assertQemuAgrees(join(dir, 'disk.raw'), `wrapped-${native}.qcow2`, dir);
