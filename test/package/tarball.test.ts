@@ -87,7 +87,7 @@ const EXPECTED_REPORT = {
   sameHashes: true,
   clean: true,
   job: 'convert',
-  failures: ['QCOW_ERR_FILE missing.qcow2', 'QCOW_ERR_BAD_MAGIC (not an image we can read)', 'QCOW_ERR_JOB (a job payload the fleet refuses)'],
+  failures: ['QCOW_ERR_FILE missing.qcow2 (ENOENT, errno -2)', 'QCOW_ERR_BAD_MAGIC (not an image we can read)', 'QCOW_ERR_JOB (a job payload the fleet refuses)'],
 };
 
 /** Runs the compiled program in a fresh directory; checks its report and, with qemu-img, its image. */

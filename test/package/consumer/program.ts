@@ -9,7 +9,7 @@
  */
 
 import { closeSync, ftruncateSync, openSync, writeFileSync, writeSync } from 'node:fs';
-import { convert, openImage, checkImage, isQcow2StreamError, FileError } from 'qcow2-stream';
+import { convert, openImage, checkImage, isQcow2StreamError } from 'qcow2-stream';
 import { createHasher } from 'qcow2-stream/transforms';
 import { parseJob } from 'qcow2-stream/fleet';
 
@@ -25,15 +25,16 @@ function pattern(seed: number): Uint8Array {
 }
 
 /**
- * One line per failure, by its stable code; the compiler checks that every code is handled.
- * Subclass fields are reached with `instanceof` for now: once isQcow2StreamError narrows each
- * code to its class, `case 'QCOW_ERR_FILE': error.path` works without it.
+ * One line per failure, by its stable code; the compiler checks that every code is handled, and
+ * each case narrows the error to its class (its own fields, no instanceof).
  */
 function describe(error: unknown): string {
   if (!isQcow2StreamError(error)) return `not a Qcow2StreamError: ${String(error)}`;
   switch (error.code) {
     case 'QCOW_ERR_FILE':
-      return error instanceof FileError ? `${error.code} ${error.path}` : `${error.code} (not a FileError)`;
+      return `${error.code} ${error.path} (${error.systemCode ?? 'no system code'}, errno ${error.errno ?? 'none'})`;
+    case 'QCOW_ERR_STREAM':
+      return `${error.code} from ${error.stream}`;
     case 'QCOW_ERR_BAD_MAGIC':
     case 'QCOW_ERR_UNSUPPORTED_FORMAT':
     case 'QCOW_ERR_UNSUPPORTED_VERSION':
@@ -44,7 +45,6 @@ function describe(error: unknown): string {
       return `${error.code} (not an image we can read)`;
     case 'QCOW_ERR_JOB':
       return `${error.code} (a job payload the fleet refuses)`;
-    case 'QCOW_ERR':
     case 'QCOW_ERR_INVALID_ARGUMENT':
     case 'QCOW_ERR_PATH_POLICY':
     case 'QCOW_ERR_INPUT_SIZE':
@@ -59,8 +59,8 @@ function describe(error: unknown): string {
     case 'QCOW_ERR_MISSING_DEPENDENCY':
       return `${error.code} (unexpected here)`;
     default: {
-      const unhandled: never = error.code;
-      return `unknown code ${String(unhandled)}`;
+      const unhandled: never = error;
+      return `unknown code ${(unhandled as { code: string }).code}`;
     }
   }
 }
