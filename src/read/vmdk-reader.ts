@@ -322,24 +322,13 @@ class VmdkImage extends BaseImage {
   }
 }
 
-/** Checks a sparse header and reads its grain directory (from the footer copy for streamOptimized). */
-async function openSparse(source: ByteSource, path: string): Promise<{ sparse: SparseExtent; descriptor: string | undefined }> {
-  const first = decodeSparseHeader(await readExactly(source.handle, SECTOR, 0, path, 'VMDK header'), path);
-  let header = first;
+/**
+ * The checks of a sparse header's geometry that a file and a stream share: grain size, grain
+ * table size, capacity, compression, and the grain directory that capacity needs (at most
+ * {@link MAX_GD_BYTES}, which bounds the capacity a header may declare). Returns the GD's bytes.
+ */
+function checkSparseGeometry(header: SparseHeader, path: string): number {
   const corrupt = (message: string, field: string) => new CorruptImageError(`${message} (in '${path}')`, { structure: 'VMDK header', field });
-  if (first.version < 1 || first.version > 3) {
-    throw new UnsupportedFeatureError(`'${path}' is VMDK sparse version ${first.version}; versions 1 to 3 are read`, { structure: 'VMDK header', field: 'version' });
-  }
-  if (first.gdOffset === -1) {
-    // streamOptimized: the header with the real GD offset is in the footer, before the EOS marker.
-    if (source.size < 4 * SECTOR) throw corrupt('The file is too short for the footer its header promises', 'gdOffset');
-    const tail = await readExactly(source.handle, 3 * SECTOR, source.size - 3 * SECTOR, path, 'VMDK footer');
-    const marker = new DataView(tail.buffer, tail.byteOffset, 3 * SECTOR);
-    if (marker.getUint32(8, true) !== 0 || marker.getUint32(12, true) !== MARKER_FOOTER || marker.getUint32(2 * SECTOR + 12, true) !== MARKER_EOS) {
-      throw corrupt('The header puts the grain directory at the end, but the file does not end in a footer marker, a header and an end-of-stream marker', 'gdOffset');
-    }
-    header = decodeSparseHeader(tail.subarray(SECTOR, 2 * SECTOR), path);
-  }
   if (header.grainSectors < 1 || header.grainSectors * SECTOR > MAX_GRAIN_BYTES || (header.grainSectors & (header.grainSectors - 1)) !== 0) {
     throw corrupt(`The grain size of ${header.grainSectors} sectors is not a power of two up to ${MAX_GRAIN_BYTES / SECTOR}`, 'grainSize');
   }
@@ -358,6 +347,28 @@ async function openSparse(source: ByteSource, path: string): Promise<{ sparse: S
       actual: gdBytes,
     });
   }
+  return gdBytes;
+}
+
+/** Checks a sparse header and reads its grain directory (from the footer copy for streamOptimized). */
+async function openSparse(source: ByteSource, path: string): Promise<{ sparse: SparseExtent; descriptor: string | undefined }> {
+  const first = decodeSparseHeader(await readExactly(source.handle, SECTOR, 0, path, 'VMDK header'), path);
+  let header = first;
+  const corrupt = (message: string, field: string) => new CorruptImageError(`${message} (in '${path}')`, { structure: 'VMDK header', field });
+  if (first.version < 1 || first.version > 3) {
+    throw new UnsupportedFeatureError(`'${path}' is VMDK sparse version ${first.version}; versions 1 to 3 are read`, { structure: 'VMDK header', field: 'version' });
+  }
+  if (first.gdOffset === -1) {
+    // streamOptimized: the header with the real GD offset is in the footer, before the EOS marker.
+    if (source.size < 4 * SECTOR) throw corrupt('The file is too short for the footer its header promises', 'gdOffset');
+    const tail = await readExactly(source.handle, 3 * SECTOR, source.size - 3 * SECTOR, path, 'VMDK footer');
+    const marker = new DataView(tail.buffer, tail.byteOffset, 3 * SECTOR);
+    if (marker.getUint32(8, true) !== 0 || marker.getUint32(12, true) !== MARKER_FOOTER || marker.getUint32(2 * SECTOR + 12, true) !== MARKER_EOS) {
+      throw corrupt('The header puts the grain directory at the end, but the file does not end in a footer marker, a header and an end-of-stream marker', 'gdOffset');
+    }
+    header = decodeSparseHeader(tail.subarray(SECTOR, 2 * SECTOR), path);
+  }
+  const gdBytes = checkSparseGeometry(header, path);
   if (header.gdOffset < 0 || header.gdOffset * SECTOR + gdBytes > source.size) {
     throw corrupt(`The grain directory (${gdBytes} bytes at sector ${header.gdOffset}) lies outside the file (${source.size} bytes)`, 'gdOffset');
   }
@@ -502,12 +513,9 @@ export async function* streamOptimizedGrains(input: SequentialBytes, name: strin
     new UnsupportedFeatureError(`'${name}' cannot be read as a stream: ${why}`, { structure: 'VMDK header', hint: 'Write the input to a file first, then convert the file' });
   if ((header.flags & FLAG_COMPRESSED) === 0 || (header.flags & FLAG_MARKERS) === 0) throw notStream('only a streamOptimized VMDK (compressed grains with markers) is read from a pipe');
   if (header.compressAlgorithm !== COMPRESSION_DEFLATE) throw notStream(`grains are compressed with algorithm ${header.compressAlgorithm}`);
-  if (header.grainSectors < 1 || header.grainSectors * SECTOR > MAX_GRAIN_BYTES || (header.grainSectors & (header.grainSectors - 1)) !== 0) {
-    throw new CorruptImageError(`The grain size of ${header.grainSectors} sectors is not a power of two up to ${MAX_GRAIN_BYTES / SECTOR} (in '${name}')`, { structure: 'VMDK header', field: 'grainSize' });
-  }
-  if (header.capacitySectors < 0 || header.capacitySectors * SECTOR > Number.MAX_SAFE_INTEGER) {
-    throw new CorruptImageError(`The capacity ${header.capacitySectors} sectors is impossible (in '${name}')`, { structure: 'VMDK header', field: 'capacity' });
-  }
+  // The same geometry checks as a file's: without them a 512-byte header could declare petabytes
+  // of holes, every 32 MiB of which the stream then yields as a zero run (a hang in all but name).
+  checkSparseGeometry(header, name);
   if (overhead < 1 || overhead > MAX_MARKER_SECTORS) throw new CorruptImageError(`The header's overhead of ${overhead} sectors is outside 1..${MAX_MARKER_SECTORS} (in '${name}')`, { structure: 'VMDK header', field: 'overHead' });
   onHeader(header);
   const grainBytes = header.grainSectors * SECTOR;
