@@ -1,24 +1,32 @@
 /**
  * `qcow2-stream check <image> [--json]`: structural validation like qemu-img check, plus
- * host == guest offsets with an external data file. Exit 0 clean, 1 problems found, 2 error.
+ * host == guest offsets with an external data file; VMDK, VHDX and dynamic VHD images get a walk
+ * of their allocation tables. Exit 0 clean, 1 problems found, 2 error (raw and fixed VHD images
+ * have nothing to check: an error, as qemu-img says "This image format does not support checks").
  */
 
 import type { Command } from 'commander';
 import { action, ExitCode, printJson, writeStdout } from './common.js';
+import { parseFormat } from './export.js';
 import type { CheckResult } from '../read/check.js';
+import type { ImageFormat } from '../read/image.js';
 
 export function registerCheck(program: Command): void {
   program
     .command('check')
-    .description('Check the structure of a qcow2 image (refcounts, COPIED flags, offsets, data-file rules)')
-    .argument('<image>', 'the qcow2 image to check (only this file is read)')
+    .description('Check the structure of an image: qcow2 (refcounts, COPIED flags, offsets, data-file rules), VMDK, VHDX, VHD (allocation tables)')
+    .argument('<image>', 'the image to check (only it is read: no data file or parent; a VMDK descriptor\'s extent files too)')
+    .option('-f, --format <format>', 'qcow2, vmdk, vhdx or vpc (default: probed)', parseFormat)
     .option('--json', 'print JSON (qemu-img check field names, plus the findings)')
     .option('--repair', 'fix the repairable findings in place: COPIED flags whose cluster refcount is right (only those entries are written)')
     .addHelpText(
       'after',
       `
 Exit codes: 0 no problems (or all repaired), 1 corruptions or leaks found (listed), 2 the image
-cannot be checked.
+cannot be checked (raw and fixed VHD images have no structure to check).
+
+VMDK, VHDX and dynamic VHD: every grain table, grain, block and sector bitmap the tables name
+must lie inside its file and share no byte with another one or with the headers and tables.
 
 --repair writes only COPIED flags that disagree with a refcount that is itself right — what
 qemu's copy-on-write leaves in a deduplicated image (qemu-img check: "ERROR OFLAG_COPIED data
@@ -31,9 +39,9 @@ Examples:
   qcow2-stream check --repair dedup.qcow2`,
     )
     .action(
-      action(async (imagePath: string, flags: { json?: boolean; repair?: boolean }) => {
+      action(async (imagePath: string, flags: { json?: boolean; repair?: boolean; format?: ImageFormat }) => {
         const { checkImage } = await import('../read/check.js');
-        const result = await checkImage(imagePath, flags.repair ? { repair: true } : {});
+        const result = await checkImage(imagePath, { ...(flags.repair ? { repair: true } : {}), ...(flags.format ? { format: flags.format } : {}) });
         if (flags.json) printJson(checkJson(result));
         else writeStdout(formatCheck(result));
         return result.clean ? ExitCode.OK : ExitCode.FINDINGS;

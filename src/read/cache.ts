@@ -5,8 +5,14 @@
 export class LruCache<V> {
   private readonly entries = new Map<number, V>();
 
-  /** @param capacity the most entries kept; at least 1. */
-  constructor(readonly capacity: number) {
+  /**
+   * @param capacity the most entries kept; at least 1.
+   * @param onEvict called with each value pushed out by `set` (not by `clear`), e.g. to reuse its buffer.
+   */
+  constructor(
+    readonly capacity: number,
+    private readonly onEvict?: (value: V) => void,
+  ) {
     if (!(capacity >= 1)) throw new RangeError(`LRU capacity must be at least 1, got ${capacity}`);
   }
 
@@ -27,9 +33,10 @@ export class LruCache<V> {
     this.entries.delete(key);
     this.entries.set(key, value);
     while (this.entries.size > this.capacity) {
-      const oldest = this.entries.keys().next();
+      const oldest = this.entries.entries().next();
       if (oldest.done) break;
-      this.entries.delete(oldest.value);
+      this.entries.delete(oldest.value[0]);
+      this.onEvict?.(oldest.value[1]);
     }
   }
 

@@ -45,10 +45,11 @@ import {
   type L2Entry,
   type ParsedHeader,
 } from '../format/index.js';
-import { fileError, InvalidArgumentError, LimitExceededError } from '../errors.js';
+import { fileError, InvalidArgumentError, LimitExceededError, UnsupportedFeatureError } from '../errors.js';
 import { readFully, type OpenedFile } from '../io/files.js';
 import { LruCache } from './cache.js';
-import { openSeekable, readHeader, validateTables } from './image.js';
+import { openDisk, openSeekable, probeFormat, readHeader, validateTables, type ImageFormat } from './image.js';
+import { isCheckable, StructureCheck } from './structure-check.js';
 
 /**
  * How bad a finding is: `error` (a corruption), `leak` (space wasted, data safe), `warning`, or
@@ -79,8 +80,11 @@ export interface CheckFinding {
 export interface CheckResult {
   /** The path as given. */
   filename: string;
-  /** Always `qcow2`. */
-  format: 'qcow2';
+  /**
+   * The format checked: `qcow2`, or `vmdk`, `vhdx`, `vpc` (their allocation tables: see
+   * src/read/structure-check.ts; clusters are then grains or blocks).
+   */
+  format: ImageFormat;
   /** No corruptions and no leaks. */
   clean: boolean;
   /** Findings of severity `error`; any makes the exit code 1. */
@@ -125,6 +129,8 @@ export interface CheckOptions {
    * it. Nothing else is ever written. The image must not be in use (no VM running on it).
    */
   repair?: boolean;
+  /** The image's format (default: probed). Raw images and fixed VHDs have nothing to check. */
+  format?: ImageFormat;
 }
 
 /** One counter per host cluster: 32 Mi clusters × 2 bytes = 64 MiB at most. */
@@ -153,8 +159,14 @@ function farOffset(view: DataView, pos: number): bigint | undefined {
   return offset > BigInt(Number.MAX_SAFE_INTEGER) ? offset : undefined;
 }
 
-/** Checks the qcow2 image at `path`. Throws only when the image cannot be opened at all. */
+/**
+ * Checks the image at `path`: a qcow2 image's refcounts and tables, or the allocation tables of
+ * a VMDK, VHDX or dynamic VHD. Throws only when the image cannot be opened at all, or (typed
+ * {@link UnsupportedFeatureError}) when its format has no structure to check: raw, fixed VHD.
+ */
 export async function checkImage(path: string, options: CheckOptions = {}): Promise<CheckResult> {
+  const format = options.format ?? (await probeFormat(path));
+  if (format !== 'qcow2') return checkOtherFormat(path, format, options);
   const file = await openSeekable(path, 'image');
   let writer: FileHandle | undefined;
   try {
@@ -165,6 +177,26 @@ export async function checkImage(path: string, options: CheckOptions = {}): Prom
   } finally {
     await writer?.close().catch(() => {});
     await file.handle.close().catch(() => {});
+  }
+}
+
+/** qemu-img's words for a format without checks (it exits 63 for raw and vpc). */
+const NO_CHECKS = 'This image format does not support checks';
+
+/** VMDK, VHDX and VHD: the reader walks the tables it parses (src/read/structure-check.ts). */
+async function checkOtherFormat(path: string, format: ImageFormat, options: CheckOptions): Promise<CheckResult> {
+  const noChecks = (why: string) => new UnsupportedFeatureError(`${NO_CHECKS}: '${path}' is ${why}`, { structure: 'check', features: [`check of ${format}`] });
+  if (format === 'raw') throw noChecks('a raw image, which has no structure to check');
+  if (options.repair) throw new InvalidArgumentError(`Cannot repair '${path}': only qcow2 images are repaired (it is a ${format} image)`);
+  // Only this image and the files it is made of are read: never a parent it names.
+  const image = await openDisk(path, { format, withoutParents: true });
+  try {
+    if (!isCheckable(image)) throw noChecks(`a ${format} image without allocation tables`);
+    const check = new StructureCheck(path, format, options.maxFindings ?? 1000);
+    if (!(await image.checkStructures(check))) throw noChecks('a fixed VHD: its footer, checked when it was opened, is all its structure');
+    return check.finish();
+  } finally {
+    await image.close();
   }
 }
 

@@ -65,6 +65,8 @@ const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
 /** Backing images keep this fraction of the top image's L2 cache: reads mostly hit the top. */
 const BACKING_L2_CACHE_SHARE = 8;
 const MIN_L2_CACHE_TABLES = 4;
+/** Buffers of evicted L2 tables kept for the next table reads. */
+const SPARE_L2_TABLES = 4;
 
 export class Qcow2Image extends BaseImage {
   readonly format = 'qcow2' as const;
@@ -73,6 +75,19 @@ export class Qcow2Image extends BaseImage {
   readonly geometry: Geometry;
   private readonly l2Context: L2Context;
   private readonly l2Cache: LruCache<DataView>;
+  /**
+   * A walk of a huge image reads every L2 table once (a data-file image with the raw bit has
+   * them all: 2,048 tables, 128 MiB, per TiB). A fresh buffer per table left that much garbage
+   * outside the JS heap between collections, and peak RSS grew with the virtual size; an evicted
+   * table's buffer is reused instead, unless a segment walk still holds it (`heldL2`).
+   */
+  private readonly spareL2: Uint8Array[] = [];
+  /** L2 tables a segment walk is iterating, with how many walks hold each: never reused while held. */
+  private readonly heldL2 = new Map<DataView, number>();
+  /** Held tables the cache has let go of: spare once released. */
+  private readonly evictedHeldL2 = new Set<DataView>();
+  /** L2 buffers allocated so far (the rest were reused); for tests. @internal */
+  l2Allocations = 0;
   private lastCompressed: { offset: number; bytes: Uint8Array } | undefined;
 
   constructor(
@@ -95,7 +110,11 @@ export class Qcow2Image extends BaseImage {
     const extendedL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
     this.geometry = imageGeometry(header.size, header.clusterBits, extendedL2);
     this.l2Context = { clusterBits: header.clusterBits, dataFile: this.hasDataFile, extendedL2 };
-    this.l2Cache = new LruCache(Math.max(MIN_L2_CACHE_TABLES, Math.floor(l2CacheBytes / header.clusterSize)));
+    this.l2Cache = new LruCache(Math.max(MIN_L2_CACHE_TABLES, Math.floor(l2CacheBytes / header.clusterSize)), (view) => {
+      // A table still being walked is reused once its last walk lets go of it.
+      if (this.heldL2.has(view)) this.evictedHeldL2.add(view);
+      else this.spareL2Buffer(view);
+    });
   }
 
   get hasDataFile(): boolean {
@@ -147,51 +166,55 @@ export class Qcow2Image extends BaseImage {
         pos = tableEnd;
         continue;
       }
-      const table = await this.loadL2(l2Offset, l1Index);
-      // Runs of equal entries are merged here already, so a fully allocated table of a data-file
-      // image yields one segment instead of thousands.
-      let run: Segment | undefined;
-      while (pos < tableEnd) {
-        const guestCluster = Math.floor(pos / clusterSize);
-        const clusterStart = guestCluster * clusterSize;
-        const clusterEnd = Math.min(clusterStart + clusterSize, tableEnd);
-        const entryPos = (guestCluster % l2Entries) * l2EntrySize;
-        const entry = decodeL2Entry(table, entryPos, this.l2Context);
-        this.validateEntry(entry, clusterStart, l2Offset + entryPos);
-        const pieces: Segment[] = [];
-        if (!extendedL2 || entry.type === 'compressed') {
-          if (extendedL2 && subclusterType(entry, 0) === 'invalid') {
-            throw this.corrupt(`Compressed L2 entry for guest offset ${clusterStart} has a non-zero subcluster bitmap`, l2Offset + entryPos);
-          }
-          pieces.push(this.segmentFor(entry.type, pos, clusterEnd - pos, entry, clusterStart));
-        } else {
-          const subSize = clusterSize / SUBCLUSTERS;
-          for (let sub = Math.floor((pos - clusterStart) / subSize); sub < SUBCLUSTERS; sub++) {
-            const subStart = Math.max(pos, clusterStart + sub * subSize);
-            const subEnd = Math.min(clusterEnd, clusterStart + (sub + 1) * subSize);
-            if (subStart >= subEnd) break;
-            const type = subclusterType(entry, sub);
-            if (type === 'invalid') {
-              throw this.corrupt(`Extended L2 entry for guest offset ${clusterStart}: subcluster ${sub} is both allocated and zero, or allocated without a host cluster`, l2Offset + entryPos);
+      const table = await this.acquireL2(l2Offset, l1Index);
+      try {
+        // Runs of equal entries are merged here already, so a fully allocated table of a data-file
+        // image yields one segment instead of thousands.
+        let run: Segment | undefined;
+        while (pos < tableEnd) {
+          const guestCluster = Math.floor(pos / clusterSize);
+          const clusterStart = guestCluster * clusterSize;
+          const clusterEnd = Math.min(clusterStart + clusterSize, tableEnd);
+          const entryPos = (guestCluster % l2Entries) * l2EntrySize;
+          const entry = decodeL2Entry(table, entryPos, this.l2Context);
+          this.validateEntry(entry, clusterStart, l2Offset + entryPos);
+          const pieces: Segment[] = [];
+          if (!extendedL2 || entry.type === 'compressed') {
+            if (extendedL2 && subclusterType(entry, 0) === 'invalid') {
+              throw this.corrupt(`Compressed L2 entry for guest offset ${clusterStart} has a non-zero subcluster bitmap`, l2Offset + entryPos);
             }
-            // UNALLOCATED_ALLOC (host cluster present, both bits clear) reads the backing or
-            // zeros, never the host cluster (pitfall P15).
-            // qemu's map still reports the host offset of such a subcluster, and of a zero one.
-            const hosted = entry.type === 'normal';
-            const kind = type === 'data' ? 'normal' : type === 'zero' ? (hosted ? 'zero-alloc' : 'zero-plain') : hosted ? 'unallocated-alloc' : 'unallocated';
-            pieces.push(this.segmentFor(kind, subStart, subEnd - subStart, entry, clusterStart));
+            pieces.push(this.segmentFor(entry.type, pos, clusterEnd - pos, entry, clusterStart));
+          } else {
+            const subSize = clusterSize / SUBCLUSTERS;
+            for (let sub = Math.floor((pos - clusterStart) / subSize); sub < SUBCLUSTERS; sub++) {
+              const subStart = Math.max(pos, clusterStart + sub * subSize);
+              const subEnd = Math.min(clusterEnd, clusterStart + (sub + 1) * subSize);
+              if (subStart >= subEnd) break;
+              const type = subclusterType(entry, sub);
+              if (type === 'invalid') {
+                throw this.corrupt(`Extended L2 entry for guest offset ${clusterStart}: subcluster ${sub} is both allocated and zero, or allocated without a host cluster`, l2Offset + entryPos);
+              }
+              // UNALLOCATED_ALLOC (host cluster present, both bits clear) reads the backing or
+              // zeros, never the host cluster (pitfall P15).
+              // qemu's map still reports the host offset of such a subcluster, and of a zero one.
+              const hosted = entry.type === 'normal';
+              const kind = type === 'data' ? 'normal' : type === 'zero' ? (hosted ? 'zero-alloc' : 'zero-plain') : hosted ? 'unallocated-alloc' : 'unallocated';
+              pieces.push(this.segmentFor(kind, subStart, subEnd - subStart, entry, clusterStart));
+            }
           }
-        }
-        for (const piece of pieces) {
-          if (run && canMerge(run, piece)) run.length += piece.length;
-          else {
-            if (run) yield run;
-            run = piece;
+          for (const piece of pieces) {
+            if (run && canMerge(run, piece)) run.length += piece.length;
+            else {
+              if (run) yield run;
+              run = piece;
+            }
           }
+          pos = clusterEnd;
         }
-        pos = clusterEnd;
+        if (run) yield run;
+      } finally {
+        this.releaseL2(table);
       }
-      if (run) yield run;
     }
   }
 
@@ -257,13 +280,44 @@ export class Qcow2Image extends BaseImage {
     return offset;
   }
 
-  private async loadL2(offset: number, l1Index: number): Promise<DataView> {
-    const cached = this.l2Cache.get(offset);
-    if (cached) return cached;
-    const bytes = await readExactly(this.image.handle, this.clusterSize, offset, this.path, `L2 table of L1 entry ${l1Index}`);
-    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    this.l2Cache.set(offset, view);
+  /** The L2 table at `offset`, held (not reused) until {@link releaseL2}. */
+  private async acquireL2(offset: number, l1Index: number): Promise<DataView> {
+    let view = this.l2Cache.get(offset);
+    if (!view) {
+      let bytes = this.spareL2.pop();
+      if (!bytes) {
+        bytes = new Uint8Array(this.clusterSize);
+        this.l2Allocations++;
+      }
+      const got = await readFully(this.image.handle, bytes, 0, bytes.length, offset, this.path);
+      if (got < bytes.length) {
+        throw new UnexpectedEofError(`'${this.path}' ends inside the L2 table of L1 entry ${l1Index} (needed ${bytes.length} bytes at offset ${offset}, got ${got})`, { structure: `L2 table of L1 entry ${l1Index}`, offset });
+      }
+      // Another walk may have read the same table meanwhile: keep one, and this buffer for later.
+      view = this.l2Cache.get(offset);
+      if (view && this.spareL2.length < SPARE_L2_TABLES) this.spareL2.push(bytes);
+      view ??= new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+      this.heldL2.set(view, (this.heldL2.get(view) ?? 0) + 1);
+      this.l2Cache.set(offset, view);
+      return view;
+    }
+    // Held before anything else can run: no eviction in between can hand its buffer to a read.
+    this.heldL2.set(view, (this.heldL2.get(view) ?? 0) + 1);
     return view;
+  }
+
+  private releaseL2(view: DataView): void {
+    const holders = (this.heldL2.get(view) ?? 1) - 1;
+    if (holders > 0) {
+      this.heldL2.set(view, holders);
+      return;
+    }
+    this.heldL2.delete(view);
+    if (this.evictedHeldL2.delete(view)) this.spareL2Buffer(view);
+  }
+
+  private spareL2Buffer(view: DataView): void {
+    if (this.spareL2.length < SPARE_L2_TABLES) this.spareL2.push(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
   }
 
   /** The decompressed cluster whose stream starts at `offset` (the last one is cached). */

@@ -31,6 +31,7 @@ import { LruCache } from './cache.js';
 import { BaseImage, ByteSource, openSeekable, plain, throughBacking, type OpenContext, type Segment } from './base-image.js';
 import type { DiskImage } from './image.js';
 import { isVhdFooter } from './probe.js';
+import type { CheckableImage, StructureCheck } from './structure-check.js';
 
 const SECTOR = 512;
 const DISK_FIXED = 2;
@@ -126,8 +127,15 @@ function decodeDynamicHeader(bytes: Uint8Array, path: string, at: number): Dynam
   };
 }
 
+/** Where a dynamic VHD's structures lie (bytes), for `check`. */
+interface VhdLayout {
+  dynamicHeaderOffset: number;
+  tableOffset: number;
+  tableBytes: number;
+}
+
 /** A VHD opened for reading. */
-class VhdImage extends BaseImage {
+class VhdImage extends BaseImage implements CheckableImage {
   readonly format = 'vpc' as const;
   readonly header = undefined;
   readonly dataFilePath = undefined;
@@ -147,6 +155,7 @@ class VhdImage extends BaseImage {
     readonly backing: BaseImage | undefined,
     /** The footer's UUID, which a differencing child records as its parent's. */
     readonly uuid: string,
+    private readonly layout: VhdLayout | undefined = undefined,
   ) {
     super(path, warnings);
     this.clusterSize = bat ? blockSize : 64 * 1024;
@@ -206,6 +215,33 @@ class VhdImage extends BaseImage {
         pos = runEnd;
       }
     }
+  }
+
+  /**
+   * `check` of a dynamic or differencing VHD (qemu has none for vpc): every allocated block
+   * (its sector bitmap and data) lies inside the file and shares no byte with another block, the
+   * footers, the dynamic header or the BAT. A fixed VHD has nothing beyond its footer: false.
+   */
+  async checkStructures(check: StructureCheck): Promise<boolean> {
+    if (!this.bat || !this.layout) return false;
+    const { dynamicHeaderOffset, tableOffset, tableBytes } = this.layout;
+    const space = check.space(this.path, this.file.size);
+    space.claim(space.group('footer copy', SECTOR), 0, () => 'the footer copy');
+    space.claim(space.group('dynamic header', 1024), dynamicHeaderOffset, () => 'the dynamic header');
+    space.claim(space.group('BAT', tableBytes), tableOffset, () => 'the BAT');
+    if (this.file.size >= SECTOR) space.claim(space.group('footer', SECTOR), this.file.size - SECTOR, () => 'the footer');
+    const blockBytes = this.bitmapBytes + this.blockSize;
+    const blockGroup = space.group('block', blockBytes);
+    const blocks = Math.ceil(this.virtualSize / this.blockSize);
+    check.result.totalClusters = blocks;
+    check.result.imageEndOffset = this.file.size;
+    for (let block = 0; block < blocks; block++) {
+      const sector = this.bat.getUint32(block * 4);
+      if (sector === BAT_UNUSED) continue;
+      const kept = space.claim(blockGroup, sector * SECTOR, () => `block ${block} (BAT entry: sector ${sector})`);
+      if (kept) check.allocated(sector * SECTOR, blockBytes);
+    }
+    return true;
   }
 
   private async bitmap(offset: number): Promise<Uint8Array> {
@@ -305,7 +341,7 @@ export async function openVhd(path: string, context: OpenContext, depth = 0, exp
     } else if (explicitParent !== undefined) {
       throw new InvalidArgumentError(`A backing image was given, but '${path}' is not a differencing VHD`);
     }
-    return new VhdImage(path, context.warnings, virtualSize, source, footer.diskType, bs, bat, parent, footer.uuid);
+    return new VhdImage(path, context.warnings, virtualSize, source, footer.diskType, bs, bat, parent, footer.uuid, { dynamicHeaderOffset: footer.dataOffset, tableOffset: dyn.tableOffset, tableBytes: batBytes });
   } catch (err) {
     await parent?.close();
     await file.handle.close().catch(() => {});

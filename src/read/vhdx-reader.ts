@@ -28,6 +28,7 @@ import { resolveStoredName } from '../io/path-policy.js';
 import { LruCache } from './cache.js';
 import { BaseImage, ByteSource, openSeekable, plain, throughBacking, type OpenContext, type Segment } from './base-image.js';
 import type { DiskImage } from './image.js';
+import type { CheckableImage, StructureCheck } from './structure-check.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -101,7 +102,16 @@ function u64(view: DataView, at: number): number {
   return value > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(value);
 }
 
-class VhdxImage extends BaseImage {
+/** Where the file's fixed structures lie, for `check`. */
+interface VhdxLayout {
+  log: Region;
+  bat: Region;
+  metadata: Region;
+  /** The file parameters' HasParent bit (a differencing disk), whether or not the parent was opened. */
+  hasParent: boolean;
+}
+
+class VhdxImage extends BaseImage implements CheckableImage {
   readonly format = 'vhdx' as const;
   readonly header = undefined;
   readonly dataFilePath = undefined;
@@ -120,6 +130,7 @@ class VhdxImage extends BaseImage {
     readonly backing: BaseImage | undefined,
     /** The data-write GUID the parent locator of a child records (parent_linkage). */
     readonly dataWriteGuid: string,
+    private readonly layout: VhdxLayout,
   ) {
     super(path, warnings);
     this.clusterSize = blockSize;
@@ -181,6 +192,60 @@ class VhdxImage extends BaseImage {
       }
       pos = blockEnd;
     }
+  }
+
+  /**
+   * `check`, after qemu's vhdx_check_bat_entries: a present block must lie inside the file
+   * (the last one may be short) and outside the headers, log, BAT and metadata; beyond qemu,
+   * no two blocks (or sector bitmaps) may share bytes, a partially present block needs a parent,
+   * and a state must be one the format defines.
+   */
+  async checkStructures(check: StructureCheck): Promise<boolean> {
+    const space = check.space(this.path, this.file.size);
+    const bs = this.blockSize;
+    const { log, bat, metadata } = this.layout;
+    space.claim(space.group('headers and region tables', MiB), 0, () => 'the headers and region tables');
+    space.claim(space.group('log', log.length), log.offset, () => 'the log');
+    space.claim(space.group('BAT', bat.length), bat.offset, () => 'the BAT');
+    space.claim(space.group('metadata region', metadata.length), metadata.offset, () => 'the metadata region');
+    const blockGroup = space.group('payload block', bs);
+    const payloadBlocks = Math.ceil(this.virtualSize / bs);
+    const lastLength = this.virtualSize - (payloadBlocks - 1) * bs;
+    const lastGroup = space.group('payload block', lastLength);
+    const bitmapGroup = space.group('sector bitmap block', MiB);
+    const differencing = this.layout.hasParent;
+    check.result.totalClusters = payloadBlocks;
+    check.result.imageEndOffset = this.file.size;
+    for (let block = 0; block < payloadBlocks; block++) {
+      const index = block + Math.floor(block / this.chunkRatio);
+      const { state, offset } = this.entry(index);
+      if (state === PAYLOAD_NOT_PRESENT || state === PAYLOAD_UNDEFINED || state === PAYLOAD_ZERO || state === PAYLOAD_UNMAPPED) continue;
+      if (state !== PAYLOAD_FULLY_PRESENT && state !== PAYLOAD_PARTIALLY_PRESENT) {
+        check.error('VHDX BAT', bat.offset + index * 8, `ERROR: VHDX BAT entry ${index} has the unknown payload block state ${state}`);
+        continue;
+      }
+      if (state === PAYLOAD_PARTIALLY_PRESENT && !differencing) {
+        check.error('VHDX BAT', bat.offset + index * 8, `ERROR: VHDX BAT entry ${index} is partially present in a disk without a parent`);
+      }
+      const length = block === payloadBlocks - 1 ? lastLength : bs;
+      const kept = space.claim(block === payloadBlocks - 1 ? lastGroup : blockGroup, offset, () => `VHDX BAT entry ${index}`, {
+        pastEnd: () => `VHDX BAT entry ${index} start offset ${offset} points after end of file (${this.file.size}). Image has probably been truncated.`,
+        tolerateTail: true,
+      });
+      if (kept && offset + length > this.file.size) {
+        check.error('VHDX BAT', bat.offset + index * 8, `VHDX BAT entry ${index} end offset ${offset + length} points after end of file (${this.file.size}). Image has probably been truncated.`);
+      }
+      if (kept) check.allocated(offset, length);
+    }
+    if (differencing) {
+      for (let chunk = 0; chunk * this.chunkRatio < payloadBlocks; chunk++) {
+        const index = chunk * (this.chunkRatio + 1) + this.chunkRatio;
+        const { state, offset } = this.entry(index);
+        if (state !== SB_PRESENT) continue;
+        space.claim(bitmapGroup, offset, () => `the sector bitmap of VHDX BAT entry ${index}`);
+      }
+    }
+    return true;
   }
 
   /** A partially present block: runs of sectors present here (data) or not (the parent's). */
@@ -359,7 +424,8 @@ export async function openVhdx(path: string, context: OpenContext, depth = 0, ex
       }
     }
     const source = new ByteSource(file.handle, path, file.size, 'image file', context.warn);
-    return new VhdxImage(path, context.warnings, virtualSize, source, blockSize, chunkRatio, logicalSector, bat, parent, dataWriteGuid);
+    const log = { offset: u64(current.view, 72), length: current.view.getUint32(68, true) };
+    return new VhdxImage(path, context.warnings, virtualSize, source, blockSize, chunkRatio, logicalSector, bat, parent, dataWriteGuid, { log, bat: batRegion, metadata: metaRegion, hasParent });
   } catch (err) {
     await parent?.close();
     await file.handle.close().catch(() => {});

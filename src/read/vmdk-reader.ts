@@ -27,12 +27,14 @@ import { resolveStoredName } from '../io/path-policy.js';
 import { LruCache } from './cache.js';
 import { BaseImage, ByteSource, openSeekable, plain, throughBacking, type CompressedLayer, type OpenContext, type Segment } from './base-image.js';
 import type { DiskImage } from './image.js';
+import type { CheckableImage, HostSpace, StructureCheck } from './structure-check.js';
 
 const SECTOR = 512;
 /** `KDMV` read as a little-endian u32. */
 export const VMDK4_MAGIC = 0x564d444b;
 /** `COWD`: the old ESX sparse format (VMDK3), not read. */
 const VMDK3_MAGIC = 0x434f5744;
+const FLAG_REDUNDANT_GD = 1 << 1;
 const FLAG_ZERO_GRAIN = 1 << 2;
 const FLAG_COMPRESSED = 1 << 16;
 const FLAG_MARKERS = 1 << 17;
@@ -62,6 +64,8 @@ export interface SparseHeader {
   descriptorOffset: number;
   descriptorSize: number;
   gtEntries: number;
+  /** The redundant grain directory's sector (used when the flags say there is one). */
+  rgdOffset: number;
   gdOffset: number;
   compressAlgorithm: number;
 }
@@ -89,6 +93,7 @@ export function decodeSparseHeader(bytes: Uint8Array, path: string): SparseHeade
     descriptorOffset: u64le(view, 28),
     descriptorSize: u64le(view, 36),
     gtEntries: view.getUint32(44, true),
+    rgdOffset: u64le(view, 48),
     gdOffset: u64le(view, 56),
     compressAlgorithm: view.getUint16(77, true),
   };
@@ -155,6 +160,16 @@ function inflateGrain(compressed: Uint8Array, out: Uint8Array, path: string, at:
   out.fill(0, result.length);
 }
 
+/** Where a sparse extent's metadata lies in its file (bytes), for `check`. */
+interface SparseLayout {
+  descriptor: { offset: number; length: number } | undefined;
+  gdOffset: number;
+  /** The redundant grain directory, when the header's flag says there is one. */
+  redundantGdOffset: number | undefined;
+  /** streamOptimized with the GD at the end: the footer marker, header copy and end-of-stream marker. */
+  footerOffset: number | undefined;
+}
+
 /** A sparse extent: header, grain directory and the GT cache. */
 class SparseExtent implements CompressedLayer {
   readonly clusterSize: number;
@@ -165,6 +180,7 @@ class SparseExtent implements CompressedLayer {
     readonly source: ByteSource,
     readonly header: SparseHeader,
     private readonly gd: DataView,
+    readonly layout: SparseLayout,
   ) {
     this.clusterSize = header.grainSectors * SECTOR;
   }
@@ -190,6 +206,50 @@ class SparseExtent implements CompressedLayer {
       this.gtCache.set(gtOffset, table);
     }
     return table;
+  }
+
+  /**
+   * `check` of this extent's first `length` guest bytes: its metadata, every grain table the
+   * GD names and every grain they map are claimed in `space`; a grain past the end of the file
+   * is qemu's "points after EOF".
+   */
+  async checkStructures(check: StructureCheck, space: HostSpace, guestStart: number, length: number): Promise<void> {
+    const { layout, header } = this;
+    const grainBytes = this.clusterSize;
+    const gtBytes = header.gtEntries * 4;
+    space.claim(space.group('VMDK header', SECTOR), 0, () => 'the header');
+    if (layout.descriptor) space.claim(space.group('embedded descriptor', layout.descriptor.length), layout.descriptor.offset, () => 'the embedded descriptor');
+    space.claim(space.group('grain directory', this.gd.byteLength), layout.gdOffset, () => 'the grain directory');
+    if (layout.redundantGdOffset !== undefined) space.claim(space.group('redundant grain directory', this.gd.byteLength), layout.redundantGdOffset, () => 'the redundant grain directory');
+    if (layout.footerOffset !== undefined) space.claim(space.group('footer', 3 * SECTOR), layout.footerOffset, () => 'the footer');
+    const tableGroup = space.group('grain table', gtBytes);
+    // A compressed grain's length is in its marker; claiming its first sector still catches two
+    // entries naming one grain, and grains inside tables.
+    const grainGroup = this.compressed ? space.group('compressed grain', SECTOR) : space.group('grain', grainBytes);
+    const zeroGrains = (header.flags & FLAG_ZERO_GRAIN) !== 0;
+    const grains = Math.ceil(length / grainBytes);
+    for (let gdIndex = 0; gdIndex * header.gtEntries < grains; gdIndex++) {
+      const gtSector = this.gd.getUint32(gdIndex * 4, true);
+      if (gtSector === 0) continue;
+      // qemu reads a table past the end of the file as zeros (all unallocated); we refuse to read
+      // through it, so it is a corruption here.
+      if (!space.claim(tableGroup, gtSector * SECTOR, () => `grain table ${gdIndex} (sector ${gtSector})`) || gtSector * SECTOR + gtBytes > this.source.size) continue;
+      const table = (await this.table(gdIndex))!;
+      const last = Math.min(header.gtEntries, grains - gdIndex * header.gtEntries);
+      for (let i = 0; i < last; i++) {
+        const entry = table.getUint32(i * 4, true);
+        if (entry === 0 || (entry === 1 && zeroGrains)) continue;
+        const grain = gdIndex * header.gtEntries + i;
+        const guestSector = (guestStart + grain * grainBytes) / SECTOR;
+        const host = entry * SECTOR;
+        const kept = space.claim(grainGroup, host, () => `grain ${grain} (guest sector ${guestSector}, host sector ${entry})`, {
+          pastEnd: () => `ERROR: cluster offset for sector ${guestSector} points after EOF`,
+          // As in qemu, only the start counts: a last grain partly written reads its tail as zeros.
+          tolerateTail: true,
+        });
+        if (kept) check.allocated(host, this.compressed ? SECTOR : grainBytes, this.compressed);
+      }
+    }
   }
 
   /** The grain whose marker (or stream) starts at byte `offset`, inflated (the last one is cached). */
@@ -228,7 +288,7 @@ interface Extent {
   sparse: SparseExtent | undefined;
 }
 
-class VmdkImage extends BaseImage {
+class VmdkImage extends BaseImage implements CheckableImage {
   readonly format = 'vmdk' as const;
   readonly header = undefined;
   readonly dataFilePath = undefined;
@@ -314,12 +374,71 @@ class VmdkImage extends BaseImage {
     }
   }
 
+  /** `check`: each extent's tables and grains, and flat extents against their files. */
+  async checkStructures(check: StructureCheck): Promise<boolean> {
+    const spaces = new Map<ByteSource, HostSpace>();
+    const spaceOf = (source: ByteSource) => {
+      let space = spaces.get(source);
+      if (!space) spaces.set(source, (space = check.space(source.path, source.size)));
+      return space;
+    };
+    check.result.totalClusters = Math.ceil(this.virtualSize / this.clusterSize);
+    check.result.imageEndOffset = this.sources[0]?.size ?? 0;
+    for (const part of this.parts) {
+      if (part.length === 0) continue;
+      if (part.kind === 'sparse') {
+        await part.sparse!.checkStructures(check, spaceOf(part.source!), part.start, part.length);
+      } else if (part.kind === 'flat') {
+        const source = part.source!;
+        const space = spaceOf(source);
+        const sector = part.start / SECTOR;
+        const kept = space.claim(space.group('flat extent', part.length), part.offset, () => `the flat extent at guest sector ${sector}`, {
+          pastEnd: () => `ERROR: cluster offset for sector ${sector} points after EOF`,
+          tolerateTail: true,
+        });
+        if (kept && part.offset + part.length > source.size) {
+          check.warning('flat extent', part.offset, `The flat extent at guest sector ${sector} ends past the end of '${source.path}' (${source.size} bytes); its last ${part.offset + part.length - source.size} bytes read as zeros`);
+        }
+        if (kept) check.allocated(part.offset, part.length, false, Math.ceil(part.length / this.clusterSize));
+      }
+    }
+    return true;
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     for (const source of this.sources) await source.handle.close().catch(() => {});
     await this.backing?.close();
   }
+}
+
+/**
+ * The checks of a sparse header's geometry that a file and a stream share: grain size, grain
+ * table size, capacity, compression, and the grain directory that capacity needs (at most
+ * {@link MAX_GD_BYTES}, which bounds the capacity a header may declare). Returns the GD's bytes.
+ */
+function checkSparseGeometry(header: SparseHeader, path: string): number {
+  const corrupt = (message: string, field: string) => new CorruptImageError(`${message} (in '${path}')`, { structure: 'VMDK header', field });
+  if (header.grainSectors < 1 || header.grainSectors * SECTOR > MAX_GRAIN_BYTES || (header.grainSectors & (header.grainSectors - 1)) !== 0) {
+    throw corrupt(`The grain size of ${header.grainSectors} sectors is not a power of two up to ${MAX_GRAIN_BYTES / SECTOR}`, 'grainSize');
+  }
+  if (header.gtEntries < 1 || header.gtEntries > MAX_GT_ENTRIES) throw corrupt(`A grain table of ${header.gtEntries} entries is outside 1..${MAX_GT_ENTRIES}`, 'numGTEsPerGT');
+  if (header.capacitySectors < 0 || header.capacitySectors * SECTOR > Number.MAX_SAFE_INTEGER) throw corrupt(`The capacity ${header.capacitySectors} sectors is impossible`, 'capacity');
+  if ((header.flags & FLAG_COMPRESSED) !== 0 && header.compressAlgorithm !== COMPRESSION_DEFLATE) {
+    throw new UnsupportedFeatureError(`'${path}' compresses grains with algorithm ${header.compressAlgorithm}; only deflate (1) is read`, { structure: 'VMDK header', field: 'compressAlgorithm' });
+  }
+  const gdEntries = Math.ceil(header.capacitySectors / (header.grainSectors * header.gtEntries));
+  const gdBytes = gdEntries * 4;
+  if (gdBytes > MAX_GD_BYTES) {
+    throw new LimitExceededError(`The grain directory of '${path}' has ${gdEntries} entries (${gdBytes} bytes), above the ${MAX_GD_BYTES}-byte limit`, {
+      structure: 'VMDK header',
+      field: 'capacity',
+      limit: MAX_GD_BYTES,
+      actual: gdBytes,
+    });
+  }
+  return gdBytes;
 }
 
 /** Checks a sparse header and reads its grain directory (from the footer copy for streamOptimized). */
@@ -340,24 +459,7 @@ async function openSparse(source: ByteSource, path: string): Promise<{ sparse: S
     }
     header = decodeSparseHeader(tail.subarray(SECTOR, 2 * SECTOR), path);
   }
-  if (header.grainSectors < 1 || header.grainSectors * SECTOR > MAX_GRAIN_BYTES || (header.grainSectors & (header.grainSectors - 1)) !== 0) {
-    throw corrupt(`The grain size of ${header.grainSectors} sectors is not a power of two up to ${MAX_GRAIN_BYTES / SECTOR}`, 'grainSize');
-  }
-  if (header.gtEntries < 1 || header.gtEntries > MAX_GT_ENTRIES) throw corrupt(`A grain table of ${header.gtEntries} entries is outside 1..${MAX_GT_ENTRIES}`, 'numGTEsPerGT');
-  if (header.capacitySectors < 0 || header.capacitySectors * SECTOR > Number.MAX_SAFE_INTEGER) throw corrupt(`The capacity ${header.capacitySectors} sectors is impossible`, 'capacity');
-  if ((header.flags & FLAG_COMPRESSED) !== 0 && header.compressAlgorithm !== COMPRESSION_DEFLATE) {
-    throw new UnsupportedFeatureError(`'${path}' compresses grains with algorithm ${header.compressAlgorithm}; only deflate (1) is read`, { structure: 'VMDK header', field: 'compressAlgorithm' });
-  }
-  const gdEntries = Math.ceil(header.capacitySectors / (header.grainSectors * header.gtEntries));
-  const gdBytes = gdEntries * 4;
-  if (gdBytes > MAX_GD_BYTES) {
-    throw new LimitExceededError(`The grain directory of '${path}' has ${gdEntries} entries (${gdBytes} bytes), above the ${MAX_GD_BYTES}-byte limit`, {
-      structure: 'VMDK header',
-      field: 'capacity',
-      limit: MAX_GD_BYTES,
-      actual: gdBytes,
-    });
-  }
+  const gdBytes = checkSparseGeometry(header, path);
   if (header.gdOffset < 0 || header.gdOffset * SECTOR + gdBytes > source.size) {
     throw corrupt(`The grain directory (${gdBytes} bytes at sector ${header.gdOffset}) lies outside the file (${source.size} bytes)`, 'gdOffset');
   }
@@ -373,7 +475,13 @@ async function openSparse(source: ByteSource, path: string): Promise<{ sparse: S
     const nul = raw.indexOf(0);
     descriptor = Buffer.from(raw.subarray(0, nul < 0 ? raw.length : nul)).toString('utf8');
   }
-  return { sparse: new SparseExtent(source, header, new DataView(gdRaw.buffer, gdRaw.byteOffset, gdRaw.byteLength)), descriptor };
+  const layout: SparseLayout = {
+    descriptor: descriptor === undefined ? undefined : { offset: first.descriptorOffset * SECTOR, length: first.descriptorSize * SECTOR },
+    gdOffset: header.gdOffset * SECTOR,
+    redundantGdOffset: (header.flags & FLAG_REDUNDANT_GD) !== 0 && header.rgdOffset > 0 ? header.rgdOffset * SECTOR : undefined,
+    footerOffset: first.gdOffset === -1 ? source.size - 3 * SECTOR : undefined,
+  };
+  return { sparse: new SparseExtent(source, header, new DataView(gdRaw.buffer, gdRaw.byteOffset, gdRaw.byteLength), layout), descriptor };
 }
 
 /**
@@ -502,12 +610,9 @@ export async function* streamOptimizedGrains(input: SequentialBytes, name: strin
     new UnsupportedFeatureError(`'${name}' cannot be read as a stream: ${why}`, { structure: 'VMDK header', hint: 'Write the input to a file first, then convert the file' });
   if ((header.flags & FLAG_COMPRESSED) === 0 || (header.flags & FLAG_MARKERS) === 0) throw notStream('only a streamOptimized VMDK (compressed grains with markers) is read from a pipe');
   if (header.compressAlgorithm !== COMPRESSION_DEFLATE) throw notStream(`grains are compressed with algorithm ${header.compressAlgorithm}`);
-  if (header.grainSectors < 1 || header.grainSectors * SECTOR > MAX_GRAIN_BYTES || (header.grainSectors & (header.grainSectors - 1)) !== 0) {
-    throw new CorruptImageError(`The grain size of ${header.grainSectors} sectors is not a power of two up to ${MAX_GRAIN_BYTES / SECTOR} (in '${name}')`, { structure: 'VMDK header', field: 'grainSize' });
-  }
-  if (header.capacitySectors < 0 || header.capacitySectors * SECTOR > Number.MAX_SAFE_INTEGER) {
-    throw new CorruptImageError(`The capacity ${header.capacitySectors} sectors is impossible (in '${name}')`, { structure: 'VMDK header', field: 'capacity' });
-  }
+  // The same geometry checks as a file's: without them a 512-byte header could declare petabytes
+  // of holes, every 32 MiB of which the stream then yields as a zero run (a hang in all but name).
+  checkSparseGeometry(header, name);
   if (overhead < 1 || overhead > MAX_MARKER_SECTORS) throw new CorruptImageError(`The header's overhead of ${overhead} sectors is outside 1..${MAX_MARKER_SECTORS} (in '${name}')`, { structure: 'VMDK header', field: 'overHead' });
   onHeader(header);
   const grainBytes = header.grainSectors * SECTOR;

@@ -158,5 +158,6 @@ test('exit codes without qemu: compare 0 same / 1 different, check 0 clean / 1 l
   assert.deepEqual([report.leaks, report.corruptions, report.findings.map((f) => f.severity)], [1, 0, ['leak']]);
 
   assertOneLineError(runCli(['compare', 'a.raw', 'missing.raw'], { cwd: dir }), /missing\.raw/, 'QCOW_ERR_FILE');
-  assertOneLineError(runCli(['check', 'a.raw'], { cwd: dir }), /./, 'QCOW_ERR_BAD_MAGIC');
+  assertOneLineError(runCli(['check', 'a.raw'], { cwd: dir }), /does not support checks/, 'QCOW_ERR_UNSUPPORTED_FEATURE');
+  assertOneLineError(runCli(['check', '-f', 'qcow2', 'a.raw'], { cwd: dir }), /./, 'QCOW_ERR_BAD_MAGIC');
 });
