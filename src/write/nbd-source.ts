@@ -54,7 +54,7 @@ export interface NbdBlockSourceOptions {
    */
   connections?: readonly NbdClient[];
   /**
-   * Called once, when the reads asked for pass {@link SIBLINGS_AFTER} bytes: the moment to open
+   * Called once, when the reads asked for pass `SIBLINGS_AFTER` (64 MiB) bytes: the moment to open
    * more connections (they join `connections`). A short job (an incremental) never pays for them.
    */
   wantConnections?: () => void;
@@ -413,7 +413,7 @@ function zeroHoles(buffer: Buffer, at: number, length: number, holes: Array<[num
 }
 
 /**
- * {@link nbdBatches} one Block at a time: zero runs, `sameAsBase` runs (with a dirty context)
+ * `nbdBatches` one Block at a time: zero runs, `sameAsBase` runs (with a dirty context)
  * and data Blocks viewing 2 MiB read buffers. The caller owns the client.
  */
 export async function* nbdBlocks(client: NbdClient, options: NbdBlockSourceOptions = {}): AsyncGenerator<Block> {
@@ -444,7 +444,7 @@ export const DEFAULT_NBD_CONNECTIONS = 4;
  * Connects to `uri` for a conversion: negotiates `base:allocation` and, with `bitmap`, the dirty
  * bitmap's context, which the server must publish (NbdServerError otherwise). A declared `size`
  * must match the export's. When the server allows several connections and the reads pass
- * {@link SIBLINGS_AFTER} bytes, up to `connections` (default 4) are opened in the background and
+ * `SIBLINGS_AFTER` (64 MiB) bytes, up to `connections` (default 4) are opened in the background and
  * reads spread over them as they come up; one that cannot be made (a server limiting its
  * clients) is simply not used.
  */
