@@ -46,7 +46,8 @@ import {
   type ParsedHeader,
 } from '../format/index.js';
 import { fileError, InvalidArgumentError, LimitExceededError } from '../errors.js';
-import { readFully, type OpenedFile } from '../io/files.js';
+import { readFully } from '../io/files.js';
+import type { SeekableFile } from './base-image.js';
 import { LruCache } from './cache.js';
 import { openSeekable, readHeader, validateTables } from './image.js';
 
@@ -169,7 +170,7 @@ export async function checkImage(path: string, options: CheckOptions = {}): Prom
 }
 
 /** A read-write handle on the very file being checked (same device and inode), a regular file. */
-async function openForRepair(file: OpenedFile): Promise<FileHandle> {
+async function openForRepair(file: SeekableFile): Promise<FileHandle> {
   if (file.kind !== 'file') throw new InvalidArgumentError(`Cannot repair '${file.path}': only a regular file is repaired (it is a ${file.kind})`);
   let handle: FileHandle;
   try {
@@ -216,7 +217,7 @@ class Checker {
   private snapshotL1Entries = 0;
 
   constructor(
-    private readonly file: OpenedFile,
+    private readonly file: SeekableFile,
     private readonly header: ParsedHeader,
     private readonly maxFindings: number,
     private readonly maxSnapshotL1Entries: number,
