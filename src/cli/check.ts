@@ -11,7 +11,7 @@ export function registerCheck(program: Command): void {
   program
     .command('check')
     .description('Check the structure of a qcow2 image (refcounts, COPIED flags, offsets, data-file rules)')
-    .argument('<image>', 'the qcow2 image to check (only this file is read)')
+    .argument('<image>', 'the qcow2 image to check, a path or s3://bucket/key (only this file is read)')
     .option('--json', 'print JSON (qemu-img check field names, plus the findings)')
     .option('--repair', 'fix the repairable findings in place: COPIED flags whose cluster refcount is right (only those entries are written)')
     .addHelpText(
