@@ -341,3 +341,18 @@ test('SIGTERM: a worker waits for its running job at most --shutdown-timeout, th
   next.child.kill('SIGTERM');
   assert.equal(await next.exited, 0);
 });
+
+test('SIGTERM when Redis no longer answers: the worker still stops, after --shutdown-timeout and a short grace, with an error exit', { skip, timeout: 90_000 }, async () => {
+  // A Redis of its own, stopped under the worker.
+  const own = await startRedis();
+  const child = spawn(process.execPath, ['--import', tsx, CLI_PATH, 'worker', '--connection', own.url, '--shutdown-timeout', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  workers.add(child);
+  let log = '';
+  child.stderr!.on('data', (d) => (log += d));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  await waitFor('the worker to start', async () => log.includes('running on'));
+  await own.stop();
+  child.kill('SIGTERM');
+  assert.equal(await exited, 2, log);
+  assert.match(log, /Redis does not answer: stopping/);
+});
