@@ -205,6 +205,11 @@ test('a missing object (image or data file) is a typed error naming the URI, nev
     assert.match(result.stderr, /does not exist/);
     assert.doesNotMatch(result.stderr, new RegExp(s3.env['AWS_SECRET_ACCESS_KEY']!));
   }
+  // Credentials pasted into a URI are refused without being echoed.
+  const pasted = runCli(['info', 's3://AKIAEXAMPLE:wJalrSECRET@reads/nowhere/disk.qcow2'], { env: s3.env });
+  assert.equal(pasted.code, 2);
+  assert.match(pasted.stderr, /'s3:\/\/\*\*\*@reads\/…' carries credentials/);
+  assert.doesNotMatch(pasted.stderr, /AKIAEXAMPLE|wJalrSECRET/);
   await assert.rejects(openDisk('s3://reads/nowhere/disk.qcow2'), (err: unknown) => err instanceof ObjectStorageError && err.reason === 'not-found' && err.uri === 's3://reads/nowhere/disk.qcow2');
   const noData = runCli(['export', 's3://reads/lonely/disk.qcow2', join(dir, 'b.raw')], { env: s3.env });
   assert.equal(noData.code, 2);
