@@ -171,7 +171,7 @@ export async function checkImage(path: string, options: CheckOptions = {}): Prom
 
 /** A read-write handle on the very file being checked (same device and inode), a regular file. */
 async function openForRepair(file: SeekableFile): Promise<FileHandle> {
-  if (file.kind !== 'file') throw new InvalidArgumentError(`Cannot repair '${file.path}': only a regular file is repaired (it is a ${file.kind})`);
+  if (file.kind !== 'file') throw new InvalidArgumentError(`Cannot repair '${file.path}': only a regular file is repaired (it is ${file.kind === 'object' ? 'an object' : `a ${file.kind}`})`);
   let handle: FileHandle;
   try {
     handle = await open(file.path, constants.O_RDWR | constants.O_NOFOLLOW);
