@@ -159,17 +159,17 @@ async function resolveStoredKey(imageUri: string, storedName: string, options: P
   const where = `s3://${bucket}/${prefix}`;
   const absolute = storedName.startsWith('/');
   const parts: string[] = [];
-  let escaped = false;
   for (const part of `${absolute ? '' : prefix}${storedName}`.split('/')) {
     if (part === '' || part === '.') continue;
     if (part !== '..') parts.push(part);
     else if (parts.pop() === undefined) return refuse(`leaves the bucket '${bucket}' with '..'`);
   }
   const candidate = parts.join('/');
-  if (!candidate.startsWith(prefix)) escaped = true;
+  const escaped = !candidate.startsWith(prefix);
   const uri = `s3://${bucket}/${candidate}`;
   const { headObject } = await import('./s3.js');
-  if (PROTOCOL_PREFIX.test(storedName) && !(!absolute && !storedName.includes('/') && (await headObject(uri)) !== undefined)) {
+  // As for files: `name:…` is taken only as an existing object of exactly that name beside the image.
+  if (PROTOCOL_PREFIX.test(storedName) && (storedName.includes('/') || (await headObject(uri)) === undefined)) {
     refuse(`looks like a protocol (name:…) rather than a plain object beside the image under '${where}'`);
   }
   if (!options.allowUnsafePaths) {
