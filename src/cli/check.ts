@@ -15,7 +15,7 @@ export function registerCheck(program: Command): void {
   program
     .command('check')
     .description('Check the structure of an image: qcow2 (refcounts, COPIED flags, offsets, data-file rules), VMDK, VHDX, VHD (allocation tables)')
-    .argument('<image>', 'the image to check (only it is read: no data file or parent; a VMDK descriptor\'s extent files too)')
+    .argument('<image>', 'the image to check, a path or s3://bucket/key (only it is read: no data file or parent; a VMDK descriptor\'s extent files too)')
     .option('-f, --format <format>', 'qcow2, vmdk, vhdx or vpc (default: probed)', parseFormat)
     .option('--json', 'print JSON (qemu-img check field names, plus the findings)')
     .option('--repair', 'fix the repairable findings in place: COPIED flags whose cluster refcount is right (only those entries are written)')

@@ -22,8 +22,8 @@ export function registerCompare(program: Command): void {
   program
     .command('compare')
     .description('Compare the guest content of two images (each raw or qcow2)')
-    .argument('<a>', 'first image')
-    .argument('<b>', 'second image')
+    .argument('<a>', 'first image, a path or s3://bucket/key')
+    .argument('<b>', 'second image, a path or s3://bucket/key')
     .option('-f, --format <format>', 'format of <a>: qcow2, raw, vmdk, vpc or vhdx (default: probed)', parseFormat)
     .option('-F, --second-format <format>', 'format of <b>: qcow2, raw, vmdk, vpc or vhdx (default: probed)', parseFormat)
     .option('--allow-unsafe-paths', 'follow names stored in the images even outside their directories')

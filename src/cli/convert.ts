@@ -74,7 +74,7 @@ export function registerConvert(program: Command): void {
 export function defineConvert(command: Command): Command {
   return command
     .description('Convert a disk image into qcow2 metadata plus a raw external data file')
-    .argument('<input>', "the image to read (raw, qcow2, vmdk, vpc, vhdx; probed), s3://bucket/key (raw), '-' for standard input, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://…)")
+    .argument('<input>', "the image to read (raw, qcow2, vmdk, vpc, vhdx; probed), s3://bucket/key (probed like a file), '-' for standard input, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://…)")
     .argument('<output>', "qcow2 metadata file, s3://bucket/key, or '-' for standard output")
     .option('-f, --format <format>', 'format of <input> (default: probed; raw for standard input)', parseFormat)
     .option('--data-file <path>', 'the data file to write, a path or s3://bucket/key (default: OUTPUT with its extension replaced by .data; required when OUTPUT is -)')

@@ -63,7 +63,7 @@ export function registerExport(program: Command): void {
 export function defineExport(command: Command): Command {
   return command
     .description('Write the guest bytes of an image as a raw image (sparse file, or a stream with -)')
-    .argument('<image>', 'the qcow2 (or raw) image to read')
+    .argument('<image>', 'the image to read (qcow2, raw, vmdk, vpc, vhdx), a path or s3://bucket/key')
     .argument('<output>', "the raw file to write, s3://bucket/key, or '-' for standard output")
     .option('-f, --format <format>', 'format of <image>: qcow2, raw, vmdk, vpc or vhdx (default: probed)', parseFormat)
     .option('--data-file <path>', "use this external data file instead of the name stored in the image")
@@ -79,13 +79,15 @@ export function defineExport(command: Command): Command {
       'after',
       `
 A regular-file output is sparse (zero ranges become holes) and appears only once complete.
-Names stored in the image (data file, backing file) are resolved inside its directory.
+Names stored in the image (data file, backing file) are resolved inside its directory (for an
+s3:// image: keys beside it, under the same prefix).
 
 Examples:
   qcow2-stream export disk.qcow2 disk.raw
   qcow2-stream export disk.qcow2 - | gzip > disk.raw.gz
   qcow2-stream export moved.qcow2 moved.raw --data-file /mnt/backup/disk.data
-  qcow2-stream export disk.qcow2 s3://backups/disk.raw    # multipart upload; zeros are sent as bytes`,
+  qcow2-stream export disk.qcow2 s3://backups/disk.raw    # multipart upload; zeros are sent as bytes
+  qcow2-stream export s3://backups/vm1/disk.qcow2 disk.raw # reads s3://backups/vm1/disk.data too`,
     );
 }
 

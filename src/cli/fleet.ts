@@ -8,6 +8,9 @@ import { JobError } from '../errors.js';
 import { action, ExitCode, formatBytes, parseInteger, printJson, writeStdout } from './common.js';
 import type { JobStatus } from '../fleet/bullmq.js';
 
+/** After the shutdown timeout, how long a worker waits for Redis to take back its jobs (ms). */
+const CLOSE_GRACE_MS = 5000;
+
 interface ConnectionFlags {
   connection: string;
   queue?: string;
@@ -70,6 +73,12 @@ Example:
             const timer = setTimeout(() => {
               log('shutdown timeout: cancelling running jobs (they will be retried)');
               shutdown.abort();
+              // close() waits for Redis: one that no longer answers must not keep the worker
+              // alive. Jobs it could not hand back are retried once their locks expire.
+              setTimeout(() => {
+                log('Redis does not answer: stopping without handing back the jobs (they are retried once their locks expire)');
+                process.exit(ExitCode.ERROR);
+              }, CLOSE_GRACE_MS).unref();
             }, flags.shutdownTimeout * 1000);
             worker.close().finally(() => {
               clearTimeout(timer);

@@ -13,7 +13,7 @@ export function registerInfo(program: Command): void {
   program
     .command('info')
     .description("Show an image's header: sizes, features, data file and backing names (never opens them)")
-    .argument('<image>', 'the image to inspect')
+    .argument('<image>', 'the image to inspect, a path or s3://bucket/key')
     .option('-f, --format <format>', 'qcow2, raw, vmdk, vpc or vhdx (default: probed)', parseFormat)
     .option('--json', 'print JSON (field names as in qemu-img info --output=json)')
     .addHelpText(

@@ -21,7 +21,7 @@ export function registerMap(program: Command): void {
   program
     .command('map')
     .description('List the extents of an image: data, zero, unallocated, and where the data lives')
-    .argument('<image>', 'the image to map')
+    .argument('<image>', 'the image to map, a path or s3://bucket/key')
     .option('-f, --format <format>', 'qcow2, raw, vmdk, vpc or vhdx (default: probed)', parseFormat)
     .option('--data-file <path>', 'use this external data file instead of the name stored in the image')
     .option('--backing <path>', 'use this backing image instead of the name stored in the image')

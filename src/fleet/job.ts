@@ -15,7 +15,8 @@ import { isQcow2StreamError, JobError, ObjectStorageError, type ErrorCode } from
 import { defineConvert, convertOptions, type ConvertFlags } from '../cli/convert.js';
 import { defineExport, runExport, type ExportFlags } from '../cli/export.js';
 import { defaultDataFilePath } from '../write/paths.js';
-import { isS3Uri } from '../io/s3-uri.js';
+import { isS3Uri, parseS3Uri } from '../io/s3-uri.js';
+import { isNbdUri, parseNbdUri } from '../io/nbd.js';
 import type { ConvertOptions } from '../write/convert.js';
 import type { Progress } from '../progress.js';
 
@@ -107,6 +108,7 @@ export function parseJob(payload: unknown, policy: JobPolicy = {}): ParsedJob {
   if (!parsed) throw new JobError(`Invalid ${command} job: nothing to run (--help?)`);
   const [input, output] = parsed.positional as [string, string];
   if (input === '-' || output === '-') throw new JobError('A job cannot read standard input or write standard output: name files or objects');
+  checkUris([input, output, ...URI_FLAGS.map((flag) => parsed!.flags[flag]).filter((v): v is string => typeof v === 'string')]);
   if (parsed.flags['allowUnsafePaths'] && !policy.allowUnsafePaths) {
     throw new JobError('This worker does not accept --allow-unsafe-paths in jobs', { hint: 'Start the worker with --allow-unsafe-paths (API: allowUnsafePaths: true) to let jobs opt in' });
   }
@@ -118,6 +120,32 @@ export function parseJob(payload: unknown, policy: JobPolicy = {}): ParsedJob {
     return { command, options, outputs };
   }
   return { command, image: input, output, flags: parsed.flags as unknown as ExportFlags, outputs: [output] };
+}
+
+/** Options whose values may be objects or NBD URIs, besides the two positional arguments. */
+const URI_FLAGS = ['dataFile', 'base', 'backing', 'manifest', 'baseManifest'] as const;
+
+/**
+ * Parses the `s3://` and NBD URIs of a payload with the parsers the run will use, so a malformed
+ * one is refused when it is enqueued (and by the worker, without a retry) rather than stored.
+ * A URI carrying credentials is refused without echoing them: credentials come from the
+ * worker's own configuration, never from a payload that Redis stores and `jobs` prints.
+ */
+function checkUris(values: readonly string[]): void {
+  for (const value of values) {
+    const credentialed = /^(s3|nbds?(\+unix)?):\/\/[^/?#]*@/i.exec(value);
+    if (credentialed) {
+      throw new JobError(`A job's ${credentialed[1]!.toLowerCase()}:// URI carries a user name or password (${redactUserinfo(value)}); credentials never go into payloads`, {
+        hint: 'Configure credentials on the worker (the AWS SDK chain, TLS files); the payload names only the location',
+      });
+    }
+    if (isS3Uri(value)) parseS3Uri(value);
+    else if (isNbdUri(value)) parseNbdUri(value);
+  }
+}
+
+function redactUserinfo(uri: string): string {
+  return uri.replace(/^([a-z0-9+]+:\/\/)[^/?#]*@/i, '$1***@');
 }
 
 /** Hooks an adapter gives a run. */

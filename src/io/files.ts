@@ -65,11 +65,21 @@ export async function openForRead(path: string, options: OpenForReadOptions = {}
 }
 
 /**
+ * What positional reads go through: a FileHandle, or an object read with ranged GETs
+ * (src/read/object-source.ts). Only local files have a descriptor.
+ */
+export interface ReadHandle {
+  readonly fd?: number;
+  read(buffer: Uint8Array, offset: number, length: number, position: number | null): Promise<{ bytesRead: number }>;
+  close(): Promise<void>;
+}
+
+/**
  * Reads until `length` bytes are in `buffer` at `offset` or the file ends; returns the count.
  * `position` null reads from the current position (streams).
  */
 export async function readFully(
-  handle: FileHandle,
+  handle: ReadHandle,
   buffer: Uint8Array,
   offset: number,
   length: number,
@@ -92,7 +102,7 @@ export async function readFully(
 
 /** Reads exactly `length` bytes at `position` or throws UnexpectedEofError naming the structure. */
 export async function readExactly(
-  handle: FileHandle,
+  handle: ReadHandle,
   length: number,
   position: number,
   path: string,

@@ -46,6 +46,7 @@ import { realpath, stat, type FileHandle } from 'node:fs/promises';
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
 import { PathPolicyError } from '../errors.js';
 import { kindOf } from './files.js';
+import { isS3Uri, parseS3Uri } from './s3-uri.js';
 
 /** Which reference inside an image a name came from; used in messages and hints. */
 export type StoredNameKind = 'data file' | 'backing file' | 'extent file' | 'parent disk';
@@ -101,6 +102,7 @@ export async function resolveStoredName(
   if (storedName.includes('\0')) refuse('contains a NUL byte');
   if (storedName.includes('\uFFFD')) refuse('is not valid UTF-8');
   if (/^json:/i.test(storedName)) refuse('is a json: block-graph description, which is never opened');
+  if (isS3Uri(imagePath)) return resolveStoredKey(imagePath, storedName, options, refuse);
 
   const imageDir = await realDirectory(imagePath);
   const candidate = resolve(imageDir, storedName);
@@ -142,6 +144,40 @@ export async function resolveStoredName(
   const fileKind = kindOf(stats);
   if (fileKind !== 'file') refuse(`is not a regular file (it is a ${fileKind === 'pipe' ? 'FIFO' : fileKind})`);
   return real;
+}
+
+/**
+ * The same rules for an image that is an object (`s3://bucket/dir/disk.qcow2`): a stored name is
+ * a key relative to the image's prefix (`disk.data` → `s3://bucket/dir/disk.data`), never a
+ * local file, another bucket or a URI. Absolute names and `..` leaving the prefix are refused
+ * (with allowUnsafePaths they may reach elsewhere in the same bucket, never outside it); the
+ * object must exist. There are no links to follow and every object is a plain byte string.
+ */
+async function resolveStoredKey(imageUri: string, storedName: string, options: PathPolicyOptions, refuse: (why: string) => never): Promise<string> {
+  const { bucket, key } = parseS3Uri(imageUri);
+  const prefix = key.includes('/') ? key.slice(0, key.lastIndexOf('/') + 1) : '';
+  const where = `s3://${bucket}/${prefix}`;
+  const absolute = storedName.startsWith('/');
+  const parts: string[] = [];
+  for (const part of `${absolute ? '' : prefix}${storedName}`.split('/')) {
+    if (part === '' || part === '.') continue;
+    if (part !== '..') parts.push(part);
+    else if (parts.pop() === undefined) return refuse(`leaves the bucket '${bucket}' with '..'`);
+  }
+  const candidate = parts.join('/');
+  const escaped = !candidate.startsWith(prefix);
+  const uri = `s3://${bucket}/${candidate}`;
+  const { headObject } = await import('./s3.js');
+  // As for files: `name:…` is taken only as an existing object of exactly that name beside the image.
+  if (PROTOCOL_PREFIX.test(storedName) && (storedName.includes('/') || (await headObject(uri)) === undefined)) {
+    refuse(`looks like a protocol (name:…) rather than a plain object beside the image under '${where}'`);
+  }
+  if (!options.allowUnsafePaths) {
+    if (absolute) refuse(`is an absolute path outside the image's prefix '${where}'`);
+    if (escaped) refuse(`escapes the image's prefix '${where}' with '..'`);
+  }
+  if (candidate === '' || (await headObject(uri)) === undefined) refuse(`does not exist (looked for '${uri}')`);
+  return uri;
 }
 
 async function realpathOf(path: string): Promise<{ real?: string; code?: string }> {

@@ -25,6 +25,12 @@ export function parseS3Uri(uri: string): S3Location {
   const slash = rest.indexOf('/');
   const bucket = slash < 0 ? rest : rest.slice(0, slash);
   const key = slash < 0 ? '' : rest.slice(slash + 1);
+  if (bucket.includes('@')) {
+    // Not echoed: what precedes '@' may be a key pair someone pasted into the URI.
+    throw new InvalidArgumentError(`'s3://***@${bucket.slice(bucket.lastIndexOf('@') + 1)}/…' carries credentials, which s3:// names never do`, {
+      hint: 'Credentials come from the AWS SDK chain: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, shared config files, instance roles',
+    });
+  }
   if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) {
     throw new InvalidArgumentError(`'${uri}' does not name a bucket: bucket names are 3-63 characters of a-z, 0-9, '.' and '-'`);
   }

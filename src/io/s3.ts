@@ -20,8 +20,10 @@
  * at once, before AbortMultipartUpload has been sent — a caller cannot wait until nothing
  * partial is left. The bench compares against it (bench/s3.ts).
  *
- * Input: {@link readObject}, ranged GETs in order, two in flight, each pinned to the ETag seen
- * by the first HEAD so an object replaced mid-read fails instead of mixing two versions.
+ * Input: {@link getObjectRange}, one ranged GET pinned to the ETag seen by the first HEAD (so an
+ * object replaced mid-read fails instead of mixing two versions) with bounded retries; on it,
+ * {@link readObject} (raw bytes in order, two GETs in flight, convert's raw input) and the
+ * readers' object source (src/read/object-source.ts: any image format, random access).
  */
 
 import { createRequire } from 'node:module';
@@ -316,42 +318,86 @@ export class S3UploadSink {
   }
 }
 
+/** Attempts per ranged GET: the first and two retries, for failures a retry can fix. */
+export const READ_ATTEMPTS = 3;
+/** Delay before the first retry of a read (ms), doubled for the next. */
+const READ_RETRY_DELAY = 100;
+
+/** Options of {@link getObjectRange}. */
+export interface RangeOptions {
+  /** The ETag every range must match (If-Match): an object replaced mid-read fails instead of mixing versions. */
+  etag?: string | undefined;
+  signal?: AbortSignal | undefined;
+}
+
+/**
+ * Bytes [start, end) of an object, in one ranged GET. Failures a retry can fix (a 5xx, a
+ * throttle, a connection dropped while the body streamed in — which the SDK's own retries do
+ * not cover) are retried up to {@link READ_ATTEMPTS} times in all; a missing object, a denial
+ * or a replaced object fail at once.
+ */
+export async function getObjectRange(uri: string, start: number, end: number, options: RangeOptions = {}): Promise<Uint8Array> {
+  const { bucket, key } = parseS3Uri(uri);
+  const { GetObjectCommand } = loadS3Sdk();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const got = await s3Client().send(
+        new GetObjectCommand({ Bucket: bucket, Key: key, Range: `bytes=${start}-${end - 1}`, ...(options.etag ? { IfMatch: options.etag } : {}) }),
+        options.signal ? { abortSignal: options.signal } : {},
+      );
+      const bytes = await got.Body!.transformToByteArray();
+      if (bytes.length !== end - start) {
+        throw new ObjectStorageError(`'${uri}' returned ${bytes.length} bytes for the range ${start}-${end - 1}`, uri, 'failed');
+      }
+      return bytes;
+    } catch (err) {
+      const failure = readFailure(err, uri);
+      if (attempt >= READ_ATTEMPTS || !transient(failure) || options.signal?.aborted) throw failure;
+      await new Promise((resolve) => setTimeout(resolve, READ_RETRY_DELAY * 2 ** (attempt - 1)));
+    }
+  }
+}
+
+/** A read's failure as our error; 412 on a read means the ETag no longer matches. */
+function readFailure(err: unknown, uri: string): ObjectStorageError | AbortedError {
+  const status = (err as { $metadata?: { httpStatusCode?: number } })?.$metadata?.httpStatusCode;
+  if (status === 412 || (err as { name?: string })?.name === 'PreconditionFailed') {
+    return new ObjectStorageError(`The object '${uri}' changed while it was read`, uri, 'failed', { cause: err, status, hint: 'Run again once the object is no longer being replaced' });
+  }
+  return storageError(err, 'read', uri);
+}
+
+/** Whether another attempt of the same request could succeed: no answer, 5xx, 429, or a short body. */
+function transient(err: ObjectStorageError | AbortedError): boolean {
+  if (!(err instanceof ObjectStorageError) || err.reason !== 'failed' || err.message.includes('changed while it was read')) return false;
+  return err.status === undefined || err.status >= 500 || err.status === 429;
+}
+
 /** An object read as bytes in order: its size, and the chunks. */
 export interface ObjectReader {
   size: number;
   chunks: AsyncIterable<Uint8Array>;
 }
 
+/** HEAD of an object that must exist: its size and ETag, or a not-found ObjectStorageError. */
+export async function statObject(uri: string, signal?: AbortSignal): Promise<{ size: number; etag: string | undefined }> {
+  const head = await headObject(uri, signal);
+  if (!head) throw new ObjectStorageError(`The object '${uri}' does not exist`, uri, 'not-found', { hint: 'Check the bucket and key' });
+  return head;
+}
+
 /** Opens an object for reading with ranged GETs (HEAD first: the size, and the ETag every range must match). */
 export async function readObject(uri: string, options: { signal?: AbortSignal; chunkSize?: number } = {}): Promise<ObjectReader> {
-  const { bucket, key } = parseS3Uri(uri);
-  const head = await headObject(uri, options.signal);
-  if (!head) throw new ObjectStorageError(`The object '${uri}' does not exist`, uri, 'not-found', { hint: 'Check the bucket and key' });
-  const { GetObjectCommand } = loadS3Sdk();
+  const head = await statObject(uri, options.signal);
   const chunkSize = options.chunkSize ?? READ_CHUNK;
   const size = head.size;
-  const fetchRange = async (start: number): Promise<Uint8Array> => {
-    const end = Math.min(size, start + chunkSize) - 1;
-    try {
-      const got = await s3Client().send(
-        new GetObjectCommand({ Bucket: bucket, Key: key, Range: `bytes=${start}-${end}`, ...(head.etag ? { IfMatch: head.etag } : {}) }),
-        options.signal ? { abortSignal: options.signal } : {},
-      );
-      const bytes = await got.Body!.transformToByteArray();
-      if (bytes.length !== end - start + 1) {
-        throw new ObjectStorageError(`'${uri}' returned ${bytes.length} bytes for the range ${start}-${end}`, uri, 'failed');
-      }
-      return bytes;
-    } catch (err) {
-      throw storageError(err, 'read', uri);
-    }
-  };
+  const range = { etag: head.etag, signal: options.signal };
   async function* chunks(): AsyncGenerator<Uint8Array> {
     let next = 0;
     let ahead: Promise<Uint8Array> | undefined;
     const start = () => {
       if (next >= size) return undefined;
-      const p = fetchRange(next);
+      const p = getObjectRange(uri, next, Math.min(size, next + chunkSize), range);
       p.catch(() => {});
       next += chunkSize;
       return p;

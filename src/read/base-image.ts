@@ -8,11 +8,12 @@
  * @internal
  */
 
-import type { FileHandle } from 'node:fs/promises';
 import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
 import { InvalidArgumentError, NotSeekableError } from '../errors.js';
-import { openForRead, readFully, type OpenedFile } from '../io/files.js';
+import { openForRead, readFully, type OpenedFile, type ReadHandle } from '../io/files.js';
 import { confirmOpened, type StoredNameKind } from '../io/path-policy.js';
+import { isS3Uri } from '../io/s3-uri.js';
+import type { ObjectFile } from './object-source.js';
 import type { ParsedHeader } from '../format/index.js';
 import type { DiskImage, Extent, ExtentKind, ImageFormat, OpenImageOptions } from './image.js';
 
@@ -40,11 +41,11 @@ export function extentFile(extent: Extent): ExtentFile | undefined {
   return extentFiles.get(extent);
 }
 
-/** A file bytes are read from, with zero-fill past its end like qemu's file driver. */
+/** A file (or object) bytes are read from, with zero-fill past its end like qemu's file driver. */
 export class ByteSource implements ExtentFile {
   private warnedEof = false;
   constructor(
-    readonly handle: FileHandle,
+    readonly handle: ReadHandle,
     readonly path: string,
     readonly size: number,
     /** `data file`, `image file`: for the past-EOF warning. */
@@ -52,8 +53,9 @@ export class ByteSource implements ExtentFile {
     private readonly warn: (message: string) => void,
   ) {}
 
+  /** The descriptor of a local file; -1 for an object (never registered as an ExtentFile). */
   get fd(): number {
-    return this.handle.fd;
+    return this.handle.fd ?? -1;
   }
 
   get name(): string {
@@ -155,7 +157,8 @@ export abstract class BaseImage implements DiskImage {
   private async *extentsFrom(start: number, end: number): AsyncGenerator<Extent> {
     for await (const seg of this.coalescedSegments(start, end)) {
       const extent = toExtent(seg);
-      if (seg.kind === 'data' && seg.source && !seg.compressed) extentFiles.set(extent, seg.source);
+      // Objects have no descriptor: no hole probe or native copy applies to them.
+      if (seg.kind === 'data' && seg.source && !seg.compressed && seg.source.handle.fd !== undefined) extentFiles.set(extent, seg.source);
       yield extent;
     }
   }
@@ -265,13 +268,17 @@ export function newContext(options: OpenImageOptions): OpenContext {
   };
 }
 
-/** Opens a file for positional reads (regular file or block device) with its size; pipes are refused. */
+/** A file opened for positional reads: a local one, or an object (`s3://`, ranged GETs). */
+export type SeekableFile = OpenedFile | ObjectFile;
+
 /**
  * Opens an image, data file or other file a reader needs. `stored`: the path came from a name
  * stored in an image (through the path policy), so what was opened is confirmed to be that
  * regular file (src/io/path-policy.ts confirmOpened): a swap after the policy looked loses.
+ * An `s3://` path opens the object (src/read/object-source.ts); the policy checked its key.
  */
-export async function openSeekable(path: string, what: string, stored?: StoredNameKind): Promise<OpenedFile> {
+export async function openSeekable(path: string, what: string, stored?: StoredNameKind): Promise<SeekableFile> {
+  if (isS3Uri(path)) return (await import('./object-source.js')).openObject(path);
   const file = await openForRead(path, { nonBlocking: true, noFollow: stored !== undefined });
   if (stored !== undefined) {
     try {

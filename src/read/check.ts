@@ -46,7 +46,8 @@ import {
   type ParsedHeader,
 } from '../format/index.js';
 import { fileError, InvalidArgumentError, LimitExceededError, UnsupportedFeatureError } from '../errors.js';
-import { readFully, type OpenedFile } from '../io/files.js';
+import { readFully } from '../io/files.js';
+import type { SeekableFile } from './base-image.js';
 import { LruCache } from './cache.js';
 import { openDisk, openSeekable, probeFormat, readHeader, validateTables, type ImageFormat } from './image.js';
 import { isCheckable, StructureCheck } from './structure-check.js';
@@ -201,8 +202,8 @@ async function checkOtherFormat(path: string, format: ImageFormat, options: Chec
 }
 
 /** A read-write handle on the very file being checked (same device and inode), a regular file. */
-async function openForRepair(file: OpenedFile): Promise<FileHandle> {
-  if (file.kind !== 'file') throw new InvalidArgumentError(`Cannot repair '${file.path}': only a regular file is repaired (it is a ${file.kind})`);
+async function openForRepair(file: SeekableFile): Promise<FileHandle> {
+  if (file.kind !== 'file') throw new InvalidArgumentError(`Cannot repair '${file.path}': only a regular file is repaired (it is ${file.kind === 'object' ? 'an object' : `a ${file.kind}`})`);
   let handle: FileHandle;
   try {
     handle = await open(file.path, constants.O_RDWR | constants.O_NOFOLLOW);
@@ -248,7 +249,7 @@ class Checker {
   private snapshotL1Entries = 0;
 
   constructor(
-    private readonly file: OpenedFile,
+    private readonly file: SeekableFile,
     private readonly header: ParsedHeader,
     private readonly maxFindings: number,
     private readonly maxSnapshotL1Entries: number,

@@ -18,8 +18,9 @@ import {
   type ParsedHeader,
 } from '../format/index.js';
 import { CorruptImageError, fileError } from '../errors.js';
-import { readFully, type OpenedFile } from '../io/files.js';
+import { readFully } from '../io/files.js';
 import { openSeekable, readHeader, validateTables, type ImageFormat } from './image.js';
+import type { SeekableFile } from './base-image.js';
 import { probeFormat } from './probe.js';
 import { openDisk } from './image.js';
 
@@ -132,12 +133,15 @@ export async function readImageInfo(path: string, options: ReadImageInfoOptions 
   const { format } = options;
   const file = await openSeekable(path, 'image');
   try {
+    // An object is not sparse: it stores every byte of its size.
     let actualSize = file.size;
-    try {
-      const stats = await stat(path);
-      actualSize = stats.blocks * 512;
-    } catch (err) {
-      throw fileError(err, 'inspect', path);
+    if (file.kind !== 'object') {
+      try {
+        const stats = await stat(path);
+        actualSize = stats.blocks * 512;
+      } catch (err) {
+        throw fileError(err, 'inspect', path);
+      }
     }
     const chosen = format ?? (await probeFormat(path));
     if (chosen === 'vpc' || chosen === 'vmdk' || chosen === 'vhdx') {
@@ -214,7 +218,7 @@ const BITMAP_AUTO = 2;
  * says the bitmaps are consistent, as qemu lists them. Bounded like qemu's open: the directory
  * lies inside the file and is at most 64 MiB; a malformed one is a CorruptImageError.
  */
-async function readBitmaps(file: OpenedFile, h: ParsedHeader): Promise<BitmapInfo[]> {
+async function readBitmaps(file: SeekableFile, h: ParsedHeader): Promise<BitmapInfo[]> {
   const ext = h.extensions.find((e) => e.type === EXT_BITMAPS);
   if (!ext || (h.autoclearFeatures & AUTOCLEAR_BITMAPS) === 0n) return [];
   const corrupt = (message: string) => new CorruptImageError(`Bitmaps extension: ${message}`, { structure: 'header extension', field: 'bitmaps' });
@@ -259,7 +263,7 @@ const MAX_SNAPSHOT_TABLE = 64 * 1024 * 1024;
  * (bounded by validateTables) and 64 MiB in all, each with at most 1 KiB of extra data, as
  * qemu's open requires.
  */
-async function readSnapshots(file: OpenedFile, h: ParsedHeader): Promise<SnapshotInfo[]> {
+async function readSnapshots(file: SeekableFile, h: ParsedHeader): Promise<SnapshotInfo[]> {
   const snapshots: SnapshotInfo[] = [];
   const corrupt = (message: string) => new CorruptImageError(`Snapshot table: ${message}`, { structure: 'snapshot table', offset: h.snapshotsOffset });
   const fixed = new Uint8Array(SNAPSHOT_HEADER);

@@ -15,7 +15,6 @@
  */
 
 
-import type { FileHandle } from 'node:fs/promises';
 import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import {
@@ -51,11 +50,11 @@ import {
   UnexpectedEofError,
   UnsupportedFeatureError,
 } from '../errors.js';
-import { readExactly, readFully, type OpenedFile } from '../io/files.js';
+import { readExactly, readFully, type ReadHandle } from '../io/files.js';
 import { resolveStoredName } from '../io/path-policy.js';
 import { LruCache } from './cache.js';
 import { decompressCluster } from './decompress.js';
-import { BaseImage, ByteSource, canMerge, openSeekable, plain, type OpenContext, type Segment } from './base-image.js';
+import { BaseImage, ByteSource, canMerge, openSeekable, plain, type OpenContext, type SeekableFile, type Segment } from './base-image.js';
 import { DEFAULT_MAX_CHAIN_DEPTH, MAX_CHAIN_L1_BYTES } from '../format/constants.js';
 import type { ImageFormat, OpenImageOptions } from './image.js';
 import { probeFormat } from './probe.js';
@@ -366,7 +365,7 @@ export async function openQcow2(
   }
 
   const file = await openSeekable(path, 'image', context.storedNames.get(path));
-  const opened: FileHandle[] = [file.handle];
+  const opened: ReadHandle[] = [file.handle];
   try {
     const source = new ByteSource(file.handle, path, file.size, 'image file', context.warn);
     const header = await readHeader(file);
@@ -434,7 +433,9 @@ function checkChainDepth(path: string, context: OpenContext, depth: number): voi
   }
 }
 
-async function sameFile(a: OpenedFile, b: OpenedFile): Promise<boolean> {
+async function sameFile(a: SeekableFile, b: SeekableFile): Promise<boolean> {
+  // An object is known by its URI (names stored in an object image resolve to URIs).
+  if (a.kind === 'object' || b.kind === 'object') return a.path === b.path;
   try {
     const [sa, sb] = await Promise.all([a.handle.stat(), b.handle.stat()]);
     return sa.dev === sb.dev && sa.ino === sb.ino;
@@ -444,7 +445,7 @@ async function sameFile(a: OpenedFile, b: OpenedFile): Promise<boolean> {
 }
 
 /** Reads and parses cluster 0 of an opened qcow2 file (the read is bounded by the cluster size). */
-export async function readHeader(file: OpenedFile): Promise<ParsedHeader> {
+export async function readHeader(file: SeekableFile): Promise<ParsedHeader> {
   const probeLength = Math.min(HEADER_PROBE_SIZE, file.size);
   const probe = new Uint8Array(probeLength);
   await readFully(file.handle, probe, 0, probeLength, 0, file.path);
@@ -557,7 +558,7 @@ function backingFormatOf(header: ParsedHeader, path: string): ImageFormat | unde
 }
 
 /** Reads the L1 entries the virtual size needs (the table was bounded by validateTables). */
-async function readL1(file: OpenedFile, header: ParsedHeader, path: string): Promise<DataView> {
+async function readL1(file: SeekableFile, header: ParsedHeader, path: string): Promise<DataView> {
   const extendedL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
   const needed = Math.min(header.l1Size, imageGeometry(header.size, header.clusterBits, extendedL2).l1Size);
   if (needed === 0) return new DataView(new ArrayBuffer(0));

@@ -21,11 +21,10 @@
  * geometry is the maximum one. Every size and offset is checked against the file before use.
  */
 
-import type { FileHandle } from 'node:fs/promises';
 import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { CorruptImageError, InvalidArgumentError, LimitExceededError, UnsupportedFeatureError } from '../errors.js';
-import { readExactly } from '../io/files.js';
+import { readExactly, type ReadHandle } from '../io/files.js';
 import { resolveStoredName } from '../io/path-policy.js';
 import { LruCache } from './cache.js';
 import { BaseImage, ByteSource, openSeekable, plain, throughBacking, type OpenContext, type Segment } from './base-image.js';
@@ -354,7 +353,7 @@ export async function openVhd(path: string, context: OpenContext, depth = 0, exp
  * absolute one (`W2ku`), then a Mac file URL (`MacX`), then the bare parent name; each goes
  * through the path policy, and the first that resolves is used.
  */
-async function parentName(path: string, handle: FileHandle, fileSize: number, dyn: DynamicHeader, context: OpenContext): Promise<string> {
+async function parentName(path: string, handle: ReadHandle, fileSize: number, dyn: DynamicHeader, context: OpenContext): Promise<string> {
   const order = ['W2ru', 'W2ku', 'MacX'];
   const candidates: string[] = [];
   for (const code of order) {

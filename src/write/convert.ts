@@ -281,7 +281,9 @@ interface Conversion {
 export async function convert(options: ConvertOptions): Promise<ConvertSummary> {
   checkConvertArguments(options, 'convert()', true);
   // Objects (s3://) in or out: the same conversion over rewritten options (write/object-io.ts).
-  if (isS3Uri(options.input)) return convert(await (await import('./object-io.js')).withObjectInput({ ...options, input: options.input }));
+  // An object input is probed like a file: raw streams through ranged GETs, an image format
+  // (given or probed) comes back with its format set and is read by its reader below.
+  if (isS3Uri(options.input) && (options.inputFormat ?? 'raw') === 'raw') return convert(await (await import('./object-io.js')).withObjectInput({ ...options, input: options.input }));
   if (options.layout === 'internal' && isS3Uri(options.output)) return (await import('./object-io.js')).internalToObject(options, convert);
   const started = performance.now();
   const { signal } = options;
@@ -987,10 +989,12 @@ function writtenFiles(output: OutputTarget, dataFile: string | Writable | undefi
  */
 async function openImageInput(path: string, options: ConvertOptions, warn: (message: string) => void): Promise<DiskImage | undefined> {
   if (options.inputFormat === 'raw') return undefined;
-  let seekable: boolean;
+  let seekable = isS3Uri(path);
   try {
-    const kind = kindOf(path === '-' ? fstatSync(0) : await stat(path));
-    seekable = kind === 'file' || kind === 'block-device';
+    if (!seekable) {
+      const kind = kindOf(path === '-' ? fstatSync(0) : await stat(path));
+      seekable = kind === 'file' || kind === 'block-device';
+    }
   } catch (err) {
     throw fileError(err, 'open', path);
   }

@@ -2,8 +2,9 @@
  * convert() with objects (`s3://`) on either side, as thin rewrites of its options so the one
  * conversion path stays the only one:
  *
- * - an object input becomes an iterable of ranged GETs with the object's size declared (the
- *   metadata then streams with the data, and a short object is an InputSizeError);
+ * - an object input is probed like a file: a raw one becomes an iterable of ranged GETs with
+ *   the object's size declared (the metadata then streams with the data, and a short object is
+ *   an InputSizeError); an image (qcow2 with its data file, VMDK…) is read by its reader;
  * - an internal image bound for an object is written to a local temporary file first (its
  *   header is written last and dedup reads clusters back, neither of which an upload allows),
  *   then uploaded; the temporary file holds only the stored clusters (zeros are left out).
@@ -17,11 +18,21 @@ import { OffsetWriter } from '../io/output.js';
 import { readExactly } from '../io/files.js';
 import type { ConvertOptions, ConvertSummary } from './convert.js';
 
-/** Options with an `s3://` input replaced by its ranged-GET reader (and its size). */
+/**
+ * Options for an `s3://` input, probed like a file unless `inputFormat` says: a raw object is
+ * replaced by its ranged-GET reader (and its size); an image format comes back as
+ * `inputFormat`, so convert() opens the object through that format's reader (src/read/
+ * object-source.ts gives the readers random access to objects).
+ */
 export async function withObjectInput(options: ConvertOptions & { input: string }): Promise<ConvertOptions> {
   const uri = options.input;
   if (uri === options.output || uri === options.dataFile) {
     throw new InvalidArgumentError(`The output '${uri}' is the input itself; refusing to overwrite it`);
+  }
+  if (options.inputFormat === undefined) {
+    const { probeFormat } = await import('../read/probe.js');
+    const format = await probeFormat(uri, options.onWarning ? { onWarning: options.onWarning } : {});
+    if (format !== 'raw') return { ...options, inputFormat: format };
   }
   const { readObject } = await import('../io/s3.js');
   const object = await readObject(uri, options.signal ? { signal: options.signal } : {});

@@ -15,6 +15,7 @@ import { mixedExtents, writeRawImage } from '../helpers/images.js';
 import { hasQemuImg, qemuCheck, qemuCompare, tempDir } from '../helpers/qemu.js';
 import { CLI_PATH, runCli } from '../helpers/cli.js';
 import { downloadObject, hasRedis, listKeys, startRedis, startS3, type RedisServer, type S3Server } from '../helpers/servers.js';
+import { hasQemuNbd, startQemuNbd } from '../helpers/nbd.js';
 import { enqueue, jobStatus, openQueue } from '../../src/fleet/index.js';
 import type { Queue } from 'bullmq';
 
@@ -83,24 +84,47 @@ async function checkObjects(dir: string, metadata: string, data: string, raw: st
   assert.equal(qemuCompare(raw, 'm.qcow2', sub).code, 0, metadata);
 }
 
-test('3 workers, 30 jobs (files and objects, mixed sizes): every output is qemu-check clean and equal to its input', { skip }, async (t) => {
+/** Puts a local file under `uri` with the SDK (the test's own uploader). */
+async function uploadObject(path: string, uri: string): Promise<void> {
+  const { S3Client, PutObjectCommand } = await import('@aws-sdk/client-s3');
+  const [, bucket, key] = /^s3:\/\/([^/]+)\/(.+)$/.exec(uri)!;
+  const client = new S3Client({ forcePathStyle: true });
+  try {
+    await client.send(new PutObjectCommand({ Bucket: bucket, Key: key, Body: readFileSync(path) }));
+  } finally {
+    client.destroy();
+  }
+}
+
+test('3 workers, 30 jobs (files, objects and qemu-nbd exports in and out, mixed sizes): every output is qemu-check clean and equal to its input', { skip: skip || (!hasQemuNbd && 'qemu-nbd not installed') }, async (t) => {
   const dir = tempDir(t);
   const queueName = 'many';
   const queue = openQueue(redis.url, queueName);
   t.after(() => queue.close());
   const pool = [startWorker(queueName, ['--concurrency', '2']), startWorker(queueName, ['--concurrency', '2']), startWorker(queueName)];
-  const jobs: Array<{ id: string; raw: string; kind: 'file' | 'internal' | 's3' }> = [];
+  const jobs: Array<{ id: string; raw: string; kind: 'file' | 'internal' | 's3' | 'nbd' | 'from-s3' }> = [];
   for (let i = 0; i < 30; i++) {
     const size = [1, 3, 6, 10][i % 4]! * MiB + (i % 3) * 4096;
     const raw = join(dir, `d${i}.raw`);
     writeRawImage(raw, size, mixedExtents(size, 65536, 100 + i), 100 + i);
-    const kind = i % 5 === 0 ? 's3' : i % 5 === 1 ? 'internal' : i % 7 === 3 ? 's3' : 'file';
+    const kind = i % 5 === 0 ? 's3' : i % 5 === 1 ? 'internal' : i % 5 === 2 ? 'nbd' : i % 10 === 4 ? 'from-s3' : i % 7 === 3 ? 's3' : 'file';
+    let source = raw;
+    if (kind === 'nbd') {
+      // A live disk as backup systems expose it: qemu-nbd serving it read-only on a Unix socket.
+      source = (await startQemuNbd(t, dir, raw, { format: 'raw' })).uri;
+    } else if (kind === 'from-s3') {
+      // A qcow2 with its data file already in object storage (made by qemu-img), read back with ranged GETs.
+      execFileSync('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-o', `data_file=src${i}.data,data_file_raw=on`, raw, `src${i}.qcow2`], { cwd: dir });
+      await uploadObject(join(dir, `src${i}.qcow2`), `s3://fleet/src/src${i}.qcow2`);
+      await uploadObject(join(dir, `src${i}.data`), `s3://fleet/src/src${i}.data`);
+      source = `s3://fleet/src/src${i}.qcow2`;
+    }
     const argv =
       kind === 's3'
         ? ['convert', raw, `s3://fleet/night/d${i}.qcow2`, '--no-sync']
         : kind === 'internal'
           ? ['convert', raw, join(dir, `d${i}.qcow2`), '--internal', '--dedup', '--no-sync']
-          : ['convert', raw, join(dir, `d${i}.qcow2`), '--no-sync'];
+          : ['convert', source, join(dir, `d${i}.qcow2`), '--no-sync'];
     const id = `night-d${i}`;
     // A few go through the CLI's own enqueue; the rest through the TypeScript API.
     if (i % 10 === 0) {
@@ -141,6 +165,49 @@ test('3 workers, 30 jobs (files and objects, mixed sizes): every output is qemu-
   // SIGTERM: each worker stops gracefully, with exit code 0.
   for (const w of pool) w.child.kill('SIGTERM');
   for (const w of pool) assert.equal(await w.exited, 0, w.log());
+});
+
+test('NBD and s3:// sources in payloads are validated as the CLI validates them; credentials in a URI are refused unseen; a missing server is retried', { skip }, async (t) => {
+  const dir = tempDir(t);
+  const queueName = 'uris';
+  const queue = openQueue(redis.url, queueName);
+  t.after(() => queue.close());
+  const out = join(dir, 'o.qcow2');
+  // Refused when enqueued, by the parsers the run uses (nothing stored).
+  for (const [argv, code, message] of [
+    [['convert', 'nbd+unix:///?socket=', out], 'QCOW_ERR_INVALID_ARGUMENT', /names no socket/],
+    [['convert', 'nbd+unix://host/?socket=/run/x.sock', out], 'QCOW_ERR_INVALID_ARGUMENT', /has no host/],
+    [['convert', 's3://Bad_Bucket/disk.qcow2', out], 'QCOW_ERR_INVALID_ARGUMENT', /does not name a bucket/],
+    [['convert', 'nbd://admin:hunter2@127.0.0.1/vda', out], 'QCOW_ERR_JOB', /carries a user name or password \(nbd:\/\/\*\*\*@127\.0\.0\.1\/vda\)/],
+    [['convert', join(dir, 'd.raw'), 's3://AKIAEXAMPLE:wJalrSECRET@fleet/k.qcow2'], 'QCOW_ERR_JOB', /credentials never go into payloads/],
+    [['export', 's3://AKIAEXAMPLE:wJalrSECRET@fleet/k.qcow2', join(dir, 'k.raw')], 'QCOW_ERR_JOB', /\*\*\*@fleet/],
+  ] as const) {
+    await assert.rejects(enqueue(queue, argv), (err: Error & { code?: string }) => {
+      assert.equal(err.code, code, err.message);
+      assert.match(err.message, message);
+      assert.doesNotMatch(err.message, /hunter2|wJalrSECRET|AKIAEXAMPLE/);
+      return true;
+    });
+  }
+  const cli = runCli(['enqueue', '--connection', redis.url, '--queue', queueName, '--', 'convert', 'nbd://admin:hunter2@127.0.0.1/vda', out]);
+  assert.equal(cli.code, 2);
+  assert.doesNotMatch(cli.stdout + cli.stderr, /hunter2/);
+  assert.equal(await queue.count(), 0);
+
+  // A payload written to the queue by something else gets the same checks in the worker: no retry.
+  await queue.add('qcow2-stream', { v: 1, argv: ['convert', 'nbd+unix:///?socket=', out] }, { jobId: 'bad-nbd', attempts: 4, backoff: { type: 'fixed', delay: 100 } });
+  // An NBD server that is not there is a connection failure: retried, then failed with its code.
+  const gone = `nbd+unix:///?socket=${encodeURIComponent(join(dir, 'gone.sock'))}`;
+  await enqueue(queue, ['convert', gone, out, '--nbd-timeout', '2'], { id: 'gone-nbd', attempts: 2, backoffDelay: 100 });
+  const worker = startWorker(queueName);
+  await waitDone(queue, ['bad-nbd', 'gone-nbd']);
+  const bad = await jobStatus(queue, 'bad-nbd');
+  assert.deepEqual([bad?.state, bad?.attemptsMade, bad?.error?.code], ['failed', 1, 'QCOW_ERR_INVALID_ARGUMENT']);
+  const missing = await jobStatus(queue, 'gone-nbd');
+  assert.deepEqual([missing?.state, missing?.attemptsMade, missing?.error?.code], ['failed', 2, 'QCOW_ERR_NBD_CONNECTION']);
+  assert.deepEqual((await readdir(dir)).filter((n) => n.includes('o.qcow2') || n.includes('o.data')), []);
+  worker.child.kill('SIGTERM');
+  assert.equal(await worker.exited, 0);
 });
 
 test('a worker killed with SIGKILL mid-job: another worker retries the job from nothing and completes it, nothing partial left', { skip }, async (t) => {
@@ -273,4 +340,19 @@ test('SIGTERM: a worker waits for its running job at most --shutdown-timeout, th
   assert.equal(qemuCompare(raw, 't.qcow2', dir).code, 0);
   next.child.kill('SIGTERM');
   assert.equal(await next.exited, 0);
+});
+
+test('SIGTERM when Redis no longer answers: the worker still stops, after --shutdown-timeout and a short grace, with an error exit', { skip, timeout: 90_000 }, async () => {
+  // A Redis of its own, stopped under the worker.
+  const own = await startRedis();
+  const child = spawn(process.execPath, ['--import', tsx, CLI_PATH, 'worker', '--connection', own.url, '--shutdown-timeout', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  workers.add(child);
+  let log = '';
+  child.stderr!.on('data', (d) => (log += d));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  await waitFor('the worker to start', async () => log.includes('running on'));
+  await own.stop();
+  child.kill('SIGTERM');
+  assert.equal(await exited, 2, log);
+  assert.match(log, /Redis does not answer: stopping/);
 });
