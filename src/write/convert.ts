@@ -452,7 +452,13 @@ export function createConvertStream(options: ConvertStreamOptions): ConvertStrea
       },
     ),
   ];
-  const stream = chainUnchecked<Uint8Array, ConvertSummary>(bounded(stages), { writableObjectMode: false, readableObjectMode: true });
+  // Bytes in: Node's default of 16 KiB (64 KiB on 22+) paused the source after every chunk, so
+  // reading never overlapped the stages and the sink (a 2 GiB file: 1.7-2.5 s, 1.1-1.4 s now).
+  const stream = chainUnchecked<Uint8Array, ConvertSummary>(bounded(stages), {
+    writableObjectMode: false,
+    readableObjectMode: true,
+    writableHighWaterMark: INPUT_HIGH_WATER_MARK,
+  });
   stream.on('error', (err) => void fail(err));
   stream.on('close', () => void fail(new AbortedError('The conversion stream was destroyed before the image was complete')));
   options.signal?.addEventListener('abort', () => stream.destroy(abortError(options.signal!)), { once: true });
@@ -499,6 +505,9 @@ function arrangeStages(own: OwnStages, user: Record<StagePoint, readonly Convert
     own.sink,
   ];
 }
+
+/** Raw bytes a conversion stream buffers ahead of its first stage: a few of a source's 2 MiB reads. */
+const INPUT_HIGH_WATER_MARK = 8 * 1024 * 1024;
 
 /** Drives a stage list over batches: stream-chain's async-iterable core, or its Node chain when a stage is a stream. */
 async function runStages(batches: AsyncIterable<BlockBatch>, stages: unknown[]): Promise<void> {
