@@ -15,11 +15,11 @@
  * aborted, so nothing that looks valid is left behind (pipes cannot be undone).
  */
 
-import { Writable } from 'node:stream';
 import { BLOCK_STREAM_HIGH_WATER_MARK, clusterSizeFor, isBatch, type Block, type BlockItem } from '../block.js';
 import { abortable, abortError } from './abort.js';
 import { isAllZero } from '../io/buffers.js';
-import { AbortedError, InvalidArgumentError, streamError } from '../errors.js';
+import { InvalidArgumentError } from '../errors.js';
+import { WriterSinkStream } from './sink-stream.js';
 import { checkVirtualSize, roundUpToSector } from '../format/index.js';
 import { COPIES_IN_FLIGHT, OffsetWriter, type CopySource, type OutputTarget } from '../io/output.js';
 import { inputShrank, inputSizeMismatch } from './clusterize.js';
@@ -503,85 +503,9 @@ export class ExternalWriter {
 }
 
 /** The sink as a Writable (object mode) for `pipeline(...)`; `finished` resolves with the summary. */
-export class ExternalSinkStream extends Writable {
-  /**
-   * What was written, once the image is complete (both files committed):
-   * `await pipeline(source, …, sink); const summary = await sink.finished;`. Rejects with the
-   * error that stopped the sink, or an AbortedError when it was destroyed before finishing.
-   */
-  readonly finished: Promise<SinkResult>;
-  /** What was written; undefined until the stream has finished. {@link finished} is the typed way to wait for it. */
-  result: SinkResult | undefined;
-  private writer: ExternalWriter | undefined;
-  private readonly resolveFinished: (result: SinkResult) => void;
-  private readonly rejectFinished: (reason: unknown) => void;
-
-  constructor(private readonly options: ExternalSinkOptions) {
-    super({ objectMode: true, highWaterMark: BLOCK_STREAM_HIGH_WATER_MARK });
-    let resolve!: (result: SinkResult) => void;
-    let reject!: (reason: unknown) => void;
-    this.finished = new Promise<SinkResult>((res, rej) => {
-      resolve = res;
-      reject = rej;
-    });
-    // Callers who only await pipeline() get the error there; an unobserved rejection here must not crash the process.
-    this.finished.catch(() => {});
-    this.resolveFinished = resolve;
-    this.rejectFinished = reject;
-  }
-
-  /** Opens the outputs (Node's stream hook). @internal */
-  override _construct(callback: (error?: Error | null) => void): void {
-    ExternalWriter.create(this.options).then(
-      (writer) => {
-        this.writer = writer;
-        callback();
-      },
-      (err: Error) => callback(err),
-    );
-  }
-
-  /** Writes one Block (Node's stream hook). @internal */
-  override _write(block: BlockItem, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
-    const writer = this.writer;
-    if (!writer) {
-      callback(new Error('unreachable: write before the sink opened'));
-      return;
-    }
-    writer.writeItem(block).then(() => callback(), (err: Error) => callback(err));
-  }
-
-  /** Finishes the image (Node's stream hook). @internal */
-  override _final(callback: (error?: Error | null) => void): void {
-    const writer = this.writer;
-    if (!writer) {
-      callback(new Error('unreachable: final before the sink opened'));
-      return;
-    }
-    writer.finish().then(
-      (result) => {
-        this.result = result;
-        this.resolveFinished(result);
-        callback();
-      },
-      (err: Error) => callback(err),
-    );
-  }
-
-  /** Cleans up after a failure (Node's stream hook). @internal */
-  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
-    // Destroyed before finishing (an upstream failure, or destroy() by the caller): clean up.
-    if (this.result === undefined) {
-      const aborted = () => {
-        // An upstream failure or a pipeline's abort (Node's AbortError) comes out as ours.
-        this.rejectFinished(error ? streamError(error, 'input') : new AbortedError('The sink was destroyed before the image was complete'));
-        callback(error);
-      };
-      if (this.writer) this.writer.abort().then(aborted, aborted);
-      else aborted();
-      return;
-    }
-    callback(error);
+export class ExternalSinkStream extends WriterSinkStream<SinkResult> {
+  constructor(options: ExternalSinkOptions) {
+    super(() => ExternalWriter.create(options), BLOCK_STREAM_HIGH_WATER_MARK);
   }
 }
 

@@ -3,6 +3,7 @@ export { clusterize, clusterizeBatches, createClusterizeStream, type ClusterizeO
 export { BufferPool, createFileBlockSource, fileHandleTarget, readBatches, readBlocks, READ_SIZE, type BlockSourceOptions, type BlockSourceStream, type FileHandleTargetOptions, type ReadFn, type ReadTarget } from './sources.js';
 export { MetadataEmitter, type ClusterState, type MetadataEmitterOptions, type MetadataResult } from './metadata.js';
 export { AllocationBitmap } from './bitmap.js';
+export { WriterSinkStream, type ItemWriter } from './sink-stream.js';
 export { ExternalWriter, ExternalSinkStream, createExternalSink, writeExternal, type ExternalSinkOptions, type SinkResult, type WriteExternalOptions } from './external-sink.js';
 export {
   convert,

@@ -22,12 +22,12 @@
  * one holds several compressed clusters. Compressed entries never carry COPIED.
  */
 
-import { Writable } from 'node:stream';
 import { clusterSizeFor, isBatch, type Block, type BlockItem } from '../block.js';
 import { abortable, abortError } from './abort.js';
 import { missingInputEnd } from './external-sink.js';
 import { inputSizeMismatch } from './clusterize.js';
-import { AbortedError, InvalidArgumentError, NotSeekableError } from '../errors.js';
+import { InvalidArgumentError, NotSeekableError } from '../errors.js';
+import { WriterSinkStream } from './sink-stream.js';
 import { describeValue } from '../internal/arguments.js';
 import {
   buildRefcountTable,
@@ -606,74 +606,10 @@ export function internalSummary(written: {
   };
 }
 
-/** The internal sink as a Writable (object mode) for `pipeline(...)`; `finished` resolves with the summary. */
-export class InternalSinkStream extends Writable {
-  /**
-   * What was written, once the image is complete (committed):
-   * `await pipeline(source, …, sink); const summary = await sink.finished;`. Rejects with the
-   * error that stopped the sink, or an AbortedError when it was destroyed before finishing.
-   */
-  readonly finished: Promise<InternalSummary>;
-  /** What was written; undefined until the stream has finished. {@link finished} is the typed way to wait for it. */
-  result: InternalSummary | undefined;
-  private writer: InternalImageWriter | undefined;
-  private readonly resolveFinished: (result: InternalSummary) => void;
-  private readonly rejectFinished: (reason: unknown) => void;
-
-  constructor(private readonly options: InternalImageOptions) {
-    super({ objectMode: true, highWaterMark: 32 });
-    let resolve!: (result: InternalSummary) => void;
-    let reject!: (reason: unknown) => void;
-    this.finished = new Promise<InternalSummary>((res, rej) => {
-      resolve = res;
-      reject = rej;
-    });
-    // Callers who only await pipeline() get the error there; an unobserved rejection here must not crash the process.
-    this.finished.catch(() => {});
-    this.resolveFinished = resolve;
-    this.rejectFinished = reject;
-  }
-
-  /** Opens the output (Node's stream hook). @internal */
-  override _construct(callback: (error?: Error | null) => void): void {
-    InternalImageWriter.create(this.options).then(
-      (writer) => {
-        this.writer = writer;
-        callback();
-      },
-      (err: Error) => callback(err),
-    );
-  }
-
-  /** Writes one Block or batch (Node's stream hook). @internal */
-  override _write(item: BlockItem, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
-    this.writer!.writeItem(item).then(() => callback(), (err: Error) => callback(err));
-  }
-
-  /** Finishes the image (Node's stream hook). @internal */
-  override _final(callback: (error?: Error | null) => void): void {
-    this.writer!.finish().then(
-      (result) => {
-        this.result = result;
-        this.resolveFinished(result);
-        callback();
-      },
-      (err: Error) => callback(err),
-    );
-  }
-
-  /** Removes the image after a failure (Node's stream hook). @internal */
-  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
-    if (this.result === undefined) {
-      const aborted = () => {
-        this.rejectFinished(error ?? new AbortedError('The sink was destroyed before the image was complete'));
-        callback(error);
-      };
-      if (this.writer) this.writer.abort().then(aborted, aborted);
-      else aborted();
-      return;
-    }
-    callback(error);
+/** The single-file sink as a Writable (object mode) for `pipeline(...)`; `finished` resolves with the summary. */
+export class InternalSinkStream extends WriterSinkStream<InternalSummary> {
+  constructor(options: InternalImageOptions) {
+    super(() => InternalImageWriter.create(options), 32);
   }
 }
 
