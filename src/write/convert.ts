@@ -192,7 +192,6 @@ function stagesByPoint(stages: ConvertStages | undefined): Record<StagePoint, re
   const byPoint: Record<StagePoint, readonly ConvertStage[]> = { input: [], zeroDetected: [], compared: [], compressed: [], beforeSink: [] };
   if (stages === undefined) return byPoint;
   if (Array.isArray(stages)) return { ...byPoint, compared: stages as readonly ConvertStage[] };
-  if (typeof stages !== 'object' || stages === null) throw new InvalidArgumentError('convert: stages must be a list of stages, or lists by stage point');
   for (const [point, list] of Object.entries(stages)) {
     if (!STAGE_POINTS.includes(point as StagePoint)) {
       throw new InvalidArgumentError(`convert: unknown stage point '${point}': use ${STAGE_POINTS.map((p) => `'${p}'`).join(', ')}`);
@@ -425,6 +424,8 @@ export function createConvertStream(options: ConvertStreamOptions): ConvertStrea
   const fail = async (err: unknown) => {
     if (settled) return;
     settled = true;
+    // The outputs may still be opening (a source can die before they are): wait, then remove them.
+    await opening.catch(() => {});
     await conversion?.abort();
     await conversion?.close();
     // What stopped the stream from outside (a source that died, a pipeline's abort) comes out as ours.
@@ -587,7 +588,9 @@ function checkConvertArguments(options: ConvertOptions | ConvertStreamOptions, c
   }
   checkSignal(options.signal);
   checkCallbacks(options, ['onProgress', 'onWarning']);
-  if (options.stages !== undefined && !Array.isArray(options.stages)) throw new InvalidArgumentError(`${call}: stages must be an array, not ${describeValue(options.stages)}`);
+  if (options.stages !== undefined && (typeof options.stages !== 'object' || options.stages === null)) {
+    throw new InvalidArgumentError(`${call}: stages must be a list of stages or lists by stage point, not ${describeValue(options.stages)}`);
+  }
 }
 
 /** What convert() checks and decides before anything is opened. */
