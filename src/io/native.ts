@@ -39,6 +39,13 @@ export interface NativeAddon {
   signalCanceller?(efd: number): void;
   /** Linux: F_SETPIPE_SZ up to `bytes` (halved until allowed); the pipe's size after, 0 if `fd` is no pipe. */
   setPipeSize?(fd: number, bytes: number): number;
+  /**
+   * Linux: splice(2) `length` bytes of the file `srcFd` at `srcOffset` into the pipe `pipeFd`
+   * on the thread pool (the page cache's pages are handed to the pipe, not copied), waiting in
+   * poll() like writeFull. Resolves with the bytes moved: fewer than `length` only where the
+   * file ends. EINVAL where the file system cannot splice.
+   */
+  spliceFile?(srcFd: number, srcOffset: number, pipeFd: number, length: number, efd: number): Promise<number>;
 }
 
 /** Set to any value but '' or '0' to ignore the addon. */

@@ -17,7 +17,7 @@
  */
 
 import { link, lstat, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
-import { readSync, write as fsWrite } from 'node:fs';
+import { read as fsRead, readSync, write as fsWrite } from 'node:fs';
 import { getSystemErrorName } from 'node:util';
 import { constants as osConstants } from 'node:os';
 import { basename, dirname, join } from 'node:path';
@@ -82,6 +82,11 @@ interface SequentialSink {
    * one write. (A Writable keeps references to its chunks, so it gets them as they are.)
    */
   coalesceWrites?: boolean;
+  /**
+   * A pipe written through the addon: moves file bytes into it with splice(2), no copy through
+   * our memory. Resolves with the bytes moved (fewer only where the file ends).
+   */
+  spliceFrom?(source: CopySource, position: number, length: number): Promise<number>;
   /** Ends the output; for an object, this is when it appears under its key. */
   close(): Promise<void>;
   /** Wakes a write blocked on a full pipe (it then fails): abort() calls it first. */
@@ -288,6 +293,57 @@ export class OffsetWriter {
     return bytesRead;
   }
 
+  /**
+   * Whether {@link copyFrom} hands the source's pages to this output without copying them: a
+   * pipe or FIFO written through the addon (splice(2)). Elsewhere copyFrom reads and writes.
+   */
+  get canSplice(): boolean {
+    return this.kind === 'stream' && this.sink?.spliceFrom !== undefined && !this.spliceRefused;
+  }
+
+  private spliceRefused = false;
+
+  /**
+   * Writes `length` bytes of a regular file or block device, from `sourceOffset`, at `offset`
+   * of this stream output (gaps before it become zeros). Spliced where {@link canSplice};
+   * otherwise, and where the file system cannot splice, read and written through a buffer.
+   * Resolves with the bytes copied: fewer than `length` only where the source ends.
+   */
+  async copyFrom(source: CopySource, sourceOffset: number, offset: number, length: number): Promise<number> {
+    if (this.kind !== 'stream') throw new RangeError(`${this.label}: copyFrom writes stream outputs (files take copyClustersFrom)`);
+    await this.zeroFillTo(offset);
+    let moved = 0;
+    if (this.canSplice) {
+      try {
+        moved = await this.sink!.spliceFrom!(source, sourceOffset, length);
+      } catch (err) {
+        // A file system without splice support (some FUSE and network ones): copy instead.
+        if (!(err instanceof FileError) || err.systemCode !== 'EINVAL') throw err;
+        this.spliceRefused = true;
+      }
+    }
+    if (!this.canSplice) moved = await this.readAndWrite(source, sourceOffset, length);
+    this.bytesWritten += moved;
+    this.position = offset + moved;
+    return moved;
+  }
+
+  /** copyFrom without splice: through the staging buffer, COALESCE_BYTES at a time. */
+  private async readAndWrite(source: CopySource, sourceOffset: number, length: number): Promise<number> {
+    this.staging ??= allocIoBuffer(COALESCE_BYTES);
+    if (this.staging.length < COALESCE_BYTES) this.staging = allocIoBuffer(COALESCE_BYTES);
+    let done = 0;
+    while (done < length) {
+      const want = Math.min(COALESCE_BYTES, length - done);
+      const got = await readFd(source, this.staging, want, sourceOffset + done);
+      if (got === 0) break;
+      // sinkWrite counts bytesWritten itself; copyFrom counts what it moved.
+      await this.sink!.write(this.staging.subarray(0, got));
+      done += got;
+    }
+    return done;
+  }
+
   /** Sets the final length: holes (files) or zeros (streams) up to it. Call once, last. */
   async finish(length: number): Promise<void> {
     if (this.finished) return;
@@ -461,6 +517,7 @@ function fdSink(fd: number, name: string): SequentialSink {
   if (native) {
     return {
       write: (chunk) => native.write(chunk),
+      ...(native.canSplice ? { spliceFrom: (source: CopySource, position: number, length: number) => native.spliceFrom(source, position, length) } : {}),
       coalesceWrites: true,
       // The descriptor belongs to the caller (stdout) or to the OffsetWriter's handle.
       close: () => native.close(),
@@ -468,6 +525,13 @@ function fdSink(fd: number, name: string): SequentialSink {
     };
   }
   return eventLoopFdSink(fd, name);
+}
+
+/** One fs.read of a copy source on the thread pool: the bytes read (0 at its end). */
+function readFd(source: CopySource, buffer: Uint8Array, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fsRead(source.fd, buffer, 0, length, position, (err, bytesRead) => (err ? reject(fileError(err, 'read', source.name)) : resolve(bytesRead)));
+  });
 }
 
 /** fs.write on the thread pool; EAGAIN (a non-blocking pipe that is full) waits and retries. */

@@ -19,7 +19,7 @@ import { nativeAddon, type NativeAddon } from './native.js';
 /** The pipe size asked for with F_SETPIPE_SZ (unprivileged processes get up to pipe-max-size, 1 MiB by default). */
 export const PIPE_SIZE = 1024 * 1024;
 
-type PipeAddon = Required<Pick<NativeAddon, 'readFull' | 'writeFull' | 'createCanceller' | 'signalCanceller' | 'setPipeSize'>>;
+type PipeAddon = Required<Pick<NativeAddon, 'readFull' | 'writeFull' | 'createCanceller' | 'signalCanceller' | 'setPipeSize'>> & Pick<NativeAddon, 'spliceFile'>;
 
 /** The addon's pipe functions, or undefined when the addon (or this part of it) is absent or disabled. */
 function pipeAddon(): PipeAddon | undefined {
@@ -123,6 +123,26 @@ export class NativePipeWriter extends PipeChannel {
   async write(chunk: Uint8Array): Promise<void> {
     if (chunk.length === 0) return;
     await this.run((efd) => this.addon.writeFull(this.fd, chunk, 0, chunk.length, efd), 'write to');
+  }
+
+  /** Whether {@link spliceFrom} works: the addon has splice and the descriptor is a pipe or FIFO (splice(2) needs one end to be a pipe). */
+  get canSplice(): boolean {
+    if (this.addon.spliceFile === undefined) return false;
+    try {
+      return fstatSync(this.fd).isFIFO();
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Moves `length` bytes of a regular file (or block device) at `position` into the pipe
+   * without copying them through our memory; resolves with the bytes moved (fewer only where
+   * the file ends). A file system that cannot splice fails with a FileError whose systemCode is EINVAL.
+   */
+  spliceFrom(source: { fd: number; name: string }, position: number, length: number): Promise<number> {
+    const splice = this.addon.spliceFile!;
+    return this.run((efd) => splice(source.fd, position, this.fd, length, efd), 'write to');
   }
 }
 

@@ -304,6 +304,10 @@ static napi_value copy_clusters(napi_env env, napi_callback_info info) {
  *                             at the end of the input
  *   writeFull(fd, buffer, offset, length, efd) -> Promise<bytes written> (all of them); EPIPE
  *                             once the reader has gone
+ *   spliceFile(srcFd, srcOffset, pipeFd, length, efd) -> Promise<bytes moved>: splice(2) from a
+ *                             file into a pipe, the page cache's pages handed over without a
+ *                             copy; fewer than length only where the file ends. EINVAL where
+ *                             the file system cannot splice (the caller then copies).
  * Errors carry a negative `errno` and `syscall`, like copyClusters'.
  */
 
@@ -320,6 +324,10 @@ typedef struct {
   int32_t fd, efd;
   int64_t length, done;
   int writing;
+  /* Splicing: the file read from (the pipe is fd), and where in it. */
+  int splicing;
+  int32_t src_fd;
+  int64_t src_offset;
   int error;
   const char *syscall;
 } pipe_job;
@@ -350,16 +358,23 @@ static void pipe_execute(napi_env env, void *data) {
       job->syscall = "poll";
       return;
     }
-    ssize_t n = job->writing ? write(job->fd, job->data + job->done, (size_t)(job->length - job->done))
-                             : read(job->fd, job->data + job->done, (size_t)(job->length - job->done));
+    size_t want = (size_t)(job->length - job->done);
+    ssize_t n;
+    if (job->splicing) {
+      loff_t from = (loff_t)(job->src_offset + job->done);
+      /* Non-blocking on the pipe side only: a full pipe is EAGAIN, and we wait in poll() again. */
+      n = splice(job->src_fd, &from, job->fd, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    } else {
+      n = job->writing ? write(job->fd, job->data + job->done, want) : read(job->fd, job->data + job->done, want);
+    }
     if (n < 0) {
       if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
       job->error = errno;
-      job->syscall = job->writing ? "write" : "read";
+      job->syscall = job->splicing ? "splice" : job->writing ? "write" : "read";
       return;
     }
     if (n == 0) {
-      if (job->writing) {
+      if (job->writing && !job->splicing) {
         job->error = EIO;
         job->syscall = "write";
       }
@@ -388,7 +403,7 @@ static void pipe_complete(napi_env env, napi_status status, void *data) {
     napi_create_int64(env, job->done, &result);
     napi_resolve_deferred(env, job->deferred, result);
   }
-  napi_delete_reference(env, job->buffer_ref);
+  if (job->buffer_ref) napi_delete_reference(env, job->buffer_ref);
   napi_delete_async_work(env, job->work);
   free(job);
 }
@@ -426,6 +441,37 @@ static napi_value pipe_io(napi_env env, napi_callback_info info, int writing) {
   napi_create_reference(env, argv[1], 1, &job->buffer_ref);
   napi_create_promise(env, &job->deferred, &promise);
   napi_create_string_utf8(env, writing ? "qcow2-stream:writeFull" : "qcow2-stream:readFull", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, pipe_execute, pipe_complete, job, &job->work);
+  napi_queue_async_work(env, job->work);
+  return promise;
+}
+
+static napi_value splice_file(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  int32_t src_fd, fd, efd;
+  int64_t src_offset, length;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5 || napi_get_value_int32(env, argv[0], &src_fd) != napi_ok ||
+      napi_get_value_int64(env, argv[1], &src_offset) != napi_ok || napi_get_value_int32(env, argv[2], &fd) != napi_ok ||
+      napi_get_value_int64(env, argv[3], &length) != napi_ok || napi_get_value_int32(env, argv[4], &efd) != napi_ok || src_offset < 0 || length < 0) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected (srcFd: number, srcOffset: non-negative number, pipeFd: number, length: non-negative number, canceller: number)");
+    return NULL;
+  }
+  pipe_job *job = calloc(1, sizeof *job);
+  if (!job) {
+    napi_throw_error(env, "ENOMEM", "spliceFile: out of memory");
+    return NULL;
+  }
+  job->fd = fd;
+  job->efd = efd;
+  job->length = length;
+  job->writing = 1;
+  job->splicing = 1;
+  job->src_fd = src_fd;
+  job->src_offset = src_offset;
+  napi_value promise, name;
+  napi_create_promise(env, &job->deferred, &promise);
+  napi_create_string_utf8(env, "qcow2-stream:spliceFile", NAPI_AUTO_LENGTH, &name);
   napi_create_async_work(env, NULL, name, pipe_execute, pipe_complete, job, &job->work);
   napi_queue_async_work(env, job->work);
   return promise;
@@ -601,6 +647,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"createCanceller", NULL, create_canceller, NULL, NULL, NULL, napi_default_jsproperty, NULL},
     {"signalCanceller", NULL, signal_canceller, NULL, NULL, NULL, napi_default_jsproperty, NULL},
     {"setPipeSize", NULL, set_pipe_size, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+    {"spliceFile", NULL, splice_file, NULL, NULL, NULL, napi_default_jsproperty, NULL},
 #endif
   };
   napi_define_properties(env, exports, sizeof properties / sizeof properties[0], properties);

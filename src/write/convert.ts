@@ -710,6 +710,12 @@ async function openConversion(
     } else {
       // A pipe or a Writable takes the image in order: plan in a first pass over the input, then emit.
       const toStream = typeof output !== 'string' || output === '-';
+      if (toStream && countStages(stagesByPoint(options.stages)) > 0) {
+        // Pass 2 rereads the input: bytes a stage changed in pass 1 would not be the bytes written.
+        throw new InvalidArgumentError('A single-file image to a pipe or stream reads the input twice, so it cannot take stages of your own', {
+          hint: 'Write the image to a file, or use the default external data-file layout, which takes stages into a pipe too',
+        });
+      }
       if (toStream && !input?.target.positional) {
         throw new NotSeekableError(
           'A single-file image to a pipe or stream needs a seekable input (a regular file): it is read twice, once to plan the layout and once for the data',
@@ -744,6 +750,7 @@ async function openConversion(
           onBlockDone,
           readInput: (buffer, position, length) => target.read(buffer, 0, length, position),
           reread: () => readBlocks(target, { clusterSize: settings.clusterSize, size: size!, zeroRuns: true, ...(pool ? { pool } : {}) }),
+          copySource: target.fd === undefined ? undefined : { fd: target.fd, name: target.name },
           compress: pool2 && compressBlocks ? (blocks) => compressBlocks(blocks, { pool: pool2 }) : undefined,
         });
       } else internal = await (await import('./internal-sink.js')).InternalImageWriter.create({

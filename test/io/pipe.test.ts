@@ -6,11 +6,14 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
+import { Writable } from 'node:stream';
 import { closeSync, constants, mkdirSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { convert } from '../../src/index.js';
 import { NO_NATIVE_ENV } from '../../src/io/native.js';
+import { OffsetWriter } from '../../src/io/output.js';
 import { nativePipeIoAvailable, nativePipeReader, nativePipeWriter } from '../../src/io/pipe.js';
 import { CLI_PATH } from '../helpers/cli.js';
 import { mixedExtents, writeRawImage } from '../helpers/images.js';
@@ -56,13 +59,18 @@ test('stdin pipe → files, stdin pipe → metadata on a stdout pipe, export →
     assert.equal(socket.status, 0, socket.stderr.toString());
     // Export to a pipe on standard output.
     sh(`${cli} export --quiet f.qcow2 - | cat > e.raw`, sub, native);
+    // A single-file image to a pipe: with the addon pass 2 splices the data from the input.
+    sh(`${cli} convert --quiet --no-sync --internal ../in.raw - | cat > i.qcow2`, sub, native);
+    sh(`${cli} convert --quiet --no-sync --internal --dedup ../in.raw - | cat > d.qcow2`, sub, native);
+    // 4 KiB clusters: runs of stored clusters, each spliced on its own.
+    sh(`${cli} convert --quiet --no-sync --internal --cluster-size 4096 ../in.raw - | cat > k.qcow2`, sub, native);
   }
   const n = join(dir, 'n');
-  for (const image of ['f.qcow2', 'p.qcow2', 's.qcow2']) {
+  for (const image of ['f.qcow2', 'p.qcow2', 's.qcow2', 'i.qcow2', 'd.qcow2', 'k.qcow2']) {
     assert.equal(qemuCheck(image, n).code, 0, `qemu-img check ${image}`);
     assert.equal(qemuCompare('../in.raw', image, n).code, 0, `qemu-img compare in.raw ${image}`);
   }
-  for (const file of ['f.qcow2', 'f.data', 'p.qcow2', 'p.data', 's.qcow2', 's.data', 'e.raw']) sameBytes(join(dir, 'n', file), join(dir, 'j', file));
+  for (const file of ['f.qcow2', 'f.data', 'p.qcow2', 'p.data', 's.qcow2', 's.data', 'e.raw', 'i.qcow2', 'd.qcow2', 'k.qcow2']) sameBytes(join(dir, 'n', file), join(dir, 'j', file));
   const exported = readFileSync(join(n, 'e.raw'));
   assert.ok(exported.subarray(0, size).equals(readFileSync(join(dir, 'in.raw'))));
   assert.ok(exported.subarray(size).every((b) => b === 0), 'the sector tail is zeros');
@@ -128,6 +136,51 @@ test('a native read blocked on a quiet pipe, and a write blocked on a full one, 
   setTimeout(() => writer.cancel(), 100);
   await assert.rejects(within(writing, 10_000), { code: 'QCOW_ERR_ABORTED' });
   await writer.close();
+
+  // A splice into the same full FIFO ends the same way.
+  writeRawImage(join(dir, 'src.raw'), 8 * MiB, [{ offset: 0, length: 8 * MiB, kind: 'random' }]);
+  const source = openSync(join(dir, 'src.raw'), 'r');
+  t.after(() => closeSync(source));
+  const spliceFd = openSync(fifo.path, constants.O_WRONLY | constants.O_NONBLOCK);
+  const splicer = nativePipeWriter(spliceFd, 'the FIFO', { ownsFd: true })!;
+  assert.ok(splicer.canSplice, 'the addon splices into a FIFO');
+  const splicing = splicer.spliceFrom({ fd: source, name: 'src.raw' }, 0, 8 * MiB);
+  setTimeout(() => splicer.cancel(), 100);
+  await assert.rejects(within(splicing, 10_000), { code: 'QCOW_ERR_ABORTED' });
+  await splicer.close();
+});
+
+test('OffsetWriter.copyFrom: spliced into a pipe and read-and-written into a Writable, the same bytes; a short source says so', { skip: !nativePipeIoAvailable() }, async (t) => {
+  const dir = tempDir(t);
+  const size = 5 * MiB + 123;
+  writeRawImage(join(dir, 'src.raw'), size, mixedExtents(size, 65536, 3), 3);
+  const expected = readFileSync(join(dir, 'src.raw'));
+  const source = { fd: openSync(join(dir, 'src.raw'), 'r'), name: 'src.raw' };
+  t.after(() => closeSync(source.fd));
+  // What each output should hold: 100 zeros, src[7, 7 + 3 MiB), then the rest of src from 3 MiB + 7 (short: the file ends).
+  const want = Buffer.concat([Buffer.alloc(100), expected.subarray(7, 7 + 3 * MiB), expected.subarray(3 * MiB + 7)]);
+  const write = async (output: OffsetWriter) => {
+    assert.equal(await output.copyFrom(source, 7, 100, 3 * MiB), 3 * MiB);
+    assert.equal(await output.copyFrom(source, 3 * MiB + 7, 100 + 3 * MiB, 4 * MiB), size - 3 * MiB - 7, 'fewer bytes where the source ends');
+    await output.finish(want.length);
+    await output.commit();
+  };
+  // A FIFO: a child reads it into a file.
+  const fifo = join(dir, 'out.fifo');
+  assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
+  const reader = spawn('bash', ['-c', `cat '${fifo}' > '${join(dir, 'piped.out')}'`], { stdio: 'ignore' });
+  const pipeOutput = await OffsetWriter.create(fifo, { label: 'test pipe' });
+  assert.ok(pipeOutput.canSplice, 'a pipe output splices');
+  await write(pipeOutput);
+  await once(reader, 'close');
+  // A Writable cannot take spliced pages: the same bytes go through a buffer.
+  const chunks: Buffer[] = [];
+  const writable = new Writable({ write: (chunk: Buffer, _e, done) => (chunks.push(Buffer.from(chunk)), done()) });
+  const bufferOutput = await OffsetWriter.create(writable, { label: 'test writable' });
+  assert.equal(bufferOutput.canSplice, false);
+  await write(bufferOutput);
+  assert.ok(readFileSync(join(dir, 'piped.out')).equals(want), 'the pipe got the bytes');
+  assert.ok(Buffer.concat(chunks).equals(want), 'the Writable got the bytes');
 });
 
 test('a reader that goes away ends an export to a pipe with an error, not a hang', async (t) => {

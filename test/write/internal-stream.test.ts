@@ -5,10 +5,13 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, writeFileSync, readdirSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeFileSync, readdirSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
 import { join } from 'node:path';
 import { convert } from '../../src/write/convert.js';
 import { NotSeekableError } from '../../src/errors.js';
+import { nativePipeIoAvailable } from '../../src/io/pipe.js';
 import { canCompressZstd } from '../../src/write/compress.js';
 import { needQemu, qemuCheck, qemuCompare, qemuImg, tempDir } from '../helpers/qemu.js';
 import { runCli } from '../helpers/cli.js';
@@ -123,4 +126,44 @@ test('an input that changed between the two passes fails the run instead of writ
   await writer.write({ index: 1, data: data.subarray(cs) });
   await assert.rejects(writer.finish(), (err: unknown) => err instanceof CorruptImageError && /changed while it was converted/.test((err as Error).message));
   await writer.abort();
+});
+
+test('into a pipe, a spliced pass 2 that finds the input shorter fails the run too', { skip: !nativePipeIoAvailable() }, async (t) => {
+  const { PlannedImageWriter } = await import('../../src/write/internal-stream.js');
+  const { CorruptImageError } = await import('../../src/errors.js');
+  const dir = tempDir(t);
+  const cs = 65536;
+  const data = buildCompressible('tt', 2 * cs);
+  // The file pass 2 reads holds one cluster of the two pass 1 saw.
+  writeFileSync(join(dir, 'short.raw'), data.subarray(0, cs));
+  const fd = openSync(join(dir, 'short.raw'), 'r');
+  t.after(() => closeSync(fd));
+  const fifo = join(dir, 'out.fifo');
+  assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
+  const reader = spawn('cat', [fifo], { stdio: 'ignore' });
+  const writer = await PlannedImageWriter.create({
+    output: fifo,
+    size: data.length,
+    clusterBits: 16,
+    refcountOrder: 4,
+    readInput: async () => 0,
+    reread: () => assert.fail('pass 2 splices, it does not reread'),
+    copySource: { fd, name: 'short.raw' },
+  });
+  await writer.write({ index: 0, data: data.subarray(0, cs) });
+  await writer.write({ index: 1, data: data.subarray(cs) });
+  await assert.rejects(writer.finish(), (err: unknown) => err instanceof CorruptImageError && /guest cluster 1 ended early/.test((err as Error).message));
+  await writer.abort();
+  await once(reader, 'close');
+});
+
+test('a single-file image to a pipe takes no stages of the user (pass 2 rereads the input): refused before writing', async (t) => {
+  const dir = tempDir(t);
+  writeFileSync(join(dir, 'in.raw'), new Uint8Array(65536).fill(7));
+  const output = new MemoryWritable();
+  await assert.rejects(convert({ input: join(dir, 'in.raw'), output, layout: 'internal', stages: [(b: unknown) => b] }), {
+    code: 'QCOW_ERR_INVALID_ARGUMENT',
+    message: /reads the input twice, so it cannot take stages/,
+  });
+  assert.equal(output.bytes().length, 0);
 });
