@@ -74,7 +74,8 @@ static napi_value next_hole(napi_env env, napi_callback_info info) {
  * bytes are still in its CPU cache, and two chunks in flight keep both cores busy.
  *
  * Resolves with the number of bytes read: fewer than `length` means the source ended (only the
- * clusters read are checked and written). Rejects with an Error carrying `errno` (negative,
+ * clusters read are checked and written). A dstFd of -1 only reads and checks (the flags are
+ * the result: the plan of a single-file image to a pipe). Rejects with an Error carrying `errno` (negative,
  * like Node's) and `syscall` ("read" or "write"), after which nothing more of the chunk is written.
  */
 
@@ -196,7 +197,7 @@ static void copy_execute(napi_env env, void *data) {
       flags[i] = (uint8_t)all_zero(buffer + at, (size_t)(done - at < cs ? done - at : cs));
       any_data |= !flags[i];
     }
-    if (any_data) {
+    if (any_data && job->dst_fd >= 0) {
       pthread_mutex_lock(lock);
       for (int64_t i = 0; i < clusters && !job->error;) {
         if (flags[i]) {

@@ -255,6 +255,8 @@ interface Conversion {
   /** The input's length when known. */
   readonly size: number | undefined;
   readonly external: ExternalWriter | undefined;
+  /** The single-file writer into a pipe (plan, then emit). */
+  readonly planned: PlannedImageWriter | undefined;
   readonly baseCompared: boolean;
   readonly manifest: ManifestWriter | undefined;
   /** The stages from zero-detect to the sink (stream-chain items), users' at their points. */
@@ -335,6 +337,10 @@ export async function convert(options: ConvertOptions): Promise<ConvertSummary> 
       const { copyFileToExternal } = await import('./file-copy.js');
       throughStages = false;
       await copyFileToExternal({ fd: fileFd, name: input!.name }, size!, conversion.external!, { signal, onAdvance: (done) => conversion!.advance(done) });
+    } else if (fileFd !== undefined && conversion.planned?.canScanFile && !conversion.baseCompared && !conversion.manifest) {
+      // A single-file image into a pipe whose plan needs only the zero check: scan natively.
+      throughStages = false;
+      await conversion.planned.scanFile({ fd: fileFd, name: input!.name }, size!, { signal, onAdvance: (done) => conversion!.advance(done) });
     } else {
       const sourceOptions = { clusterSize: settings.clusterSize, ...(size === undefined ? {} : { size }) };
       let batches: AsyncIterable<BlockBatch>;
@@ -830,6 +836,7 @@ async function openConversion(
       settings,
       size,
       external,
+      planned: internal !== undefined && 'scanFile' in internal ? internal : undefined,
       baseCompared: comparer !== undefined,
       manifest,
       stages,

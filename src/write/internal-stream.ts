@@ -18,8 +18,14 @@
  * stream, and a stream of another size means the input changed, which is an error).
  */
 
-import { isBatch, type Block, type BlockItem } from '../block.js';
-import { CorruptImageError, InvalidArgumentError } from '../errors.js';
+import { getSystemErrorName } from 'node:util';
+import { isBatch, zeroRun, type Block, type BlockItem } from '../block.js';
+import { CorruptImageError, fileError, InvalidArgumentError } from '../errors.js';
+import { nativeAddon } from '../io/native.js';
+import { COPIES_IN_FLIGHT } from '../io/output.js';
+import { abortError } from './abort.js';
+import { inputShrank } from './clusterize.js';
+import { fileSegments } from './sources.js';
 import {
   buildL1Table,
   buildRefcountTable,
@@ -187,6 +193,11 @@ export class InternalPlan {
     }
     this.clusters.stored++;
     this.states.set(block.index, STORED);
+    if (!block.compressed && !this.sizes && !this.storedGuests) {
+      this.alloc.cluster();
+      this.dataBytes += block.data.length;
+      return;
+    }
     let offset: number;
     if (block.compressed && this.sizes) {
       this.clusters.compressed++;
@@ -200,6 +211,29 @@ export class InternalPlan {
     }
     this.storedGuests?.push(block.index);
     this.storedOffsets?.push(offset);
+  }
+
+  /**
+   * Records guest clusters a native scan read (plans without dedup, compression or a backing
+   * file: then only whether a cluster is zero, and its length, matter): `flags[i]` 1 for zero.
+   * `length` bytes from cluster `first` (whole clusters but for the input's last).
+   */
+  recordScanned(first: number, flags: Uint8Array, length: number): void {
+    if (this.dedup || this.sizes || this.options.backing) throw new Error('unreachable: only a plain plan takes scanned clusters');
+    if (first < this.nextGuest) throw new RangeError(`planInternalImage: block ${first} out of order`);
+    const cs = this.cs;
+    const count = Math.ceil(length / cs);
+    for (let i = 0; i < count; i++) {
+      if (flags[i]) {
+        this.clusters.zero++;
+        continue;
+      }
+      this.clusters.stored++;
+      this.states.set(first + i, STORED);
+      this.alloc.cluster();
+      this.dataBytes += Math.min(cs, length - i * cs);
+    }
+    this.nextGuest = first + count;
   }
 
   /** A stored cluster's relative host byte offset and size (a whole cluster, or its compressed sectors). */
@@ -500,6 +534,68 @@ export class PlannedImageWriter {
       }
       this.end = item.inputEnd;
       this.inputEnded = true;
+    }
+  }
+
+  /**
+   * Whether {@link scanFile} can make the plan: the addon is built and nothing but the zero
+   * check needs the bytes (no dedup, compression or backing file).
+   */
+  get canScanFile(): boolean {
+    return nativeAddon() !== null && !this.options.dedup && !this.options.compression && !this.options.backing;
+  }
+
+  /**
+   * Pass 1 from a regular file without Blocks: each read of `fileSegments` is read and
+   * zero-checked on the thread pool in native code (copyClusters with nowhere to write), a few
+   * at once, and recorded in order; holes are zero runs, unread. The same plan as Blocks
+   * through zero-detect, with no JavaScript per cluster. Only where {@link canScanFile}.
+   */
+  async scanFile(source: CopySource, size: number, options: { signal?: AbortSignal | undefined; onAdvance?: ((bytesDone: number) => void) | undefined } = {}): Promise<void> {
+    const addon = nativeAddon();
+    if (!addon || !this.canScanFile) throw new Error('unreachable: scanFile without the addon, or with a plan that needs the bytes');
+    const cs = this.plan.cs;
+    const pending: Array<{ start: number; length: number; flags?: Uint8Array; scanned?: Promise<number> }> = [];
+    let scanning = 0;
+    const recordNext = async () => {
+      const range = pending.shift()!;
+      if (range.scanned) {
+        scanning--;
+        let bytesRead: number;
+        try {
+          bytesRead = await range.scanned;
+        } catch (err) {
+          const errno = (err as { errno?: unknown }).errno;
+          throw fileError(typeof errno === 'number' ? Object.assign(err as Error, { code: getSystemErrorName(errno) }) : err, 'read', source.name);
+        }
+        if (bytesRead < range.length) throw inputShrank(size, range.start + bytesRead);
+        this.plan.recordScanned(range.start / cs, range.flags!, range.length);
+      } else {
+        await this.plan.record(zeroRun(range.start / cs, Math.ceil(range.length / cs), cs));
+      }
+      this.end = range.start + range.length;
+      options.onAdvance?.(this.end);
+    };
+    try {
+      for (const segment of fileSegments(source.fd, size, cs, source.name)) {
+        if (options.signal?.aborted) throw abortError(options.signal);
+        if (segment.hole) {
+          pending.push(segment);
+        } else {
+          const flags = new Uint8Array(Math.ceil(segment.length / cs));
+          // No destination: read and check only.
+          const scanned = addon.copyClusters(source.fd, segment.start, -1, 0, segment.length, cs, flags);
+          // Observed when its turn comes; until then a failure must not count as unhandled.
+          scanned.catch(() => {});
+          pending.push({ ...segment, flags, scanned });
+          scanning++;
+        }
+        while (scanning >= COPIES_IN_FLIGHT || pending.length > 64) await recordNext();
+      }
+      while (pending.length > 0) await recordNext();
+    } finally {
+      // Nothing may still read the file when the caller closes it.
+      await Promise.allSettled(pending.map((range) => range.scanned));
     }
   }
 

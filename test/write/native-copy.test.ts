@@ -162,6 +162,11 @@ test('copyClusters: flags match the zero check, zero clusters are not written, a
   assert.ok(written.subarray(1 * MiB).equals(source));
   assert.ok(isAllZero(written.subarray(0, 1 * MiB)));
 
+  // Nowhere to write (-1): the same flags, nothing written (the plan of a single-file image to a pipe).
+  const scanFlags = new Uint8Array(41).fill(9);
+  assert.equal(await addon!.copyClusters(src, 0, -1, 0, source.length, cs, scanFlags), source.length);
+  assert.deepEqual([...scanFlags], [...flags]);
+
   // Past the end of the source: only what was read is checked and written.
   const tailFlags = new Uint8Array(4).fill(9);
   const short = await addon!.copyClusters(src, 39 * cs, dst, 0, 4 * cs, cs, tailFlags);

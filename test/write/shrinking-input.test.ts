@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { readdirSync, truncateSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
+import { PassThrough, type Writable } from 'node:stream';
 import { convert } from '../../src/write/convert.js';
 import { isQcow2StreamError } from '../../src/errors.js';
 import { nativeAddon } from '../../src/io/native.js';
@@ -29,8 +30,8 @@ function input(dir: string): string {
   return path;
 }
 
-async function assertShrinkRefused(dir: string, path: string, layout: 'external' | 'internal'): Promise<void> {
-  await assert.rejects(convert({ input: path, output: join(dir, 'out.qcow2'), layout, sync: false }), (err: unknown) => {
+async function assertShrinkRefused(dir: string, path: string, layout: 'external' | 'internal', output: string | Writable = join(dir, 'out.qcow2')): Promise<void> {
+  await assert.rejects(convert({ input: path, output, layout, sync: false }), (err: unknown) => {
     assert.ok(isQcow2StreamError(err), String(err));
     assert.equal(err.code, 'QCOW_ERR_INPUT_SIZE', err.message);
     assert.match(err.message, /shrank while it was read/);
@@ -77,4 +78,25 @@ test('a file cut short during the first native copies fails the conversion', { s
   t.after(() => patched.mock.restore());
   await assertShrinkRefused(dir, path, 'external');
   assert.ok(cut);
+});
+
+test('a file cut short during the native scan of a single-file image to a stream fails the conversion', { skip: nativeAddon() ? false : 'the native addon is not built' }, async (t) => {
+  const dir = tempDir(t);
+  const path = input(dir);
+  const addon = nativeAddon()!;
+  const copy = addon.copyClusters;
+  let cut = false;
+  const patched = mock.method(addon, 'copyClusters', (...args: Parameters<typeof copy>) => {
+    // The scan reads and checks only: no destination.
+    if (!cut && pathOfFd(args[0]) === path && args[2] === -1) {
+      cut = true;
+      truncateSync(path, 24 * MiB);
+    }
+    return copy.apply(addon, args);
+  });
+  t.after(() => patched.mock.restore());
+  const output = new PassThrough();
+  output.resume();
+  await assertShrinkRefused(dir, path, 'internal', output);
+  assert.ok(cut, 'the scan ran');
 });
