@@ -111,16 +111,20 @@ function readQemuImage(name: string, raw: string, options: string, compress: boo
 }
 
 /** Our convert with `args` read back by qemu: check, compare, then qemu-io writes and again. */
-function convertCase(name: string, raw: string, args: readonly string[], viaPipe = false): void {
+function convertCase(name: string, raw: string, args: readonly string[], viaPipe = false, toPipe = false): void {
   cases++;
   const image = join(dir, `${name}.qcow2`);
   for (const f of [image, join(dir, `${name}.data`)]) rmSync(f, { force: true });
   const internal = args.includes('--internal');
   const outputArgs = internal ? [image] : [image, '--data-file', join(dir, `${name}.data`)];
   const size = readFileSync(raw).length;
-  const r = viaPipe
-    ? ours(['convert', '--quiet', '--no-sync', '-', ...outputArgs, '--size', String(size), ...args], readFileSync(raw))
-    : ours(['convert', '--quiet', '--no-sync', raw, ...outputArgs, ...args]);
+  const quote = (a: string) => `'${a.replace(/'/g, `'\\''`)}'`;
+  // A single-file image to a pipe: plan, then emit in order (spliced from the input with the addon).
+  const r = toPipe
+    ? run('bash', ['-c', `set -o pipefail; ${[process.execPath, cli, 'convert', '--quiet', '--no-sync', raw, '-', ...args].map(quote).join(' ')} | cat > ${quote(image)}`])
+    : viaPipe
+      ? ours(['convert', '--quiet', '--no-sync', '-', ...outputArgs, '--size', String(size), ...args], readFileSync(raw))
+      : ours(['convert', '--quiet', '--no-sync', raw, ...outputArgs, ...args]);
   expect(name, 'convert exits 0', r.code === 0, r.stderr);
   if (r.code !== 0) return;
   const check = qemu(['check', '-q', image]);
@@ -139,15 +143,18 @@ function convertCase(name: string, raw: string, args: readonly string[], viaPipe
   for (const f of [exported, reference]) rmSync(f, { force: true });
 }
 
-function convertOptions(): Array<{ name: string; args: string[]; pipe?: boolean }> {
-  const out: Array<{ name: string; args: string[]; pipe?: boolean }> = [];
+function convertOptions(): Array<{ name: string; args: string[]; pipe?: boolean; toPipe?: boolean }> {
+  const out: Array<{ name: string; args: string[]; pipe?: boolean; toPipe?: boolean }> = [];
   for (const cs of quick ? ['65536'] : ['512', '4096', '65536', '2097152']) {
     out.push({ name: `ext-cs${cs}`, args: ['--cluster-size', cs] });
     out.push({ name: `ext-cs${cs}-noraw`, args: ['--cluster-size', cs, '--no-data-file-raw'] });
     out.push({ name: `int-cs${cs}`, args: ['--internal', '--cluster-size', cs] });
     out.push({ name: `int-cs${cs}-dedup`, args: ['--internal', '--dedup', '--cluster-size', cs] });
     out.push({ name: `int-cs${cs}-zlib`, args: ['--internal', '--compress', '--cluster-size', cs] });
+    out.push({ name: `int-stdout-cs${cs}`, args: ['--internal', '--cluster-size', cs], toPipe: true });
+    out.push({ name: `int-stdout-cs${cs}-dedup`, args: ['--internal', '--dedup', '--cluster-size', cs], toPipe: true });
   }
+  out.push({ name: 'int-stdout-zlib', args: ['--internal', '--compress'], toPipe: true });
   for (const rb of quick ? ['16'] : ['1', '2', '8', '16', '64']) out.push({ name: `ext-rb${rb}`, args: ['--refcount-bits', rb] });
   out.push({ name: 'int-rb64-dedup', args: ['--internal', '--dedup', '--refcount-bits', '64'] });
   out.push({ name: 'int-dedup-zlib', args: ['--internal', '--dedup', '--compress'] });
@@ -162,7 +169,7 @@ try {
   for (const size of sizes) {
     const raw = rawInput(size, seed++);
     for (const v of qemuVariants()) readQemuImage(`q-${v.name}-${size}`, raw, v.options, v.compress ?? false);
-    for (const o of convertOptions()) convertCase(`c-${o.name}-${size}`, raw, o.args, o.pipe ?? false);
+    for (const o of convertOptions()) convertCase(`c-${o.name}-${size}`, raw, o.args, o.pipe ?? false, o.toPipe ?? false);
     // An overlay over our own conversion: the base is the previous day.
     const base = join(dir, `base-${size}.qcow2`);
     ours(['convert', '--quiet', '--no-sync', raw, base, '--force']);
