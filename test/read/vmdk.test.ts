@@ -2,6 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { deflateSync } from 'node:zlib';
 import { openDisk } from '../../src/read/image.js';
 import { convert } from '../../src/write/convert.js';
 import { assertConvertsLikeQemu, assertReadsLikeQemu, qemuConvertTo, vmwareStyleStream, writeSourceRaw } from '../helpers/foreign.js';
@@ -95,6 +96,16 @@ test('VMDK names go through the path policy; hostile headers are typed errors', 
     ['GD at the end, no footer', (b) => b.writeBigInt64LE(-1n, 56), 'QCOW_ERR_CORRUPT_IMAGE'],
     ['grain marker size', (b) => b.writeUInt32LE(0x7fffffff, 128 * 512 + 8), 'QCOW_ERR_CORRUPT_IMAGE'],
     ['bad deflate', (b) => b.fill(0xff, 128 * 512 + 12, 128 * 512 + 40), 'QCOW_ERR_CORRUPT_IMAGE'],
+    [
+      // Grains inflate on the thread pool, several at once: a bomb is still stopped at a grain.
+      'a grain inflating to two grains',
+      (b) => {
+        const bomb = deflateSync(Buffer.alloc(128 * 1024));
+        b.writeUInt32LE(bomb.length, 128 * 512 + 8);
+        bomb.copy(b, 128 * 512 + 12);
+      },
+      'QCOW_ERR_CORRUPT_IMAGE',
+    ],
     ['descriptor size', (b) => b.writeBigUInt64LE(1n << 30n, 36), 'QCOW_ERR_LIMIT_EXCEEDED'],
     ['version 9', (b) => b.writeUInt32LE(9, 4), 'QCOW_ERR_UNSUPPORTED_FEATURE'],
     ['GD entry past the end', (b) => b.writeUInt32LE(0x7ffffff0, Number(b.readBigUInt64LE(56)) * 512), 'QCOW_ERR_CORRUPT_IMAGE'],
