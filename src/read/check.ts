@@ -50,7 +50,7 @@ import { readFully } from '../io/files.js';
 import type { SeekableFile } from './base-image.js';
 import { LruCache } from './cache.js';
 import { openDisk, openSeekable, probeFormat, readHeader, validateTables, type ImageFormat } from './image.js';
-import { isCheckable, StructureCheck } from './structure-check.js';
+import { cleanCheckResult, isCheckable, StructureCheck } from './structure-check.js';
 
 /**
  * How bad a finding is: `error` (a corruption), `leak` (space wasted, data safe), `warning`, or
@@ -269,23 +269,7 @@ class Checker {
     this.hasDataFile = (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
     const extendedL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
     this.l2Context = { clusterBits: header.clusterBits, dataFile: this.hasDataFile, extendedL2 };
-    this.result = {
-      filename: file.path,
-      format: 'qcow2',
-      clean: true,
-      corruptions: 0,
-      leaks: 0,
-      checkErrors: 0,
-      totalClusters: imageGeometry(header.size, header.clusterBits, extendedL2).clusters,
-      allocatedClusters: 0,
-      fragmentedClusters: 0,
-      compressedClusters: 0,
-      imageEndOffset: 0,
-      findings: [],
-      omittedFindings: 0,
-      repairable: 0,
-      repaired: 0,
-    };
+    this.result = cleanCheckResult(file.path, 'qcow2', imageGeometry(header.size, header.clusterBits, extendedL2).clusters);
   }
 
   async run(): Promise<CheckResult> {

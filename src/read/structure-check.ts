@@ -50,23 +50,7 @@ export class StructureCheck {
     format: ImageFormat,
     private readonly maxFindings: number,
   ) {
-    this.result = {
-      filename,
-      format,
-      clean: true,
-      corruptions: 0,
-      leaks: 0,
-      checkErrors: 0,
-      totalClusters: 0,
-      allocatedClusters: 0,
-      fragmentedClusters: 0,
-      compressedClusters: 0,
-      imageEndOffset: 0,
-      findings: [],
-      omittedFindings: 0,
-      repairable: 0,
-      repaired: 0,
-    };
+    this.result = cleanCheckResult(filename, format, 0);
   }
 
   /** A corruption. */
@@ -188,4 +172,25 @@ export class HostSpace {
     this.encoded = new Float64Array(0);
     this.count = 0;
   }
+}
+
+/** A check's result before anything is found: clean, every count zero. @internal */
+export function cleanCheckResult(filename: string, format: ImageFormat, totalClusters: number): CheckResult {
+  return {
+    filename,
+    format,
+    clean: true,
+    corruptions: 0,
+    leaks: 0,
+    checkErrors: 0,
+    totalClusters,
+    allocatedClusters: 0,
+    fragmentedClusters: 0,
+    compressedClusters: 0,
+    imageEndOffset: 0,
+    findings: [],
+    omittedFindings: 0,
+    repairable: 0,
+    repaired: 0,
+  };
 }

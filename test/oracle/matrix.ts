@@ -33,6 +33,24 @@ function run(command: string, args: readonly string[], input?: Buffer): { code: 
 const ours = (args: readonly string[], input?: Buffer) => run(process.execPath, [cli, ...args], input);
 const qemu = (args: readonly string[]) => run('qemu-img', args);
 
+/**
+ * qemu-io `-c` arguments for [command, offset, length] requests, clipped to the image (its
+ * virtual size is the input's, rounded up to a sector): qemu-io fails a request past the end,
+ * and the smallest inputs are a sector.
+ */
+function ioCommands(size: number, requests: Array<[string, number, number]>): string[] {
+  const end = Math.ceil(size / 512) * 512;
+  const out: string[] = [];
+  for (const [command, offset, length] of requests) {
+    const start = Math.min(offset, end - 512);
+    const clipped = Math.min(length, end - start);
+    // Sector-aligned, as qemu-io's -z and discard want on a 512-byte-cluster image.
+    const aligned = Math.floor(clipped / 512) * 512;
+    if (aligned > 0) out.push('-c', `${command} ${Math.floor(start / 512) * 512} ${aligned}`);
+  }
+  return out;
+}
+
 /** One check: `ok` or a failure line naming the case and what differed. */
 function expect(name: string, what: string, ok: boolean, detail = ''): void {
   checks++;
@@ -88,7 +106,7 @@ function readQemuImage(name: string, raw: string, options: string, compress: boo
     return;
   }
   // qemu-io writes after creation: allocations in the middle, a zeroed range, a discard.
-  const io = run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5c 4k 8k', '-c', 'write -z 64k 64k', '-c', 'discard 128k 64k', image]);
+  const io = run('qemu-io', ['-f', 'qcow2', ...ioCommands(readFileSync(raw).length, [['write -P 0x5c', 4096, 8192], ['write -z', 65536, 65536], ['discard', 131072, 65536]]), image]);
   expect(name, 'qemu-io writes', io.code === 0, io.stderr);
   const exported = join(dir, `${name}.ours.raw`);
   const reference = join(dir, `${name}.qemu.raw`);
@@ -131,7 +149,7 @@ function convertCase(name: string, raw: string, args: readonly string[], viaPipe
   expect(name, 'qemu-img check clean', check.code === 0, check.stdout + check.stderr);
   const cmp = qemu(['compare', '-q', '-f', 'raw', '-F', 'qcow2', raw, image]);
   expect(name, 'qemu-img compare identical', cmp.code === 0, cmp.stdout + cmp.stderr);
-  const io = run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xa5 0 4k', '-c', `write -P 0x3c ${Math.max(0, Math.floor(size / 2) - 4096)} 8k`, '-c', 'write -z 65536 65536', image]);
+  const io = run('qemu-io', ['-f', 'qcow2', ...ioCommands(size, [['write -P 0xa5', 0, 4096], ['write -P 0x3c', Math.max(0, Math.floor(size / 2) - 4096), 8192], ['write -z', 65536, 65536]]), image]);
   expect(name, 'qemu-io writes into our output', io.code === 0, io.stderr);
   const check2 = qemu(['check', '-q', image]);
   expect(name, 'qemu-img check clean after qemu-io', check2.code === 0, check2.stdout + check2.stderr);
