@@ -6,7 +6,7 @@
  * they like.
  */
 
-import { Duplex } from 'node:stream';
+import { Transform, type Duplex } from 'node:stream';
 import { from, type AsyncIterableX } from '@reactivex/ix-esnext-esm/asynciterable';
 import { flattenBatches, type Block, type BlockBatch } from '../block.js';
 import { InputSizeError, InvalidArgumentError, streamError } from '../errors.js';
@@ -179,8 +179,30 @@ export interface ClusterizeStream extends Duplex {
  */
 export function createClusterizeStream(options: ClusterizeOptions = {}): ClusterizeStream {
   const { clusterSize } = checkOptions(options);
-  const stream = Duplex.from(async function* (source: AsyncIterable<Uint8Array>) {
-    yield* clusterize(source, options);
+  const cutter = new ClusterCutter(options);
+  const pushAll = (stream: Transform, batch: BlockBatch | undefined) => {
+    if (batch) for (const block of batch.blocks) stream.push(block);
+  };
+  // A Transform over the cutter, not Duplex.from(an async generator): on Node 22 such a Duplex
+  // never closed once the pipeline around it was destroyed (an HTTP body cut off hung there).
+  const stream = new Transform({
+    readableObjectMode: true,
+    transform(chunk: unknown, _encoding, callback) {
+      try {
+        pushAll(this, cutter.push(chunk));
+        callback();
+      } catch (err) {
+        callback(err as Error);
+      }
+    },
+    flush(callback) {
+      try {
+        pushAll(this, cutter.end());
+        callback();
+      } catch (err) {
+        callback(err as Error);
+      }
+    },
   });
   return Object.assign(stream, { clusterSize });
 }
