@@ -7,6 +7,7 @@
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
+import { getSystemErrorName } from 'node:util';
 
 /** The addon's interface. */
 export interface NativeAddon {
@@ -46,6 +47,15 @@ export interface NativeAddon {
    * file ends. EINVAL where the file system cannot splice.
    */
   spliceFile?(srcFd: number, srcOffset: number, pipeFd: number, length: number, efd: number): Promise<number>;
+}
+
+/**
+ * An addon call's error with Node's system-error `code` (EIO, EPIPE…) set from its negative
+ * `errno`, as fileError() reads it; anything else is returned as it is.
+ */
+export function withErrnoCode(err: unknown): unknown {
+  const errno = (err as { errno?: unknown } | null)?.errno;
+  return typeof errno === 'number' && err instanceof Error ? Object.assign(err, { code: getSystemErrorName(errno) }) : err;
 }
 
 /** Set to any value but '' or '0' to ignore the addon. */

@@ -18,7 +18,6 @@
 
 import { link, lstat, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { read as fsRead, readSync, write as fsWrite } from 'node:fs';
-import { getSystemErrorName } from 'node:util';
 import { constants as osConstants } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -27,7 +26,7 @@ import type { Writable } from 'node:stream';
 import { fileError, FileError, streamError, type SystemErrorFacts } from '../errors.js';
 import { kindOf } from './files.js';
 import { allocIoBuffer, zeroBuffer } from './buffers.js';
-import { nativeAddon } from './native.js';
+import { nativeAddon, withErrnoCode } from './native.js';
 import { nativePipeWriter } from './pipe.js';
 import { isS3Uri } from './s3-uri.js';
 
@@ -279,8 +278,8 @@ export class OffsetWriter {
     try {
       bytesRead = await addon.copyClusters(source.fd, sourceOffset, this.handle.fd, offset, length, clusterSize, flags);
     } catch (err) {
-      const { errno, syscall } = err as { errno?: number; syscall?: string };
-      const cause = typeof errno === 'number' ? Object.assign(err as Error, { code: getSystemErrorName(errno) }) : err;
+      const { syscall } = err as { syscall?: string };
+      const cause = withErrnoCode(err);
       throw syscall === 'read' ? fileError(cause, 'read', source.name) : fileError(cause, `write the ${this.label}`, this.path ?? '');
     }
     let end = 0;
@@ -330,8 +329,7 @@ export class OffsetWriter {
 
   /** copyFrom without splice: through the staging buffer, COALESCE_BYTES at a time. */
   private async readAndWrite(source: CopySource, sourceOffset: number, length: number): Promise<number> {
-    this.staging ??= allocIoBuffer(COALESCE_BYTES);
-    if (this.staging.length < COALESCE_BYTES) this.staging = allocIoBuffer(COALESCE_BYTES);
+    if (!this.staging || this.staging.length < COALESCE_BYTES) this.staging = allocIoBuffer(COALESCE_BYTES);
     let done = 0;
     while (done < length) {
       const want = Math.min(COALESCE_BYTES, length - done);

@@ -12,9 +12,8 @@
  */
 
 import { closeSync, fstatSync } from 'node:fs';
-import { getSystemErrorName } from 'node:util';
 import { AbortedError, fileError } from '../errors.js';
-import { nativeAddon, type NativeAddon } from './native.js';
+import { nativeAddon, withErrnoCode, type NativeAddon } from './native.js';
 
 /** The pipe size asked for with F_SETPIPE_SZ (unprivileged processes get up to pipe-max-size, 1 MiB by default). */
 export const PIPE_SIZE = 1024 * 1024;
@@ -74,10 +73,9 @@ class PipeChannel {
     try {
       return await call;
     } catch (err) {
-      const errno = (err as { errno?: unknown }).errno;
-      const code = typeof errno === 'number' ? getSystemErrorName(errno) : undefined;
-      if (code === 'ECANCELED') throw new AbortedError(`The ${verb} of ${this.name} was cancelled`);
-      throw fileError(code ? Object.assign(err as Error, { code }) : err, verb, this.name);
+      const cause = withErrnoCode(err);
+      if ((cause as { code?: unknown }).code === 'ECANCELED') throw new AbortedError(`The ${verb} of ${this.name} was cancelled`);
+      throw fileError(cause, verb, this.name);
     }
   }
 

@@ -696,6 +696,7 @@ async function openConversion(
 
     let external: ExternalWriter | undefined;
     let internal: InternalImageWriter | PlannedImageWriter | undefined;
+    let planned: PlannedImageWriter | undefined;
     let compressor: CompressorPool | undefined;
     if (layout === 'external') {
       external = await ExternalWriter.create({
@@ -743,7 +744,7 @@ async function openConversion(
         const target = input!.target;
         const pool2 = compressor;
         const compressBlocks = pool2 ? (await import('./compress.js')).compressBlocks : undefined;
-        internal = await PlannedImageWriter.create({
+        internal = planned = await PlannedImageWriter.create({
           output,
           size: size!,
           clusterBits: settings.clusterBits,
@@ -836,7 +837,7 @@ async function openConversion(
       settings,
       size,
       external,
-      planned: internal !== undefined && 'scanFile' in internal ? internal : undefined,
+      planned,
       baseCompared: comparer !== undefined,
       manifest,
       stages,

@@ -18,10 +18,9 @@
  * stream, and a stream of another size means the input changed, which is an error).
  */
 
-import { getSystemErrorName } from 'node:util';
 import { isBatch, zeroRun, type Block, type BlockItem } from '../block.js';
 import { CorruptImageError, fileError, InvalidArgumentError } from '../errors.js';
-import { nativeAddon } from '../io/native.js';
+import { nativeAddon, withErrnoCode } from '../io/native.js';
 import { COPIES_IN_FLIGHT } from '../io/output.js';
 import { abortError } from './abort.js';
 import { inputShrank } from './clusterize.js';
@@ -191,25 +190,28 @@ export class InternalPlan {
       }
       this.dedup.remember(block, block.index);
     }
-    this.clusters.stored++;
-    this.states.set(block.index, STORED);
-    if (!block.compressed && !this.sizes && !this.storedGuests) {
-      this.alloc.cluster();
-      this.dataBytes += block.data.length;
+    if (!block.compressed || !this.sizes) {
+      this.storeWhole(block.index, block.data.length);
       return;
     }
-    let offset: number;
-    if (block.compressed && this.sizes) {
-      this.clusters.compressed++;
-      offset = this.alloc.compressed(block.compressed.length);
-      this.sizes.push(block.compressed.length);
-      this.dataBytes += block.compressed.length;
-    } else {
-      offset = this.alloc.cluster() * this.cs;
-      this.sizes?.push(0);
-      this.dataBytes += block.data.length;
-    }
+    this.clusters.stored++;
+    this.states.set(block.index, STORED);
+    this.clusters.compressed++;
+    const offset = this.alloc.compressed(block.compressed.length);
+    this.sizes.push(block.compressed.length);
+    this.dataBytes += block.compressed.length;
     this.storedGuests?.push(block.index);
+    this.storedOffsets?.push(offset);
+  }
+
+  /** Stores guest cluster `index` (`length` bytes) uncompressed, in the next data host cluster. */
+  private storeWhole(index: number, length: number): void {
+    this.clusters.stored++;
+    this.states.set(index, STORED);
+    const offset = this.alloc.cluster() * this.cs;
+    this.sizes?.push(0);
+    this.dataBytes += length;
+    this.storedGuests?.push(index);
     this.storedOffsets?.push(offset);
   }
 
@@ -224,14 +226,8 @@ export class InternalPlan {
     const cs = this.cs;
     const count = Math.ceil(length / cs);
     for (let i = 0; i < count; i++) {
-      if (flags[i]) {
-        this.clusters.zero++;
-        continue;
-      }
-      this.clusters.stored++;
-      this.states.set(first + i, STORED);
-      this.alloc.cluster();
-      this.dataBytes += Math.min(cs, length - i * cs);
+      if (flags[i]) this.clusters.zero++;
+      else this.storeWhole(first + i, Math.min(cs, length - i * cs));
     }
     this.nextGuest = first + count;
   }
@@ -565,8 +561,7 @@ export class PlannedImageWriter {
         try {
           bytesRead = await range.scanned;
         } catch (err) {
-          const errno = (err as { errno?: unknown }).errno;
-          throw fileError(typeof errno === 'number' ? Object.assign(err as Error, { code: getSystemErrorName(errno) }) : err, 'read', source.name);
+          throw fileError(withErrnoCode(err), 'read', source.name);
         }
         if (bytesRead < range.length) throw inputShrank(size, range.start + bytesRead);
         this.plan.recordScanned(range.start / cs, range.flags!, range.length);
