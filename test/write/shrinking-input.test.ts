@@ -4,7 +4,7 @@
  * hole, so a plan made after the cut used to turn the tail into a zero run and exit 0.
  */
 
-import { test, mock } from 'node:test';
+import { test, mock, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { readdirSync, truncateSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { PassThrough, type Writable } from 'node:stream';
 import { convert } from '../../src/write/convert.js';
 import { isQcow2StreamError } from '../../src/errors.js';
-import { nativeAddon } from '../../src/io/native.js';
+import { nativeAddon, type NativeAddon } from '../../src/io/native.js';
 import { writeRawImage } from '../helpers/images.js';
 import { tempDir } from '../helpers/qemu.js';
 import { fileHandlePrototype, pathOfHandle, pathOfFd } from '../robustness/faults.js';
@@ -62,41 +62,37 @@ for (const layout of ['external', 'internal'] as const) {
   });
 }
 
-test('a file cut short during the first native copies fails the conversion', { skip: nativeAddon() ? false : 'the native addon is not built' }, async (t) => {
-  const dir = tempDir(t);
-  const path = input(dir);
+/** Cuts `path` to 24 MiB at the first native copyClusters call reading it that `when` accepts; true once it has. */
+function cutOnFirstNativeCopy(t: TestContext, path: string, when: (args: Parameters<NativeAddon['copyClusters']>) => boolean = () => true): () => boolean {
   const addon = nativeAddon()!;
   const copy = addon.copyClusters;
   let cut = false;
   const patched = mock.method(addon, 'copyClusters', (...args: Parameters<typeof copy>) => {
-    if (!cut && pathOfFd(args[0]) === path) {
+    if (!cut && pathOfFd(args[0]) === path && when(args)) {
       cut = true;
       truncateSync(path, 24 * MiB);
     }
     return copy.apply(addon, args);
   });
   t.after(() => patched.mock.restore());
+  return () => cut;
+}
+
+test('a file cut short during the first native copies fails the conversion', { skip: nativeAddon() ? false : 'the native addon is not built' }, async (t) => {
+  const dir = tempDir(t);
+  const path = input(dir);
+  const cut = cutOnFirstNativeCopy(t, path);
   await assertShrinkRefused(dir, path, 'external');
-  assert.ok(cut);
+  assert.ok(cut());
 });
 
 test('a file cut short during the native scan of a single-file image to a stream fails the conversion', { skip: nativeAddon() ? false : 'the native addon is not built' }, async (t) => {
   const dir = tempDir(t);
   const path = input(dir);
-  const addon = nativeAddon()!;
-  const copy = addon.copyClusters;
-  let cut = false;
-  const patched = mock.method(addon, 'copyClusters', (...args: Parameters<typeof copy>) => {
-    // The scan reads and checks only: no destination.
-    if (!cut && pathOfFd(args[0]) === path && args[2] === -1) {
-      cut = true;
-      truncateSync(path, 24 * MiB);
-    }
-    return copy.apply(addon, args);
-  });
-  t.after(() => patched.mock.restore());
+  // The scan reads and checks only: no destination.
+  const cut = cutOnFirstNativeCopy(t, path, (args) => args[2] === -1);
   const output = new PassThrough();
   output.resume();
   await assertShrinkRefused(dir, path, 'internal', output);
-  assert.ok(cut, 'the scan ran');
+  assert.ok(cut(), 'the scan ran');
 });
